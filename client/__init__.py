@@ -1,0 +1,1 @@
+"""tensorcache.client: the library a worker imports (see tensorcache.connect)."""

@@ -1,0 +1,1 @@
+"""tensorcache.node: a cache node (byte-budgeted store + gRPC servicer)."""

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for proto/tensorcache.proto (scripts/gen_proto.py)."""

@@ -1,0 +1,251 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EntryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR: _ClassVar[EntryKind]
+    SHARD: _ClassVar[EntryKind]
+TENSOR: EntryKind
+SHARD: EntryKind
+
+class StripeRef(_message.Message):
+    __slots__ = ("key", "offset", "nbytes", "crc32c")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    offset: int
+    nbytes: int
+    crc32c: int
+    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class TensorMeta(_message.Message):
+    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    STRIPES_FIELD_NUMBER: _ClassVar[int]
+    PUT_ID_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    order: str
+    nbytes: int
+    crc32c: int
+    stripes: _containers.RepeatedCompositeFieldContainer[StripeRef]
+    put_id: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ...) -> None: ...
+
+class EntryPut(_message.Message):
+    __slots__ = ("key", "kind", "meta")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    kind: EntryKind
+    meta: TensorMeta
+    def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("epoch", "entries")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    entries: _containers.RepeatedCompositeFieldContainer[EntryPut]
+    def __init__(self, epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[EntryPut, _Mapping]]] = ...) -> None: ...
+
+class PutResult(_message.Message):
+    __slots__ = ("key", "version", "replaced_stripes")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_STRIPES_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    version: int
+    replaced_stripes: _containers.RepeatedCompositeFieldContainer[StripeRef]
+    def __init__(self, key: _Optional[bytes] = ..., version: _Optional[int] = ..., replaced_stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ...) -> None: ...
+
+class PutReply(_message.Message):
+    __slots__ = ("epoch", "results")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    results: _containers.RepeatedCompositeFieldContainer[PutResult]
+    def __init__(self, epoch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[PutResult, _Mapping]]] = ...) -> None: ...
+
+class EntryKey(_message.Message):
+    __slots__ = ("key", "kind")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    kind: EntryKind
+    def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("epoch", "keys", "head_only")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ONLY_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    keys: _containers.RepeatedCompositeFieldContainer[EntryKey]
+    head_only: bool
+    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ..., head_only: _Optional[bool] = ...) -> None: ...
+
+class EntryGot(_message.Message):
+    __slots__ = ("key", "found", "version", "meta")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    found: bool
+    version: int
+    meta: TensorMeta
+    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ...) -> None: ...
+
+class GetReply(_message.Message):
+    __slots__ = ("epoch", "entries")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    entries: _containers.RepeatedCompositeFieldContainer[EntryGot]
+    def __init__(self, epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[EntryGot, _Mapping]]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("epoch", "keys")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    keys: _containers.RepeatedCompositeFieldContainer[EntryKey]
+    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ...) -> None: ...
+
+class DeleteResult(_message.Message):
+    __slots__ = ("key", "found", "stripes")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    STRIPES_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    found: bool
+    stripes: _containers.RepeatedCompositeFieldContainer[StripeRef]
+    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ...) -> None: ...
+
+class DeleteReply(_message.Message):
+    __slots__ = ("epoch", "results")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    results: _containers.RepeatedCompositeFieldContainer[DeleteResult]
+    def __init__(self, epoch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[DeleteResult, _Mapping]]] = ...) -> None: ...
+
+class StatRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStats(_message.Message):
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    DELETES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    keys: int
+    shards: int
+    bytes_used: int
+    bytes_reserved: int
+    capacity: int
+    hits: int
+    misses: int
+    evictions: int
+    puts: int
+    deletes: int
+    policy: str
+    epoch: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("name", "address", "capacity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    capacity: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class RingSnapshot(_message.Message):
+    __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VNODES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_UNIT_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    stripe_size: int
+    vnodes: int
+    weight_unit: int
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stripe_size: _Optional[int] = ..., vnodes: _Optional[int] = ..., weight_unit: _Optional[int] = ...) -> None: ...
+
+class GetRingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("member",)
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    member: Member
+    def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("epoch", "heartbeat_interval_s", "ttl_s")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    heartbeat_interval_s: float
+    ttl_s: float
+    def __init__(self, epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("epoch", "known")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    known: bool
+    def __init__(self, epoch: _Optional[int] = ..., known: _Optional[bool] = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeregisterReply(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...

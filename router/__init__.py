@@ -1,0 +1,1 @@
+"""tensorcache.router: the control plane (ring snapshots, membership)."""

@@ -1,0 +1,91 @@
+"""The consistent-hash ring: a pure, immutable snapshot of placement.
+
+A ``Ring`` is built once per membership change and never mutated; whoever
+places a key takes one snapshot and uses it for the whole request, and
+every placement-dependent RPC carries its ``epoch``. No I/O, no locks.
+
+Nodes are hashed by their stable *name* (a StatefulSet pod name, an etcd
+member key), never by address, so a node that restarts on a new port keeps
+its keys. Each member gets ``vnodes * weight`` points on the ring, its weight
+being its capacity in ``weight_unit`` steps (at least 1), so a node with
+twice the memory owns about twice the keys. The ring itself is uhashring's
+(md5 of "<name>-<i>" points, md5 of the key) unless a ``hash_fn`` is given;
+md5 is stable across processes and machines, unlike Python's ``hash()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uhashring import HashRing
+
+from tensorcache.errors import Unavailable
+
+DEFAULT_VNODES = 40
+DEFAULT_WEIGHT_UNIT = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RingMember:
+    name: str
+    address: str
+    capacity: int
+
+
+class Ring:
+    """An immutable consistent-hash placement snapshot."""
+
+    def __init__(
+        self,
+        epoch: int,
+        members: list[RingMember] | tuple[RingMember, ...],
+        *,
+        vnodes: int = DEFAULT_VNODES,
+        weight_unit: int = DEFAULT_WEIGHT_UNIT,
+        hash_fn: Callable[[str], int] | None = None,
+    ) -> None:
+        if vnodes < 1 or weight_unit < 1:
+            raise ValueError("vnodes and weight_unit must be >= 1")
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate member names in ring: {sorted(names)}")
+        self.epoch = epoch
+        self.members: tuple[RingMember, ...] = tuple(sorted(members, key=lambda m: m.name))
+        self.vnodes = vnodes
+        self.weight_unit = weight_unit
+        self._by_name = {m.name: m for m in self.members}
+        self._ring = HashRing(
+            nodes={
+                m.name: {"instance": m, "weight": self.weight(m), "vnodes": vnodes}
+                for m in self.members
+            },
+            hash_fn=hash_fn,
+        )
+
+    def weight(self, member: RingMember) -> int:
+        return max(1, round(member.capacity / self.weight_unit))
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def member(self, name: str) -> RingMember | None:
+        return self._by_name.get(name)
+
+    def owner(self, key: str) -> RingMember:
+        """The member that owns ``key``."""
+        if not self.members:
+            raise Unavailable(f"the ring (epoch {self.epoch}) has no nodes")
+        return self._ring.get(key)["instance"]  # type: ignore[no-any-return]
+
+    def owners(self, key: str, n: int) -> list[RingMember]:
+        """The first ``n`` distinct members clockwise from ``key`` (replica set)."""
+        if not self.members:
+            raise Unavailable(f"the ring (epoch {self.epoch}) has no nodes")
+        return [conf["instance"] for conf in self._ring.range(key, size=min(n, len(self.members)))]
+
+    def __repr__(self) -> str:
+        return f"Ring(epoch={self.epoch}, members={[m.name for m in self.members]})"

@@ -1,0 +1,41 @@
+"""tensorcache: a distributed tensor cache for GPU inference workers.
+
+    import tensorcache
+    with tensorcache.connect("127.0.0.1:7070") as c:
+        c.put("model/layer0.weight", array)
+        a = c.get("model/layer0.weight")
+"""
+
+from tensorcache.errors import (
+    CapacityExceeded,
+    DataCorruption,
+    InvalidArgument,
+    ProtocolError,
+    StaleEpoch,
+    TensorCacheError,
+    Unavailable,
+)
+
+__all__ = [
+    "CapacityExceeded",
+    "Client",
+    "DataCorruption",
+    "InvalidArgument",
+    "NodeStats",
+    "ProtocolError",
+    "StaleEpoch",
+    "TensorCacheError",
+    "Unavailable",
+    "connect",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The client pulls in grpc; import it on first use so that
+    # `tensorcache.errors` and friends stay cheap to import.
+    if name in ("connect", "Client", "NodeStats", "ClientConfig"):
+        from tensorcache.client import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tensorcache' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""The one exception tree of tensorcache, and the one place gRPC errors map into it.
+
+    TensorCacheError
+    ├── InvalidArgument        (also a ValueError) bad key, dtype, shape, size
+    ├── CapacityExceeded       the value cannot fit within the byte budget
+    ├── Unavailable            no node or router could be reached in time
+    ├── DataCorruption         a checksum or size check failed on received bytes
+    ├── StaleEpoch             a node's ring view is newer than the request's
+    └── ProtocolError          a peer broke the wire contract
+
+A cache miss is never an exception: reads say ``None`` / ``found``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TensorCacheError(Exception):
+    """Base of every error tensorcache raises."""
+
+
+class InvalidArgument(TensorCacheError, ValueError):
+    """The request is malformed: the message names the field and the problem."""
+
+
+class CapacityExceeded(TensorCacheError):
+    """The value is larger than a node's (or the cluster's) byte budget."""
+
+
+class Unavailable(TensorCacheError):
+    """A node or the router could not be reached or timed out."""
+
+
+class DataCorruption(TensorCacheError):
+    """Received bytes do not match their checksum or declared size."""
+
+
+class StaleEpoch(TensorCacheError):
+    """The request was placed with an older ring snapshot than the node's."""
+
+    def __init__(self, message: str, epoch: int = 0) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+class ProtocolError(TensorCacheError):
+    """A peer sent something the wire contract does not allow."""
+
+
+EPOCH_METADATA_KEY = "tc-epoch"
+
+_BY_CODE: dict[grpc.StatusCode, type[TensorCacheError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.DATA_LOSS: DataCorruption,
+    grpc.StatusCode.FAILED_PRECONDITION: StaleEpoch,
+}
+
+
+def from_rpc_error(exc: grpc.RpcError, where: str) -> TensorCacheError:
+    """Map a gRPC error to the exception tree; ``where`` names the peer/call.
+
+    The caller raises the result ``from exc`` so the gRPC detail is kept.
+    """
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    message = f"{where}: {details}"
+    cls = _BY_CODE.get(code, TensorCacheError) if code is not None else TensorCacheError
+    if cls is StaleEpoch:
+        epoch = 0
+        for md in (exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else ():
+            if md.key == EPOCH_METADATA_KEY:
+                epoch = int(md.value)
+        return StaleEpoch(message, epoch)
+    if cls is TensorCacheError and code is not None:
+        message = f"{message} ({code.name})"
+    return cls(message)
