@@ -18,8 +18,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorcache.node.policy import EvictionPolicy, make_policy
 from tensorcache.errors import CapacityExceeded
+from tensorcache.node.policy import EvictionPolicy, make_policy
 
 # Bytes charged per entry beyond payload, key and metadata: the Python
 # objects (entry, chunk list, dict slot, policy slot) that hold it.
@@ -138,6 +138,12 @@ class Store:
                 f"value needs {nbytes} bytes, more than this node's capacity of {self._capacity}"
             )
         with self._lock:
+            if self._reserved + nbytes > self._capacity:
+                # Evicting cannot help: don't empty the cache only to fail.
+                raise CapacityExceeded(
+                    f"no room for {nbytes} bytes: {self._reserved} bytes are reserved by "
+                    f"puts in flight on a node of capacity {self._capacity}; retry later"
+                )
             while self._used + self._reserved + nbytes > self._capacity:
                 if not self._evict_one_locked():
                     raise CapacityExceeded(
@@ -164,7 +170,9 @@ class Store:
         """
         total = sum(item.cost for item in items)
         if total > reservation.nbytes:
-            raise ValueError(f"commit of {total} bytes exceeds its reservation of {reservation.nbytes}")
+            raise ValueError(
+                f"commit of {total} bytes exceeds its reservation of {reservation.nbytes}"
+            )
         out: list[tuple[int, Entry | None]] = []
         with self._lock:
             if reservation.done:

@@ -83,6 +83,10 @@ class Ring:
 
     def owners(self, key: str, n: int) -> list[RingMember]:
         """The first ``n`` distinct members clockwise from ``key`` (replica set)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n == 0:
+            return []  # uhashring's range() reads size=0 as "all"
         if not self.members:
             raise Unavailable(f"the ring (epoch {self.epoch}) has no nodes")
         return [conf["instance"] for conf in self._ring.range(key, size=min(n, len(self.members)))]

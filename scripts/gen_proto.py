@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         stale = [
-            n for n in OUTPUTS
+            n
+            for n in OUTPUTS
             if not (PROTO_DIR / n).exists()
             or not filecmp.cmp(Path(tmp) / n, PROTO_DIR / n, shallow=False)
         ]

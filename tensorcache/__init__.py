@@ -1,9 +1,9 @@
 """tensorcache: a distributed tensor cache for GPU inference workers.
 
-    import tensorcache
-    with tensorcache.connect("127.0.0.1:7070") as c:
-        c.put("model/layer0.weight", array)
-        a = c.get("model/layer0.weight")
+import tensorcache
+with tensorcache.connect("127.0.0.1:7070") as c:
+    c.put("model/layer0.weight", array)
+    a = c.get("model/layer0.weight")
 """
 
 from tensorcache.errors import (

@@ -19,6 +19,7 @@ from tensorcache.errors import InvalidArgument
 
 MAX_DIMS = 64
 MAX_DTYPE_CHARS = 32
+_MAX_DIM = int(np.iinfo(np.intp).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ def check_layout(dtype: str, shape: tuple[int, ...] | list[int], order: str, nby
     _check_dtype(dt)
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(f"shape has {len(shape)} dims, more than {MAX_DIMS}")
+    for i, d in enumerate(shape):
+        if not 0 <= d <= _MAX_DIM:
+            raise InvalidArgument(f"shape[{i}] = {d} is outside 0..{_MAX_DIM}")
     if order not in ("C", "F"):
         raise InvalidArgument(f"order must be 'C' or 'F', got {order!r}")
     expected = dt.itemsize * math.prod(shape)

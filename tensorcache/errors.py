@@ -74,7 +74,7 @@ def from_rpc_error(exc: grpc.RpcError, where: str) -> TensorCacheError:
     if cls is StaleEpoch:
         epoch = 0
         for md in (exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else ():
-            if md.key == EPOCH_METADATA_KEY:
+            if md.key == EPOCH_METADATA_KEY and str(md.value).isdigit():
                 epoch = int(md.value)
         return StaleEpoch(message, epoch)
     if cls is TensorCacheError and code is not None:

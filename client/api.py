@@ -1,0 +1,606 @@
+"""The client a worker imports: ``tensorcache.connect(router) -> Client``.
+
+How a tensor is stored
+----------------------
+A tensor of at most ``stripe_size`` bytes is one entry on the node that owns
+its key. A larger one is cut into stripes; each stripe is an entry of kind
+SHARD whose key embeds a random *put id*, so it hashes (and lands)
+independently and stripes of two puts of the same key never overwrite each
+other. The put writes every stripe first and then a *manifest* (dtype,
+shape, and each stripe's key, offset, size and CRC32C) under the tensor's
+own key: the manifest is the commit point, so a put is visible only once all
+of it is stored. A get reads the manifest, fetches the stripes in parallel
+straight into one preallocated array, and checks each stripe against the
+manifest; a missing or mismatched stripe is a miss, never garbage.
+
+Concurrency
+-----------
+A ``Client`` is thread-safe. Fan-out RPCs run on one thread pool; a public
+call submits tasks and waits, tasks never submit tasks, so the pool cannot
+deadlock. gRPC channels do not survive ``fork()``: connect in each process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from tensorcache import codec
+from tensorcache.client.placement import Placement
+from tensorcache.client.transport import (
+    ConnPool,
+    NodeConn,
+    RouterConn,
+    payload_messages,
+    read_payload,
+)
+from tensorcache.errors import (
+    InvalidArgument,
+    ProtocolError,
+    StaleEpoch,
+    TensorCacheError,
+    Unavailable,
+    from_rpc_error,
+)
+from tensorcache.keys import encode_key, shard_key
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.sizes import parse_size
+
+log = logging.getLogger("tensorcache.client")
+
+T = TypeVar("T")
+
+__all__ = ["Client", "ClientConfig", "NodeStats", "connect"]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Client settings; every default is chosen for a local or in-cluster network."""
+
+    #: Stripe tensors larger than this (bytes). None: the router's cluster default.
+    stripe_size: int | None = None
+    #: Largest payload message sent (2-4 MiB measured best for gRPC here).
+    chunk_size: int = 4 * 1024 * 1024
+    #: One RPC carries at most this many payload bytes / keys; larger work is
+    #: split so several streams per node run in parallel.
+    batch_bytes: int = 64 * 1024 * 1024
+    batch_keys: int = 4096
+    #: Threads for parallel RPCs (stripes, batches, stats).
+    parallelism: int = 16
+    #: Base deadline of an RPC; bulk RPCs add nbytes / min_throughput.
+    timeout_s: float = 30.0
+    min_throughput: float = 50e6
+    #: Attempts after a stale epoch or an unreachable node (ring refreshed each time).
+    retries: int = 5
+    retry_backoff_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.stripe_size is not None and self.stripe_size < 4096:
+            raise ValueError(f"stripe_size must be >= 4096 bytes, got {self.stripe_size}")
+        if not 4096 <= self.chunk_size <= 16 * 1024 * 1024:
+            raise ValueError(f"chunk_size must be 4 KiB..16 MiB, got {self.chunk_size}")
+        if self.batch_bytes < self.chunk_size or self.batch_keys < 1:
+            raise ValueError("batch_bytes must be >= chunk_size and batch_keys >= 1")
+        if self.parallelism < 1 or self.retries < 0 or self.timeout_s <= 0:
+            raise ValueError("parallelism >= 1, retries >= 0 and timeout_s > 0 are required")
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """One node's record from ``Client.stats()``."""
+
+    name: str
+    address: str
+    keys: int
+    bytes_used: int
+    capacity: int
+    hits: int
+    misses: int
+    evictions: int
+    shards: int = 0
+    bytes_reserved: int = 0
+    puts: int = 0
+    deletes: int = 0
+    policy: str = ""
+    epoch: int = 0
+    reachable: bool = True
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def utilization(self) -> float:
+        return self.bytes_used / self.capacity if self.capacity else 0.0
+
+
+# ------------------------------------------------------------------ work items
+@dataclass(eq=False)
+class _Put:
+    """One entry to write: a small tensor, a stripe, or a manifest."""
+
+    key: str
+    kind: int
+    meta: pb.TensorMeta
+    view: np.ndarray | None  # payload (None for a manifest)
+    version: int = 0
+    replaced: list[pb.StripeRef] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.view is None else self.view.nbytes
+
+
+@dataclass(eq=False)
+class _Get:
+    """One entry to read; ``dest`` is where its payload goes (None: allocate)."""
+
+    key: str
+    kind: int
+    found: bool = False
+    version: int = 0
+    meta: pb.TensorMeta | None = None
+    array: np.ndarray | None = None
+    dest: np.ndarray | None = None  # flat uint8 destination
+    expect: pb.StripeRef | None = None  # for stripes: what the manifest promised
+    put_id: int = 0
+    ok: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.expect.nbytes if self.expect is not None else 0
+
+
+@dataclass(eq=False)
+class _Del:
+    key: str
+    kind: int
+    found: bool = False
+    stripes: list[pb.StripeRef] = field(default_factory=list)
+
+    nbytes = 0
+
+
+class Client:
+    """A connection to a tensorcache cluster. Use ``tensorcache.connect``."""
+
+    def __init__(self, router: str, config: ClientConfig | None = None) -> None:
+        self.config = config or ClientConfig()
+        self._router = RouterConn(router)
+        self._placement = Placement(self._router, self.config.timeout_s)
+        self._conns = ConnPool()
+        self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
+        self._closed = False
+        self._mlock = threading.Lock()
+        self._metrics: dict[str, int] = defaultdict(int)
+        try:
+            self._placement.current()
+        except TensorCacheError:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        self._conns.close()
+        self._router.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the ring snapshot this client currently places keys with."""
+        return self._placement.current().epoch
+
+    @property
+    def stripe_size(self) -> int:
+        return self.config.stripe_size or self._placement.stripe_size or 8 * 1024 * 1024
+
+    def metrics(self) -> dict[str, int]:
+        """Client-side counters: gets, hits, misses, puts, retries, ring_refreshes, …"""
+        with self._mlock:
+            out = dict(self._metrics)
+        out["ring_refreshes"] = self._placement.refreshes
+        return out
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._mlock:
+            self._metrics[name] += n
+
+    # ------------------------------------------------------------ public API
+    def put(self, key: str, value: np.ndarray) -> int:
+        """Store ``value`` under ``key``; returns its new version."""
+        return self.put_many({key: value})[key]
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The tensor stored under ``key``, or None on a miss."""
+        return self.get_many([key])[key]
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; returns whether it was present."""
+        encode_key(key)
+        items = [_Del(key, pb.TENSOR)]
+        self._scatter(items, self._delete_call)
+        self._free_stripes([ref for it in items for ref in it.stripes])
+        self._count("deletes")
+        return items[0].found
+
+    def put_many(self, values: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Store several tensors (grouped per node into few RPCs); returns versions."""
+        if not isinstance(values, Mapping):
+            raise InvalidArgument(
+                f"put_many takes a mapping of key -> array, got {type(values).__name__}"
+            )
+        stripe = self.stripe_size
+        tensors: list[_Put] = []
+        shards: list[_Put] = []
+        for key, value in values.items():
+            encode_key(key)
+            layout, view = codec.encode(value)
+            meta = pb.TensorMeta(
+                dtype=layout.dtype, shape=layout.shape, order=layout.order, nbytes=layout.nbytes
+            )
+            if layout.nbytes <= stripe:
+                meta.crc32c = codec.crc32c(view)
+                tensors.append(_Put(key, pb.TENSOR, meta, view))
+                continue
+            meta.put_id = secrets.randbits(63) | 1
+            for i, off in enumerate(range(0, layout.nbytes, stripe)):
+                part = view[off : off + stripe]
+                skey = shard_key(key, meta.put_id, i)
+                ref = meta.stripes.add(
+                    key=skey.encode(), offset=off, nbytes=part.nbytes, crc32c=codec.crc32c(part)
+                )
+                smeta = pb.TensorMeta(
+                    dtype="|u1",
+                    shape=[part.nbytes],
+                    order="C",
+                    nbytes=part.nbytes,
+                    crc32c=ref.crc32c,
+                    put_id=meta.put_id,
+                )
+                shards.append(_Put(skey, pb.SHARD, smeta, part))
+            tensors.append(_Put(key, pb.TENSOR, meta, None))
+        if shards:
+            self._scatter(shards, self._put_call)  # stripes first: the manifest commits
+        self._scatter(tensors, self._put_call)
+        self._free_stripes([ref for it in tensors for ref in it.replaced])
+        self._count("puts", len(tensors))
+        self._count("bytes_put", sum(it.meta.nbytes for it in tensors))
+        return {it.key: it.version for it in tensors}
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray | None]:
+        """Fetch several tensors (one RPC per node and batch); misses map to None."""
+        if isinstance(keys, str):
+            raise InvalidArgument("get_many takes an iterable of keys, not a single str")
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            encode_key(key)
+        out: dict[str, np.ndarray | None] = dict.fromkeys(wanted)
+        pending = wanted
+        # A stripe can vanish under a reader when a newer put replaced it;
+        # read the manifest again (bounded) before calling it a miss.
+        for _ in range(3):
+            items = [_Get(k, pb.TENSOR) for k in pending]
+            self._scatter(items, self._get_call)
+            striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
+            for it in items:
+                if it.found and it not in striped:
+                    out[it.key] = it.array
+            pending = []
+            if striped:
+                for it, ok in zip(striped, self._fetch_stripes(striped), strict=True):
+                    if ok:
+                        out[it.key] = it.array
+                    else:
+                        pending.append(it.key)
+            if not pending:
+                break
+            self._count("stripe_retries", len(pending))
+        hits = sum(v is not None for v in out.values())
+        self._count("gets", len(out))
+        self._count("hits", hits)
+        self._count("misses", len(out) - hits)
+        return out
+
+    def stats(self) -> list[NodeStats]:
+        """One record per node in the ring (unreachable nodes: reachable=False)."""
+        ring = self._placement.refresh(self._placement.current())
+
+        def one(member: Any) -> NodeStats:
+            try:
+                s: pb.NodeStats = self._conns.get(member.address).stat(
+                    pb.StatRequest(), timeout=self.config.timeout_s
+                )
+            except grpc.RpcError:
+                return NodeStats(
+                    member.name, member.address, 0, 0, member.capacity, 0, 0, 0, reachable=False
+                )
+            return NodeStats(
+                name=s.name,
+                address=s.address,
+                keys=s.keys,
+                bytes_used=s.bytes_used,
+                capacity=s.capacity,
+                hits=s.hits,
+                misses=s.misses,
+                evictions=s.evictions,
+                shards=s.shards,
+                bytes_reserved=s.bytes_reserved,
+                puts=s.puts,
+                deletes=s.deletes,
+                policy=s.policy,
+                epoch=s.epoch,
+            )
+
+        return list(self._pool.map(one, ring.members))
+
+    # ------------------------------------------------------------ fan-out core
+    def _deadline(self, nbytes: int) -> float:
+        return self.config.timeout_s + nbytes / self.config.min_throughput
+
+    def _batches(self, items: list[T]) -> list[list[T]]:
+        """Split one node's items into RPC-sized batches."""
+        out: list[list[T]] = []
+        cur: list[T] = []
+        size = 0
+        for it in items:
+            n = getattr(it, "nbytes", 0)
+            if cur and (size + n > self.config.batch_bytes or len(cur) >= self.config.batch_keys):
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(it)
+            size += n
+        if cur:
+            out.append(cur)
+        return out
+
+    def _scatter(self, items: Sequence[T], call: Callable[[NodeConn, int, list[T]], None]) -> None:
+        """Run ``call`` on every item, grouped by owner node, in parallel.
+
+        The one place failure policy lives: a stale epoch or an unreachable
+        node refreshes the ring and retries just the failed batches, up to
+        ``retries`` times with exponential backoff (counted in metrics);
+        any other error is raised once all batches finished.
+        """
+        pending = list(items)
+        last: TensorCacheError | None = None
+        for attempt in range(self.config.retries + 1):
+            ring = self._placement.current()
+            groups: dict[str, list[T]] = defaultdict(list)
+            for it in pending:
+                groups[ring.owner(it.key).address].append(it)  # type: ignore[attr-defined]
+            tasks = [
+                (addr, batch) for addr, group in groups.items() for batch in self._batches(group)
+            ]
+            results = self._run_all(
+                [
+                    functools.partial(call, self._conns.get(addr), ring.epoch, batch)
+                    for addr, batch in tasks
+                ]
+            )
+            failed: list[T] = []
+            fatal: TensorCacheError | None = None
+            stale_epoch = 0
+            for (_addr, batch), exc in zip(tasks, results, strict=True):
+                if exc is None:
+                    continue
+                if isinstance(exc, StaleEpoch):
+                    stale_epoch = max(stale_epoch, exc.epoch)
+                    failed.extend(batch)
+                elif isinstance(exc, Unavailable):
+                    failed.extend(batch)
+                elif isinstance(exc, TensorCacheError):
+                    fatal = fatal or exc
+                else:
+                    raise exc
+                last = exc if isinstance(exc, TensorCacheError) else last
+            if fatal is not None:
+                raise fatal
+            if not failed:
+                return
+            pending = failed
+            self._count("retries")
+            if attempt < self.config.retries:
+                if stale_epoch == 0:  # unreachable node: give membership time to notice
+                    time.sleep(self.config.retry_backoff_s * (2 ** min(attempt, 4)))
+                try:
+                    self._placement.refresh(ring, stale_epoch)
+                except Unavailable as exc:
+                    last = exc
+        raise last if last is not None else Unavailable("retries exhausted")
+
+    def _run_all(self, fns: list[Callable[[], None]]) -> list[BaseException | None]:
+        if len(fns) == 1:
+            try:
+                fns[0]()
+                return [None]
+            except Exception as exc:
+                return [exc]
+        futs: list[Future[None]] = [self._pool.submit(fn) for fn in fns]
+        return [f.exception() for f in futs]
+
+    # ------------------------------------------------------------ RPC calls
+    def _put_call(self, conn: NodeConn, epoch: int, batch: list[_Put]) -> None:
+        header = pb.PutRequest(epoch=epoch)
+        for it in batch:
+            header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
+        head = header.SerializeToString()
+        views = [it.view for it in batch if it.view is not None]
+
+        def stream() -> Iterable[bytes]:
+            yield head
+            yield from payload_messages(views, self.config.chunk_size)
+
+        nbytes = sum(v.nbytes for v in views)
+        try:
+            reply: pb.PutReply = conn.put(stream(), timeout=self._deadline(nbytes))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"put to node {conn.address}") from exc
+        if len(reply.results) != len(batch):
+            raise ProtocolError(
+                f"node {conn.address} answered {len(reply.results)} of {len(batch)} puts"
+            )
+        for it, res in zip(batch, reply.results, strict=True):
+            it.version = res.version
+            it.replaced = list(res.replaced_stripes)
+
+    def _get_call(self, conn: NodeConn, epoch: int, batch: list[_Get]) -> None:
+        request = pb.GetRequest(
+            epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
+        )
+        where = f"get from node {conn.address}"
+        nbytes = sum(it.nbytes for it in batch)
+        try:
+            stream = conn.get(request, timeout=self._deadline(nbytes))
+            first = next(stream, None)
+            if first is None:
+                raise ProtocolError(f"{where}: empty reply stream")
+            reply = pb.GetReply.FromString(first)
+            if len(reply.entries) != len(batch):
+                raise ProtocolError(f"{where}: {len(reply.entries)} headers for {len(batch)} keys")
+            dests: list[np.ndarray] = []
+            carrying: list[_Get] = []
+            for it, got in zip(batch, reply.entries, strict=True):
+                it.found, it.version = got.found, got.version
+                if not got.found:
+                    continue
+                it.meta = got.meta
+                if got.meta.stripes:
+                    continue  # a manifest: no payload of its own
+                layout = self._layout(got.meta, where)
+                if it.dest is None:  # a tensor: allocate its array
+                    it.array, it.dest = codec.allocate(layout)
+                elif it.dest.nbytes != layout.nbytes:  # a stripe unlike its manifest:
+                    it.dest = np.empty(layout.nbytes, np.uint8)  # drain it, then miss
+                dests.append(it.dest)
+                carrying.append(it)
+            crcs = read_payload(stream, dests, where)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, where) from exc
+        for it, crc in zip(carrying, crcs, strict=True):
+            assert it.meta is not None
+            it.ok = crc == it.meta.crc32c
+            if not it.ok:
+                self._count("corrupt")
+                log.warning(
+                    "%s: %r failed its checksum (got %#010x, want %#010x); treated as a miss",
+                    where,
+                    it.key[:80],
+                    crc,
+                    it.meta.crc32c,
+                )
+                it.found, it.array = False, None
+
+    def _delete_call(self, conn: NodeConn, epoch: int, batch: list[_Del]) -> None:
+        request = pb.DeleteRequest(
+            epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
+        )
+        try:
+            reply: pb.DeleteReply = conn.delete(request, timeout=self.config.timeout_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"delete on node {conn.address}") from exc
+        for it, res in zip(batch, reply.results, strict=True):
+            it.found = res.found
+            it.stripes = list(res.stripes)
+
+    @staticmethod
+    def _layout(meta: pb.TensorMeta, where: str) -> codec.Layout:
+        try:
+            return codec.check_layout(meta.dtype, list(meta.shape), meta.order, meta.nbytes)
+        except InvalidArgument as exc:
+            raise ProtocolError(f"{where}: node sent bad metadata: {exc}") from exc
+
+    # ------------------------------------------------------------ stripes
+    def _fetch_stripes(self, tensors: list[_Get]) -> list[bool]:
+        """Fetch every stripe of every manifest into its tensor's array."""
+        parts: list[tuple[_Get, _Get]] = []
+        for t in tensors:
+            assert t.meta is not None
+            layout = self._layout(t.meta, f"manifest of {t.key!r}")
+            t.array, whole = codec.allocate(layout)
+            for ref in t.meta.stripes:
+                if ref.offset + ref.nbytes > whole.nbytes:
+                    raise ProtocolError(f"manifest of {t.key!r}: stripe beyond the tensor")
+                part = _Get(
+                    ref.key.decode(),
+                    pb.SHARD,
+                    dest=whole[ref.offset : ref.offset + ref.nbytes],
+                    expect=ref,
+                    put_id=t.meta.put_id,
+                )
+                parts.append((t, part))
+        self._scatter([p for _, p in parts], self._get_call)
+        good: dict[int, bool] = {id(t): True for t in tensors}
+        for t, p in parts:
+            ok = (
+                p.found
+                and p.ok
+                and p.meta is not None
+                and p.expect is not None
+                and p.meta.put_id == p.put_id
+                and p.meta.nbytes == p.expect.nbytes
+                and p.meta.crc32c == p.expect.crc32c
+            )
+            if not ok:
+                good[id(t)] = False
+        for t in tensors:
+            if not good[id(t)]:
+                self._count("stripe_misses")
+                t.array = None
+        return [good[id(t)] for t in tensors]
+
+    def _free_stripes(self, refs: list[pb.StripeRef]) -> None:
+        """Delete stripes of replaced/deleted tensors; best effort (eviction reclaims the rest)."""
+        if not refs:
+            return
+        try:
+            self._scatter([_Del(r.key.decode(), pb.SHARD) for r in refs], self._delete_call)
+        except TensorCacheError as exc:
+            self._count("stripe_free_failures")
+            log.info(
+                "could not free %d old stripes (%s); eviction will reclaim them", len(refs), exc
+            )
+
+
+def connect(
+    router: str,
+    *,
+    stripe_size: int | str | None = None,
+    config: ClientConfig | None = None,
+    **options: Any,
+) -> Client:
+    """Connect to the cluster whose router listens at ``router`` (host:port).
+
+    ``stripe_size`` ("8MiB") overrides the cluster's default; other keyword
+    options are ClientConfig fields (timeout_s, parallelism, chunk_size, …).
+    """
+    if config is None:
+        if stripe_size is not None:
+            options["stripe_size"] = parse_size(stripe_size)
+        try:
+            config = ClientConfig(**options)
+        except TypeError as exc:
+            raise InvalidArgument(f"connect: {exc}") from exc
+    if not isinstance(router, str) or ":" not in router:
+        raise InvalidArgument(f"router must be 'host:port', got {router!r}")
+    return Client(router, config)

@@ -1,0 +1,57 @@
+"""The client's view of placement: the current ring snapshot, refreshed on demand.
+
+A request takes one snapshot (``current()``) and places every key of that
+request with it. When a node answers "stale epoch", the client calls
+``refresh(seen)``: only the first thread that saw the stale ring fetches a
+new one; the others find it already replaced and reuse it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from tensorcache.client.transport import RouterConn
+from tensorcache.errors import Unavailable, from_rpc_error
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import Ring, RingMember
+
+
+class Placement:
+    def __init__(self, router: RouterConn, timeout_s: float) -> None:
+        self._router = router
+        self._timeout_s = timeout_s
+        self._ring: Ring | None = None
+        self._lock = threading.Lock()
+        self.refreshes = 0
+        self.stripe_size = 0
+
+    def current(self) -> Ring:
+        ring = self._ring
+        return ring if ring is not None else self.refresh(None)
+
+    def refresh(self, seen: Ring | None, min_epoch: int = 0) -> Ring:
+        """Fetch a new snapshot unless another thread already replaced ``seen``."""
+        with self._lock:
+            ring = self._ring
+            if ring is not None and ring is not seen and ring.epoch >= min_epoch:
+                return ring
+            try:
+                snap: pb.RingSnapshot = self._router.stub.GetRing(
+                    pb.GetRingRequest(), timeout=self._timeout_s, wait_for_ready=True
+                )
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, f"router {self._router.address}") from exc
+            ring = Ring(
+                snap.epoch,
+                [RingMember(m.name, m.address, m.capacity) for m in snap.members],
+                vnodes=snap.vnodes or 40,
+                weight_unit=snap.weight_unit or 1,
+            )
+            self.stripe_size = snap.stripe_size
+            self._ring = ring
+            self.refreshes += 1
+            if not ring.members:
+                raise Unavailable(f"router {self._router.address} has no nodes in its ring yet")
+            return ring

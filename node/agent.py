@@ -1,0 +1,91 @@
+"""The node's membership agent: register with the router, then heartbeat.
+
+Runs on one daemon thread. A failed call is logged and counted, never
+fatal: the node keeps serving its data while the router is unreachable, and
+registers again as soon as the router answers that it does not know it
+(a router restart, or a lease that expired while the node was paused).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+
+from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.node.service import EpochView
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tensorcache.node")
+
+
+class MembershipAgent:
+    def __init__(self, router: str, member: pb.Member, epochs: EpochView) -> None:
+        self._member = member
+        self._epochs = epochs
+        self._channel = grpc.insecure_channel(router, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RouterStub(self._channel)
+        self._router = router
+        self._stop = threading.Event()
+        self._registered = threading.Event()
+        self._interval = 1.0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._loop, name="membership-agent", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_registered(self, timeout: float) -> bool:
+        return self._registered.wait(timeout)
+
+    def _register(self) -> None:
+        reply = self._stub.Register(pb.RegisterRequest(member=self._member), timeout=5)
+        self._interval = reply.heartbeat_interval_s or 1.0
+        self._epochs.update(reply.epoch)
+        if not self._registered.is_set():
+            log.info("registered with router %s at epoch %d", self._router, reply.epoch)
+        self._registered.set()
+
+    def _loop(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if not self._registered.is_set():
+                    self._register()
+                else:
+                    reply = self._stub.Heartbeat(
+                        pb.HeartbeatRequest(name=self._member.name), timeout=5
+                    )
+                    if reply.known:
+                        self._epochs.update(reply.epoch)
+                    else:
+                        log.warning("router %s forgot this node; registering again", self._router)
+                        self._register()
+                backoff = 0.1
+                self._stop.wait(self._interval)
+            except grpc.RpcError as exc:
+                self.failures += 1
+                log.warning(
+                    "router %s unreachable (%s); retrying in %.1fs",
+                    self._router,
+                    exc.code() if hasattr(exc, "code") else exc,
+                    backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._interval)
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop heartbeating; leave the ring first so clients stop sending here."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if deregister and self._registered.is_set():
+            try:
+                reply = self._stub.Deregister(
+                    pb.DeregisterRequest(name=self._member.name), timeout=2
+                )
+                self._epochs.update(reply.epoch)
+            except grpc.RpcError as exc:
+                log.warning("could not deregister from %s: %s", self._router, exc)
+        self._channel.close()

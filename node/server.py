@@ -1,0 +1,123 @@
+"""Node process: config, ``create_server`` and the ``tensorcache node`` entry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
+from tensorcache.node.agent import MembershipAgent
+from tensorcache.node.policy import POLICIES
+from tensorcache.node.service import SERVICE, EpochView, NodeService
+from tensorcache.node.store import Store
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.sizes import parse_size
+
+log = logging.getLogger("tensorcache.node")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One cache node's settings."""
+
+    #: Stable identity the ring hashes on (a pod name); never an address.
+    name: str
+    #: Router to register with (host:port); None runs the node standalone.
+    router: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    #: Strict byte budget for stored entries and puts in flight.
+    capacity: int = 4 * 1024**3
+    #: Eviction policy: lru, lfu or fifo.
+    policy: str = "lru"
+    #: Address to advertise to clients; default host:bound-port.
+    advertise: str | None = None
+    #: Concurrent RPCs; each in-flight stream holds one thread.
+    workers: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 253:
+            raise ValueError(f"name {self.name!r} must be 1..253 characters")
+        if self.capacity <= 0:
+            raise ValueError(f"capacity must be > 0 bytes, got {self.capacity}")
+        if self.policy.lower() not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {sorted(POLICIES)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.workers < 4:
+            raise ValueError(f"workers must be >= 4, got {self.workers}")
+
+
+class NodeServer:
+    """A running node: gRPC server, store and (optionally) membership agent."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = Store(config.capacity, config.policy)
+        self.epochs = EpochView()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="node-rpc"),
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=config.workers,
+        )
+        self.port = bind(self._server, config.host, config.port)
+        self.address = config.advertise or f"{config.host}:{self.port}"
+        service = NodeService(self.store, config.name, self.address, self.epochs)
+        self._server.add_generic_rpc_handlers((service.handler(),))
+        add_health(self._server, SERVICE)
+        self._agent: MembershipAgent | None = None
+        if config.router:
+            member = pb.Member(name=config.name, address=self.address, capacity=config.capacity)
+            self._agent = MembershipAgent(config.router, member, self.epochs)
+
+    def start(self) -> NodeServer:
+        self._server.start()
+        if self._agent is not None:
+            self._agent.start()
+        return self
+
+    def wait_registered(self, timeout: float) -> bool:
+        return self._agent is None or self._agent.wait_registered(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Leave the ring first, then finish in-flight RPCs for up to ``grace`` seconds."""
+        if self._agent is not None:
+            self._agent.stop(deregister=True)
+        self._server.stop(grace).wait()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default=None, help="stable node name (default: hostname-port)")
+    p.add_argument("--router", default=None, help="router host:port to register with")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    p.add_argument("--capacity", default="4GiB", help="byte budget (default 4GiB)")
+    p.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy")
+    p.add_argument("--advertise", default=None, help="address clients should use")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = NodeConfig(
+        name=args.name or f"{socket.gethostname()}-{args.port}",
+        router=args.router,
+        host=args.host,
+        port=args.port,
+        capacity=parse_size(args.capacity),
+        policy=args.policy,
+        advertise=args.advertise,
+    )
+    node = NodeServer(config).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"tensorcache node {config.name} listening on {node.address}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0

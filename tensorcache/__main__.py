@@ -1,0 +1,5 @@
+import sys
+
+from tensorcache.cli import main
+
+sys.exit(main())

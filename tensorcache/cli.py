@@ -1,0 +1,184 @@
+"""The ``tensorcache`` command: up, node, router, stat, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from tensorcache.sizes import format_size
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from tensorcache.cluster import LocalCluster
+
+    cluster = LocalCluster(
+        args.nodes,
+        capacity=args.capacity,
+        policy=args.policy,
+        port=args.port,
+        stripe_size=args.stripe_size,
+        log_dir=args.log_dir,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster.start()
+    try:
+        print(f"tensorcache cluster up: router {cluster.router_address}", flush=True)
+        for name, proc in cluster.nodes.items():
+            print(f"  {name:<10} {proc.address:<22} pid {proc.pid}", flush=True)
+        print(f"logs in {cluster.log_dir}; Ctrl-C stops every process", flush=True)
+        while not stop.wait(0.5):
+            dead = [n for n, p in cluster.nodes.items() if not p.alive()]
+            if cluster.router is not None and not cluster.router.alive():
+                print("router exited; stopping the cluster", file=sys.stderr)
+                return 1
+            for name in dead:
+                print(f"{name} exited with {cluster.nodes[name].popen.returncode}", file=sys.stderr)
+                cluster.nodes.pop(name)
+    finally:
+        cluster.stop()
+        print("tensorcache cluster stopped", flush=True)
+    return 0
+
+
+def stat_table(stats: list) -> str:  # list[NodeStats]
+    rows = [
+        (
+            "node",
+            "address",
+            "keys",
+            "shards",
+            "used",
+            "capacity",
+            "util",
+            "hit rate",
+            "hits",
+            "misses",
+            "evictions",
+        )
+    ]
+    for s in stats:
+        if not s.reachable:
+            rows.append(
+                (
+                    s.name,
+                    s.address,
+                    "-",
+                    "-",
+                    "-",
+                    format_size(s.capacity),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "unreachable",
+                )
+            )
+            continue
+        rows.append(
+            (
+                s.name,
+                s.address,
+                str(s.keys),
+                str(s.shards),
+                format_size(s.bytes_used),
+                format_size(s.capacity),
+                f"{s.utilization:.1%}",
+                f"{s.hit_rate:.1%}",
+                str(s.hits),
+                str(s.misses),
+                str(s.evictions),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    import tensorcache
+
+    with tensorcache.connect(args.router, timeout_s=args.timeout) as c:
+        stats = c.stats()
+        print(f"router {args.router}  epoch {c.epoch}  nodes {len(stats)}")
+        print(stat_table(stats))
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from tensorcache.node import server
+
+    return server.run(args)
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from tensorcache.router import server
+
+    return server.run(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tensorcache import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tensorcache.node import server as node_server
+    from tensorcache.router import server as router_server
+
+    parser = argparse.ArgumentParser(prog="tensorcache", description="A distributed tensor cache.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local cluster (router + N nodes) in the foreground")
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--capacity", default="1GiB", help="byte budget per node (default 1GiB)")
+    up.add_argument("--policy", default="lru", choices=["lru", "lfu", "fifo"])
+    up.add_argument("--port", type=int, default=7070, help="router port (default 7070)")
+    up.add_argument("--stripe-size", default="8MiB", help="stripe tensors above (default 8MiB)")
+    up.add_argument("--log-dir", default=None, help="keep process logs here")
+    up.set_defaults(fn=_cmd_up)
+
+    node = sub.add_parser("node", help="run one cache node")
+    node_server.add_arguments(node)
+    node.set_defaults(fn=_cmd_node)
+
+    router = sub.add_parser("router", help="run the router")
+    router_server.add_arguments(router)
+    router.set_defaults(fn=_cmd_router)
+
+    stat = sub.add_parser("stat", help="print per-node statistics")
+    stat.add_argument("--router", default="127.0.0.1:7070", help="router host:port")
+    stat.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    stat.set_defaults(fn=_cmd_stat)
+
+    demo = sub.add_parser("demo", help="share a model's weights between worker processes")
+    demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    demo.add_argument("--model-mb", type=int, default=384, help="model size in MB (default 384)")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--dir", default=".demo", help="where the model file lives")
+    demo.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO
+        if args.verbose or args.command in ("node", "router")
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from tensorcache.errors import TensorCacheError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (TensorCacheError, ValueError, TimeoutError, RuntimeError) as exc:
+        print(f"tensorcache {args.command}: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,47 @@
+"""gRPC settings shared by servers and clients, chosen on purpose.
+
+Message-size limits: payload messages are at most ``chunk_size`` (4 MiB by
+default) and headers are small, but a GetReply header of a 65,536-key batch
+or a manifest of a multi-GiB tensor can reach a few MiB, so both directions
+allow ``MAX_MESSAGE`` (64 MiB). Anything larger is a bug or an attack and is
+refused by gRPC with RESOURCE_EXHAUSTED before it reaches our code.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+MAX_MESSAGE = 64 * 1024 * 1024
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.so_reuseport", 0),  # never share a port with a stale process
+]
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    # Reconnect quickly after a node restarts (the default backs off to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
+    """Register the standard grpc.health.v1 service and mark ``services`` SERVING."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *services):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind ``host:port`` (port 0: any free port) and return the bound port."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
+    return bound
