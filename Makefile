@@ -1,0 +1,51 @@
+# The front door: `make demo` runs the main job, `make test` runs the tests.
+# Each target creates/refreshes the local virtualenv (.venv) by itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv demo test unit integration lint bench up proto clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job: a local 3-node cluster serving worker processes that share a model's weights.
+demo: $(STAMP)
+	$(BIN)/tensorcache demo
+
+## Everything CI checks: lint, generated-code freshness, unit + integration tests.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Throughput benchmark (QUICK=1: a seconds-long smoke run).
+bench: $(STAMP)
+	$(BIN)/python -m bench.throughput $(if $(QUICK),--quick)
+
+## A local cluster in the foreground (Ctrl-C stops it).
+up: $(STAMP)
+	$(BIN)/tensorcache up
+
+## Regenerate proto/*_pb2*.py from proto/tensorcache.proto.
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info
