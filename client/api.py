@@ -46,6 +46,7 @@ from tensorcache.client.transport import (
     read_payload,
 )
 from tensorcache.errors import (
+    CapacityExceeded,
     InvalidArgument,
     ProtocolError,
     StaleEpoch,
@@ -281,8 +282,18 @@ class Client:
                 shards.append(_Put(skey, pb.SHARD, smeta, part))
             tensors.append(_Put(key, pb.TENSOR, meta, None))
         if shards:
-            self._scatter(shards, self._put_call)  # stripes first: the manifest commits
-        self._scatter(tensors, self._put_call)
+            self._check_fits(shards)
+            try:
+                self._scatter(shards, self._put_call)  # stripes first: the manifest commits
+            except TensorCacheError:
+                self._free_stripes([r for it in tensors for r in it.meta.stripes])
+                raise
+        try:
+            self._scatter(tensors, self._put_call)
+        except TensorCacheError:
+            # Stripes of manifests that did not commit are unreachable: free them.
+            self._free_stripes([r for it in tensors if not it.version for r in it.meta.stripes])
+            raise
         self._free_stripes([ref for it in tensors for ref in it.replaced])
         self._count("puts", len(tensors))
         self._count("bytes_put", sum(it.meta.nbytes for it in tensors))
@@ -568,6 +579,25 @@ class Client:
                 self._count("stripe_misses")
                 t.array = None
         return [good[id(t)] for t in tensors]
+
+    def _check_fits(self, shards: list[_Put]) -> None:
+        """Refuse, before sending a byte, stripes that cannot fit on their nodes.
+
+        Without this a tensor larger than the cluster would evict every other
+        entry on its way to failing.
+        """
+        ring = self._placement.current()
+        need: dict[str, int] = defaultdict(int)
+        for it in shards:
+            need[ring.owner(it.key).name] += it.nbytes
+        for name, nbytes in need.items():
+            member = ring.member(name)
+            if member is not None and nbytes > member.capacity:
+                total = sum(m.capacity for m in ring.members)
+                raise CapacityExceeded(
+                    f"stripes need {nbytes} bytes on node {name} of capacity {member.capacity} "
+                    f"({sum(need.values())} bytes in all; the cluster holds {total} bytes)"
+                )
 
     def _free_stripes(self, refs: list[pb.StripeRef]) -> None:
         """Delete stripes of replaced/deleted tensors; best effort (eviction reclaims the rest)."""
