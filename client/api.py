@@ -37,10 +37,10 @@ import grpc
 import numpy as np
 
 from tensorcache import codec
+from tensorcache.client.datachannel import DataPool
 from tensorcache.client.placement import Placement
 from tensorcache.client.transport import (
     ConnPool,
-    NodeConn,
     RouterConn,
     payload_messages,
     read_payload,
@@ -56,6 +56,7 @@ from tensorcache.errors import (
 )
 from tensorcache.keys import encode_key, shard_key
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import RingMember
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.client")
@@ -78,13 +79,16 @@ class ClientConfig:
     batch_bytes: int = 64 * 1024 * 1024
     batch_keys: int = 4096
     #: Threads for parallel RPCs (stripes, batches, stats).
-    parallelism: int = 16
+    parallelism: int = 8
     #: Base deadline of an RPC; bulk RPCs add nbytes / min_throughput.
     timeout_s: float = 30.0
     min_throughput: float = 50e6
     #: Attempts after a stale epoch or an unreachable node (ring refreshed each time).
     retries: int = 5
     retry_backoff_s: float = 0.2
+    #: "auto": bulk data over each node's TCP data channel when it has one
+    #: (fastest: no gRPC copies), else gRPC streams; "grpc": gRPC streams only.
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.stripe_size is not None and self.stripe_size < 4096:
@@ -93,6 +97,8 @@ class ClientConfig:
             raise ValueError(f"chunk_size must be 4 KiB..16 MiB, got {self.chunk_size}")
         if self.batch_bytes < self.chunk_size or self.batch_keys < 1:
             raise ValueError("batch_bytes must be >= chunk_size and batch_keys >= 1")
+        if self.transport not in ("auto", "grpc"):
+            raise ValueError(f"transport must be 'auto' or 'grpc', got {self.transport!r}")
         if self.parallelism < 1 or self.retries < 0 or self.timeout_s <= 0:
             raise ValueError("parallelism >= 1, retries >= 0 and timeout_s > 0 are required")
 
@@ -182,6 +188,7 @@ class Client:
         self._router = RouterConn(router)
         self._placement = Placement(self._router, self.config.timeout_s)
         self._conns = ConnPool()
+        self._data = DataPool(self.config.timeout_s)
         self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
         self._closed = False
         self._mlock = threading.Lock()
@@ -199,6 +206,7 @@ class Client:
         self._closed = True
         self._pool.shutdown(wait=True)
         self._conns.close()
+        self._data.close()
         self._router.close()
 
     def __enter__(self) -> Client:
@@ -385,7 +393,9 @@ class Client:
             out.append(cur)
         return out
 
-    def _scatter(self, items: Sequence[T], call: Callable[[NodeConn, int, list[T]], None]) -> None:
+    def _scatter(
+        self, items: Sequence[T], call: Callable[[RingMember, int, list[T]], None]
+    ) -> None:
         """Run ``call`` on every item, grouped by owner node, in parallel.
 
         The one place failure policy lives: a stale epoch or an unreachable
@@ -398,21 +408,23 @@ class Client:
         for attempt in range(self.config.retries + 1):
             ring = self._placement.current()
             groups: dict[str, list[T]] = defaultdict(list)
+            members: dict[str, RingMember] = {}
             for it in pending:
-                groups[ring.owner(it.key).address].append(it)  # type: ignore[attr-defined]
+                member = ring.owner(it.key)  # type: ignore[attr-defined]
+                members[member.name] = member
+                groups[member.name].append(it)
             tasks = [
-                (addr, batch) for addr, group in groups.items() for batch in self._batches(group)
+                (members[name], batch)
+                for name, group in groups.items()
+                for batch in self._batches(group)
             ]
             results = self._run_all(
-                [
-                    functools.partial(call, self._conns.get(addr), ring.epoch, batch)
-                    for addr, batch in tasks
-                ]
+                [functools.partial(call, member, ring.epoch, batch) for member, batch in tasks]
             )
             failed: list[T] = []
             fatal: TensorCacheError | None = None
             stale_epoch = 0
-            for (_addr, batch), exc in zip(tasks, results, strict=True):
+            for (_member, batch), exc in zip(tasks, results, strict=True):
                 if exc is None:
                     continue
                 if isinstance(exc, StaleEpoch):
@@ -451,46 +463,51 @@ class Client:
         return [f.exception() for f in futs]
 
     # ------------------------------------------------------------ RPC calls
-    def _put_call(self, conn: NodeConn, epoch: int, batch: list[_Put]) -> None:
+    def _data_channel(self, member: RingMember) -> bool:
+        return self.config.transport == "auto" and bool(member.data_address)
+
+    def _put_call(self, member: RingMember, epoch: int, batch: list[_Put]) -> None:
         header = pb.PutRequest(epoch=epoch)
         for it in batch:
             header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
-        head = header.SerializeToString()
         views = [it.view for it in batch if it.view is not None]
+        if self._data_channel(member):
+            with self._data.connection(member.data_address) as dc:
+                reply = dc.put(header, views)
+        else:
+            head = header.SerializeToString()
 
-        def stream() -> Iterable[bytes]:
-            yield head
-            yield from payload_messages(views, self.config.chunk_size)
+            def stream() -> Iterable[bytes]:
+                yield head
+                yield from payload_messages(views, self.config.chunk_size)
 
-        nbytes = sum(v.nbytes for v in views)
-        try:
-            reply: pb.PutReply = conn.put(stream(), timeout=self._deadline(nbytes))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, f"put to node {conn.address}") from exc
+            nbytes = sum(v.nbytes for v in views)
+            try:
+                reply = self._conns.get(member.address).put(
+                    stream(), timeout=self._deadline(nbytes)
+                )
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, f"put to node {member.address}") from exc
         if len(reply.results) != len(batch):
             raise ProtocolError(
-                f"node {conn.address} answered {len(reply.results)} of {len(batch)} puts"
+                f"node {member.address} answered {len(reply.results)} of {len(batch)} puts"
             )
         for it, res in zip(batch, reply.results, strict=True):
             it.version = res.version
             it.replaced = list(res.replaced_stripes)
 
-    def _get_call(self, conn: NodeConn, epoch: int, batch: list[_Get]) -> None:
+    def _get_call(self, member: RingMember, epoch: int, batch: list[_Get]) -> None:
         request = pb.GetRequest(
             epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
         )
-        where = f"get from node {conn.address}"
-        nbytes = sum(it.nbytes for it in batch)
-        try:
-            stream = conn.get(request, timeout=self._deadline(nbytes))
-            first = next(stream, None)
-            if first is None:
-                raise ProtocolError(f"{where}: empty reply stream")
-            reply = pb.GetReply.FromString(first)
+        where = f"get from node {member.address}"
+        carrying: list[_Get] = []
+
+        def destinations(reply: pb.GetReply) -> list[np.ndarray]:
+            """Record what each key's header says; allocate where payload goes."""
             if len(reply.entries) != len(batch):
                 raise ProtocolError(f"{where}: {len(reply.entries)} headers for {len(batch)} keys")
             dests: list[np.ndarray] = []
-            carrying: list[_Get] = []
             for it, got in zip(batch, reply.entries, strict=True):
                 it.found, it.version = got.found, got.version
                 if not got.found:
@@ -505,9 +522,24 @@ class Client:
                     it.dest = np.empty(layout.nbytes, np.uint8)  # drain it, then miss
                 dests.append(it.dest)
                 carrying.append(it)
-            crcs = read_payload(stream, dests, where)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, where) from exc
+            return dests
+
+        if self._data_channel(member):
+            with self._data.connection(member.data_address) as dc:
+                _, crcs = dc.get(request, destinations)
+        else:
+            nbytes = sum(it.nbytes for it in batch)
+            try:
+                stream = self._conns.get(member.address).get(
+                    request, timeout=self._deadline(nbytes)
+                )
+                first = next(stream, None)
+                if first is None:
+                    raise ProtocolError(f"{where}: empty reply stream")
+                dests = destinations(pb.GetReply.FromString(first))
+                crcs = read_payload(stream, dests, where)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, where) from exc
         for it, crc in zip(carrying, crcs, strict=True):
             assert it.meta is not None
             it.ok = crc == it.meta.crc32c
@@ -522,14 +554,16 @@ class Client:
                 )
                 it.found, it.array = False, None
 
-    def _delete_call(self, conn: NodeConn, epoch: int, batch: list[_Del]) -> None:
+    def _delete_call(self, member: RingMember, epoch: int, batch: list[_Del]) -> None:
         request = pb.DeleteRequest(
             epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
         )
         try:
-            reply: pb.DeleteReply = conn.delete(request, timeout=self.config.timeout_s)
+            reply: pb.DeleteReply = self._conns.get(member.address).delete(
+                request, timeout=self.config.timeout_s
+            )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, f"delete on node {conn.address}") from exc
+            raise from_rpc_error(exc, f"delete on node {member.address}") from exc
         for it, res in zip(batch, reply.results, strict=True):
             it.found = res.found
             it.stripes = list(res.stripes)

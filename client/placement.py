@@ -45,7 +45,7 @@ class Placement:
                 raise from_rpc_error(exc, f"router {self._router.address}") from exc
             ring = Ring(
                 snap.epoch,
-                [RingMember(m.name, m.address, m.capacity) for m in snap.members],
+                [RingMember(m.name, m.address, m.capacity, m.data_address) for m in snap.members],
                 vnodes=snap.vnodes or 40,
                 weight_unit=snap.weight_unit or 1,
             )

@@ -14,7 +14,7 @@ import threading
 import grpc
 
 from tensorcache.grpcutil import CHANNEL_OPTIONS
-from tensorcache.node.service import EpochView
+from tensorcache.node.ops import EpochView
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 

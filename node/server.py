@@ -14,8 +14,10 @@ import grpc
 
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
 from tensorcache.node.agent import MembershipAgent
+from tensorcache.node.dataserver import DataServer
+from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.policy import POLICIES
-from tensorcache.node.service import SERVICE, EpochView, NodeService
+from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.sizes import parse_size
@@ -37,8 +39,10 @@ class NodeConfig:
     capacity: int = 4 * 1024**3
     #: Eviction policy: lru, lfu or fifo.
     policy: str = "lru"
-    #: Address to advertise to clients; default host:bound-port.
+    #: Host to advertise to clients (default: host); ports are the bound ones.
     advertise: str | None = None
+    #: TCP data channel port (0: any free port; None: no data channel, gRPC only).
+    data_port: int | None = 0
     #: Concurrent RPCs; each in-flight stream holds one thread.
     workers: int = 64
 
@@ -51,6 +55,8 @@ class NodeConfig:
             raise ValueError(f"policy {self.policy!r} is not one of {sorted(POLICIES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.data_port is not None and not 0 <= self.data_port < 65536:
+            raise ValueError(f"data_port must be 0..65535 or None, got {self.data_port}")
         if self.workers < 4:
             raise ValueError(f"workers must be >= 4, got {self.workers}")
 
@@ -68,17 +74,30 @@ class NodeServer:
             maximum_concurrent_rpcs=config.workers,
         )
         self.port = bind(self._server, config.host, config.port)
-        self.address = config.advertise or f"{config.host}:{self.port}"
-        service = NodeService(self.store, config.name, self.address, self.epochs)
-        self._server.add_generic_rpc_handlers((service.handler(),))
+        host = config.advertise or config.host
+        self.address = _join(host, self.port)
+        self.ops = NodeOps(self.store, config.name, self.address, self.epochs)
+        self._server.add_generic_rpc_handlers((NodeService(self.ops).handler(),))
         add_health(self._server, SERVICE)
+        self._data: DataServer | None = None
+        self.data_address = ""
+        if config.data_port is not None:
+            self._data = DataServer(self.ops, config.host, config.data_port)
+            self.data_address = _join(host, self._data.port)
         self._agent: MembershipAgent | None = None
         if config.router:
-            member = pb.Member(name=config.name, address=self.address, capacity=config.capacity)
+            member = pb.Member(
+                name=config.name,
+                address=self.address,
+                capacity=config.capacity,
+                data_address=self.data_address,
+            )
             self._agent = MembershipAgent(config.router, member, self.epochs)
 
     def start(self) -> NodeServer:
         self._server.start()
+        if self._data is not None:
+            self._data.start()
         if self._agent is not None:
             self._agent.start()
         return self
@@ -91,6 +110,12 @@ class NodeServer:
         if self._agent is not None:
             self._agent.stop(deregister=True)
         self._server.stop(grace).wait()
+        if self._data is not None:
+            self._data.stop()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,7 +125,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--capacity", default="4GiB", help="byte budget (default 4GiB)")
     p.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy")
-    p.add_argument("--advertise", default=None, help="address clients should use")
+    p.add_argument("--advertise", default=None, help="host clients should use (default --host)")
+    p.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        help="TCP data channel port (default 0: any free port; -1: disable, gRPC only)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,12 +143,17 @@ def run(args: argparse.Namespace) -> int:
         capacity=parse_size(args.capacity),
         policy=args.policy,
         advertise=args.advertise,
+        data_port=None if args.data_port < 0 else args.data_port,
     )
     node = NodeServer(config).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"tensorcache node {config.name} listening on {node.address}", flush=True)
+    print(
+        f"tensorcache node {config.name} data {node.data_address or '-'} "
+        f"listening on {node.address}",
+        flush=True,
+    )
     stop.wait()
     node.stop()
     return 0

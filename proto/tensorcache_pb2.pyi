@@ -180,15 +180,27 @@ class NodeStats(_message.Message):
     epoch: int
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class DataError(_message.Message):
+    __slots__ = ("code", "message", "epoch")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    epoch: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
 class Member(_message.Message):
-    __slots__ = ("name", "address", "capacity")
+    __slots__ = ("name", "address", "capacity", "data_address")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
+    data_address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ...) -> None: ...
 
 class RingSnapshot(_message.Message):
     __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit")

@@ -31,6 +31,7 @@ class RingMember:
     name: str
     address: str
     capacity: int
+    data_address: str = ""  # the node's TCP data channel ("" = gRPC only)
 
 
 class Ring:

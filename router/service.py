@@ -38,7 +38,13 @@ class RouterService(pb_grpc.RouterServicer):
         return pb.RingSnapshot(
             epoch=view.epoch,
             members=[
-                pb.Member(name=m.name, address=m.address, capacity=m.capacity) for m in view.members
+                pb.Member(
+                    name=m.name,
+                    address=m.address,
+                    capacity=m.capacity,
+                    data_address=m.data_address,
+                )
+                for m in view.members
             ],
             stripe_size=self._stripe_size,
             vnodes=self._vnodes,
@@ -58,7 +64,7 @@ class RouterService(pb_grpc.RouterServicer):
                 raise InvalidArgument("member.capacity must be > 0 bytes")
         except InvalidArgument as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        epoch = self._membership.register(RingMember(m.name, m.address, m.capacity))
+        epoch = self._membership.register(RingMember(m.name, m.address, m.capacity, m.data_address))
         return pb.RegisterReply(
             epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s, ttl_s=self._ttl_s
         )

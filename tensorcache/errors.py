@@ -6,7 +6,8 @@
     ├── Unavailable            no node or router could be reached in time
     ├── DataCorruption         a checksum or size check failed on received bytes
     ├── StaleEpoch             a node's ring view is newer than the request's
-    └── ProtocolError          a peer broke the wire contract
+    ├── ProtocolError          a peer broke the wire contract
+    └── Cancelled              (node side) the peer went away mid-call
 
 A cache miss is never an exception: reads say ``None`` / ``found``.
 """
@@ -62,6 +63,39 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorCacheError]] = {
 }
 
 
+class Cancelled(TensorCacheError):
+    """The peer went away mid-call (used by nodes; clients see Unavailable)."""
+
+
+# The status a node answers for each error it raises (first match wins).
+_STATUS_OF: tuple[tuple[type[TensorCacheError], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DataCorruption, grpc.StatusCode.DATA_LOSS),
+    (StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+)
+
+
+def status_code(exc: TensorCacheError) -> grpc.StatusCode:
+    """The gRPC status a server answers for ``exc``."""
+    for cls, code in _STATUS_OF:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def from_status(code: grpc.StatusCode | None, details: str, epoch: int = 0) -> TensorCacheError:
+    """Build the client-side exception for a status (gRPC or data channel)."""
+    cls = _BY_CODE.get(code, TensorCacheError) if code is not None else TensorCacheError
+    if cls is StaleEpoch:
+        return StaleEpoch(details, epoch)
+    if cls is TensorCacheError and code is not None:
+        details = f"{details} ({code.name})"
+    return cls(details)
+
+
 def from_rpc_error(exc: grpc.RpcError, where: str) -> TensorCacheError:
     """Map a gRPC error to the exception tree; ``where`` names the peer/call.
 
@@ -69,14 +103,8 @@ def from_rpc_error(exc: grpc.RpcError, where: str) -> TensorCacheError:
     """
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    message = f"{where}: {details}"
-    cls = _BY_CODE.get(code, TensorCacheError) if code is not None else TensorCacheError
-    if cls is StaleEpoch:
-        epoch = 0
-        for md in (exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else ():
-            if md.key == EPOCH_METADATA_KEY and str(md.value).isdigit():
-                epoch = int(md.value)
-        return StaleEpoch(message, epoch)
-    if cls is TensorCacheError and code is not None:
-        message = f"{message} ({code.name})"
-    return cls(message)
+    epoch = 0
+    for md in (exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else ():
+        if md.key == EPOCH_METADATA_KEY and str(md.value).isdigit():
+            epoch = int(md.value)
+    return from_status(code, f"{where}: {details}", epoch)

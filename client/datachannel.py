@@ -1,0 +1,133 @@
+"""Client side of the TCP data channel (see proto/tensorcache.proto).
+
+A few persistent connections per node, handed to one request at a time.
+A GET receives each entry's payload with ``recv_into`` straight into its
+destination array; a PUT sends the caller's arrays with ``sendmsg`` without
+copying them. Any socket error closes that connection and surfaces as
+``Unavailable`` so the caller's retry policy applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from tensorcache.dataproto import (
+    MAGIC,
+    OP_GET,
+    OP_PUT,
+    STATUS_BY_NUMBER,
+    PeerClosed,
+    frame,
+    read_frame,
+    recv_into_exact,
+    send_buffers,
+)
+from tensorcache.errors import TensorCacheError, Unavailable, from_status
+from tensorcache.proto import tensorcache_pb2 as pb
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class DataConn:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        try:
+            self.sock = socket.create_connection(_split(address), timeout=timeout_s)
+        except OSError as exc:
+            raise Unavailable(f"data channel {address}: {exc}") from exc
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(MAGIC)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _reply(self) -> bytes:
+        got = read_frame(self.sock)
+        if got is None:
+            raise PeerClosed("node closed the data connection")
+        status, header = got
+        if status == 0:
+            return header
+        err = pb.DataError.FromString(header)
+        raise from_status(
+            STATUS_BY_NUMBER.get(status), f"node {self.address}: {err.message}", err.epoch
+        )
+
+    def put(self, header: pb.PutRequest, views: Sequence[np.ndarray]) -> pb.PutReply:
+        head = header.SerializeToString()
+        send_buffers(self.sock, [frame(OP_PUT, head), *views])
+        return pb.PutReply.FromString(self._reply())
+
+    def get(
+        self,
+        request: pb.GetRequest,
+        destinations: Callable[[pb.GetReply], list[np.ndarray]],
+    ) -> tuple[pb.GetReply, list[int]]:
+        """Send a GET; ``destinations(reply)`` names where each payload goes."""
+        self.sock.sendall(frame(OP_GET, request.SerializeToString()))
+        reply = pb.GetReply.FromString(self._reply())
+        crcs: list[int] = []
+        if not request.head_only:
+            for dest in destinations(reply):
+                crcs.append(
+                    recv_into_exact(self.sock, memoryview(dest).cast("B")) if dest.nbytes else 0
+                )
+        return reply, crcs
+
+
+class DataPool:
+    """Idle data connections per node address (thread-safe)."""
+
+    def __init__(self, timeout_s: float, max_idle_per_node: int = 8) -> None:
+        self._timeout_s = timeout_s
+        self._max_idle = max_idle_per_node
+        self._idle: dict[str, list[DataConn]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def connection(self, address: str) -> Iterator[DataConn]:
+        with self._lock:
+            idle = self._idle.get(address)
+            conn = idle.pop() if idle else None
+        if conn is None:
+            conn = DataConn(address, self._timeout_s)
+        ok = False
+        try:
+            yield conn
+            ok = True
+        except TensorCacheError:
+            # After some error frames (a GET error) the stream is still in
+            # step and the connection could be reused; closing is simpler
+            # and always safe.
+            conn.close()
+            raise
+        except (OSError, PeerClosed) as exc:
+            conn.close()
+            raise Unavailable(f"data channel {address}: {exc}") from exc
+        finally:
+            if ok:
+                with self._lock:
+                    idle = self._idle.setdefault(address, [])
+                    if not self._closed and len(idle) < self._max_idle:
+                        idle.append(conn)
+                        conn = None  # type: ignore[assignment]
+                if conn is not None:
+                    conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conns in self._idle.values():
+                for c in conns:
+                    c.close()
+            self._idle.clear()

@@ -1,0 +1,227 @@
+"""The node's TCP data channel: Put and Get without gRPC's copies.
+
+One thread per connection (clients keep a few persistent connections per
+node), bounded by ``max_connections``. Each request is handled by NodeOps,
+exactly like the gRPC servicer; only the byte moving differs:
+
+- PUT: each entry of at least ``SMALL`` bytes is received with ``recv_into``
+  into its own buffer, which becomes the stored chunk (no further copy);
+  runs of smaller entries are received together and sliced.
+- GET: the reply header and every stored chunk go out in one ``sendmsg``
+  scatter list.
+
+A malformed frame, an unknown op, a bad magic or any error during a PUT is
+answered with a DataError frame and the connection is closed (the stream
+may hold payload we will not read); a GET error keeps the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from tensorcache import codec
+from tensorcache.dataproto import (
+    FRAME,
+    MAGIC,
+    OP_GET,
+    OP_PUT,
+    PeerClosed,
+    frame,
+    read_frame,
+    recv_exact,
+    recv_into_exact,
+    send_buffers,
+)
+from tensorcache.errors import (
+    Cancelled,
+    InvalidArgument,
+    ProtocolError,
+    StaleEpoch,
+    TensorCacheError,
+    status_code,
+)
+from tensorcache.node.ops import Buffer, NodeOps, PutPlan
+from tensorcache.proto import tensorcache_pb2 as pb
+
+log = logging.getLogger("tensorcache.node")
+
+SMALL = 64 * 1024
+SMALL_RUN = 4 * 1024 * 1024
+
+
+def _error_frame(exc: TensorCacheError) -> bytes:
+    epoch = exc.epoch if isinstance(exc, StaleEpoch) else 0
+    code = status_code(exc).value[0]
+    return frame(code, pb.DataError(code=code, message=str(exc), epoch=epoch).SerializeToString())
+
+
+def _parse(message_type: type, raw: bytes, what: str):  # type: ignore[no-untyped-def]
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"{what}: header of {len(raw)} bytes is not a valid {message_type.__name__}: {exc}"
+        ) from exc
+
+
+class DataServer:
+    def __init__(self, ops: NodeOps, host: str, port: int, *, max_connections: int = 256) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, port))
+        self._listener.listen(128)
+        self.port: int = self._listener.getsockname()[1]
+        self._ops = ops
+        self._max = max_connections
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
+
+    def start(self) -> DataServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for c in list(self._conns):
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                log.exception("data channel accept failed")
+                continue
+            with self._lock:
+                if len(self._conns) >= self._max:
+                    with contextlib.suppress(OSError):
+                        conn.sendall(
+                            _error_frame(
+                                Cancelled(
+                                    f"node {self._ops.name} has {self._max} data connections; "
+                                    "retry later"
+                                )
+                            )
+                        )
+                        conn.close()
+                    continue
+                self._conns.add(conn)
+            threading.Thread(
+                target=self._serve, args=(conn,), name="data-conn", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            magic = recv_exact(conn, len(MAGIC))
+            if magic != MAGIC:
+                raise InvalidArgument(
+                    f"not a tensorcache data connection: expected magic {MAGIC!r}, got {magic!r}"
+                )
+            while True:
+                got = read_frame(conn)
+                if got is None:
+                    return
+                op, header = got
+                if op == OP_GET:
+                    self._get(conn, header)
+                elif op == OP_PUT:
+                    self._put(conn, header)
+                else:
+                    raise InvalidArgument(f"unknown data channel op {op}")
+        except (PeerClosed, ConnectionError, TimeoutError):
+            return  # the client went away; a put in flight was released
+        except ProtocolError as exc:
+            self._fail(conn, InvalidArgument(str(exc)))
+        except TensorCacheError as exc:
+            self._fail(conn, exc)
+        except Exception:
+            log.exception("data channel connection failed")
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    @staticmethod
+    def _fail(conn: socket.socket, exc: TensorCacheError) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(_error_frame(exc))
+
+    def _get(self, conn: socket.socket, header: bytes) -> None:
+        try:
+            req: pb.GetRequest = _parse(pb.GetRequest, header, "get")
+            reply, entries = self._ops.get(req)
+        except TensorCacheError as exc:
+            conn.sendall(_error_frame(exc))  # the stream is still in step: keep it
+            return
+        head = reply.SerializeToString()
+        buffers: list[Buffer] = [FRAME.pack(0, len(head)), head]
+        if not req.head_only:
+            for entry in entries:
+                if entry is not None:
+                    buffers.extend(entry.chunks)
+        send_buffers(conn, buffers)
+
+    def _put(self, conn: socket.socket, header: bytes) -> None:
+        plan: PutPlan = self._ops.plan_put(_parse(pb.PutRequest, header, "put"))
+        try:
+            chunks, crcs = self._receive(conn, plan.sizes)
+            reply = self._ops.finish_put(plan, chunks, crcs)
+        finally:
+            self._ops.abort_put(plan)
+        conn.sendall(frame(0, reply.SerializeToString()))
+
+    @staticmethod
+    def _receive(
+        conn: socket.socket, sizes: list[int]
+    ) -> tuple[list[tuple[Buffer, ...]], list[int]]:
+        chunks: list[tuple[Buffer, ...]] = []
+        crcs: list[int] = []
+        i = 0
+        while i < len(sizes):
+            n = sizes[i]
+            if n == 0:
+                chunks.append(())
+                crcs.append(0)
+                i += 1
+            elif n >= SMALL:
+                # np.empty, not bytearray(n): no zero-fill pass before the
+                # receive overwrites every byte anyway.
+                buf = np.empty(n, dtype=np.uint8)
+                crcs.append(recv_into_exact(conn, memoryview(buf)))
+                chunks.append((buf,))
+                i += 1
+            else:  # a run of small entries: one receive, then slices
+                j, run = i, 0
+                while j < len(sizes) and 0 < sizes[j] < SMALL and run + sizes[j] <= SMALL_RUN:
+                    run += sizes[j]
+                    j += 1
+                buf = bytearray(run)
+                view = memoryview(buf)
+                recv_into_exact(conn, view, checksum=False)
+                off = 0
+                for k in range(i, j):
+                    piece = bytes(view[off : off + sizes[k]])
+                    chunks.append((piece,))
+                    crcs.append(codec.crc32c(piece))
+                    off += sizes[k]
+                i = j
+        return chunks, crcs

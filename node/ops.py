@@ -1,0 +1,195 @@
+"""What a node does, independent of transport: validate, place-check, store.
+
+Both adapters (the gRPC servicer in service.py and the TCP data channel in
+dataserver.py) parse a header, call these functions, and move payload bytes
+their own way. Errors are raised from the one exception tree
+(tensorcache.errors) and mapped to a status by each adapter via
+``errors.status_code``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tensorcache import codec
+from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
+from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
+from tensorcache.node.store import Entry, NewEntry, Reservation, Store, StoreKey, entry_cost
+from tensorcache.proto import tensorcache_pb2 as pb
+
+MAX_BATCH_ENTRIES = 65536
+Buffer = bytes | bytearray | memoryview | np.ndarray
+
+
+class EpochView:
+    """The newest ring epoch this node has heard of (from router heartbeats)."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+        self._lock = threading.Lock()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def update(self, epoch: int) -> None:
+        with self._lock:
+            self._epoch = epoch
+
+
+def _store_key(raw: bytes, kind: int, where: str) -> StoreKey:
+    if kind not in (pb.TENSOR, pb.SHARD):
+        raise InvalidArgument(f"{where}.kind {kind} is not a known EntryKind")
+    limit = MAX_KEY_BYTES if kind == pb.TENSOR else MAX_SHARD_KEY_BYTES
+    return (kind, check_key_bytes(raw, limit=limit, field=f"{where}.key"))
+
+
+def _check_meta(meta: pb.TensorMeta, kind: int, where: str) -> int:
+    """Validate a put's metadata; return the payload bytes the entry carries."""
+    codec.check_layout(meta.dtype, list(meta.shape), meta.order, meta.nbytes)
+    if not meta.stripes:
+        return meta.nbytes
+    if kind != pb.TENSOR:
+        raise InvalidArgument(f"{where}: only a TENSOR entry may have stripes")
+    offset = 0
+    for i, ref in enumerate(meta.stripes):
+        check_key_bytes(ref.key, limit=MAX_SHARD_KEY_BYTES, field=f"{where}.stripes[{i}].key")
+        if ref.offset != offset or ref.nbytes == 0:
+            raise InvalidArgument(
+                f"{where}.stripes[{i}] covers [{ref.offset}, +{ref.nbytes}); "
+                f"expected a non-empty stripe at offset {offset}"
+            )
+        offset += ref.nbytes
+    if offset != meta.nbytes:
+        raise InvalidArgument(
+            f"{where}: stripes cover {offset} bytes, meta.nbytes is {meta.nbytes}"
+        )
+    return 0
+
+
+@dataclass
+class PutPlan:
+    """A validated put with its bytes reserved; finish or abort it exactly once."""
+
+    req: pb.PutRequest
+    keys: list[StoreKey]
+    sizes: list[int]  # payload bytes per entry (0 for a manifest)
+    costs: list[int]
+    reservation: Reservation
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+class NodeOps:
+    def __init__(self, store: Store, name: str, address: str, epochs: EpochView) -> None:
+        self.store = store
+        self.name = name
+        self.address = address
+        self.epochs = epochs
+        self.data_address = ""
+
+    def check_epoch(self, epoch: int) -> None:
+        # 0 means "not placed with a ring" (admin tools); a newer client epoch
+        # means this node has not heard of it yet, which is harmless.
+        current = self.epochs.epoch
+        if epoch and epoch < current:
+            raise StaleEpoch(
+                f"stale epoch {epoch}: node {self.name} is at epoch {current}; refresh the ring",
+                current,
+            )
+
+    # -- put ------------------------------------------------------------------
+    def plan_put(self, req: pb.PutRequest) -> PutPlan:
+        if not req.entries:
+            raise InvalidArgument("put: entries is empty")
+        if len(req.entries) > MAX_BATCH_ENTRIES:
+            raise InvalidArgument(f"put: {len(req.entries)} entries, more than {MAX_BATCH_ENTRIES}")
+        self.check_epoch(req.epoch)
+        keys: list[StoreKey] = []
+        sizes: list[int] = []
+        costs: list[int] = []
+        for i, e in enumerate(req.entries):
+            where = f"entries[{i}]"
+            key = _store_key(e.key, e.kind, where)
+            size = _check_meta(e.meta, e.kind, where)
+            keys.append(key)
+            sizes.append(size)
+            costs.append(entry_cost(key[1], size, e.meta.ByteSize()))
+        reservation = self.store.reserve(sum(costs))
+        return PutPlan(req, keys, sizes, costs, reservation)
+
+    def finish_put(
+        self, plan: PutPlan, chunks: Sequence[tuple[Buffer, ...]], crcs: Sequence[int]
+    ) -> pb.PutReply:
+        """Check every entry's checksum, then commit them all together."""
+        for i, e in enumerate(plan.req.entries):
+            if not e.meta.stripes and crcs[i] != e.meta.crc32c:  # manifests carry no bytes
+                raise DataCorruption(
+                    f"put: checksum mismatch for entries[{i}] ({e.key[:64]!r}): "
+                    f"received crc32c {crcs[i]:#010x}, header says {e.meta.crc32c:#010x}"
+                )
+        items = [
+            NewEntry(k, e.meta, c, cost)
+            for k, e, c, cost in zip(plan.keys, plan.req.entries, chunks, plan.costs, strict=True)
+        ]
+        results = self.store.commit(plan.reservation, items)
+        reply = pb.PutReply(epoch=self.epochs.epoch)
+        for e, (version, old) in zip(plan.req.entries, results, strict=True):
+            r = reply.results.add(key=e.key, version=version)
+            if old is not None and old.meta.stripes:
+                r.replaced_stripes.extend(old.meta.stripes)
+        return reply
+
+    def abort_put(self, plan: PutPlan) -> None:
+        self.store.release(plan.reservation)  # no-op after a commit
+
+    # -- get / delete / stat ----------------------------------------------------
+    def get(self, req: pb.GetRequest) -> tuple[pb.GetReply, list[Entry | None]]:
+        if len(req.keys) > MAX_BATCH_ENTRIES:
+            raise InvalidArgument(f"get: {len(req.keys)} keys, more than {MAX_BATCH_ENTRIES}")
+        self.check_epoch(req.epoch)
+        keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
+        entries = [self.store.get(k) for k in keys]
+        reply = pb.GetReply(epoch=self.epochs.epoch)
+        for k, entry in zip(req.keys, entries, strict=True):
+            got = reply.entries.add(key=k.key, found=entry is not None)
+            if entry is not None:
+                got.version = entry.version
+                got.meta.CopyFrom(entry.meta)
+        return reply, entries
+
+    def delete(self, req: pb.DeleteRequest) -> pb.DeleteReply:
+        self.check_epoch(req.epoch)
+        keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
+        reply = pb.DeleteReply(epoch=self.epochs.epoch)
+        for k, key in zip(req.keys, keys, strict=True):
+            old = self.store.delete(key)
+            r = reply.results.add(key=k.key, found=old is not None)
+            if old is not None:
+                r.stripes.extend(old.meta.stripes)
+        return reply
+
+    def stat(self) -> pb.NodeStats:
+        s = self.store.stats()
+        return pb.NodeStats(
+            name=self.name,
+            address=self.address,
+            keys=s.entries_by_kind.get(pb.TENSOR, 0),
+            shards=s.entries_by_kind.get(pb.SHARD, 0),
+            bytes_used=s.bytes_used,
+            bytes_reserved=s.bytes_reserved,
+            capacity=s.capacity,
+            hits=s.hits,
+            misses=s.misses,
+            evictions=s.evictions,
+            puts=s.puts,
+            deletes=s.deletes,
+            policy=s.policy,
+            epoch=self.epochs.epoch,
+        )
