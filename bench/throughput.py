@@ -410,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
     started = datetime.now(UTC)
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        progress(
+            f"warning: load average is {load_before[0]:.1f} on {os.cpu_count()} CPUs; "
+            "other work on this machine will lower and scatter the numbers"
+        )
     out_path = args.out or RESULTS_DIR / f"throughput-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     ok = True
     try:
@@ -431,10 +437,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; cluster stopped", file=sys.stderr)
         return 130
 
+    load_after = os.getloadavg()
     names = sorted(node_pids)
     print(
         f"tensorcache throughput  {started:%Y-%m-%d %H:%M:%SZ}  router={router}  "
         f"nodes={len(names) or '?'}  stripe={format_size(stripe)}  GB/s = 1e9 B/s"
+    )
+    print(
+        f"host: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after (1 min; includes this benchmark)"
     )
     print(table(bench.rows, names))
     print(
@@ -455,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             "numpy": np.__version__,
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
         },
         "units": {"GB/s": "1e9 bytes/s", "rss": "KiB"},
         "memcpy_gbps_median": bench.memcpy_median,
