@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from tensorcache import codec
+from tensorcache import codec, localread
 from tensorcache.client.datachannel import DataPool
 from tensorcache.client.placement import Placement
 from tensorcache.client.transport import (
@@ -89,6 +89,13 @@ class ClientConfig:
     #: "auto": bulk data over each node's TCP data channel when it has one
     #: (fastest: no gRPC copies), else gRPC streams; "grpc": gRPC streams only.
     transport: str = "auto"
+    #: Copy entries of nodes on this host straight out of their memory
+    #: (process_vm_readv, tensorcache/localread.py) when allowed; else network.
+    local_fastpath: bool = True
+    #: Also checksum bytes copied from a co-located node. Off by default: the
+    #: node verified them on arrival, stored bytes never change, and no wire
+    #: lies between; the check would halve the speed of this path.
+    verify_local_checksums: bool = False
 
     def __post_init__(self) -> None:
         if self.stripe_size is not None and self.stripe_size < 4096:
@@ -164,6 +171,7 @@ class _Get:
     expect: pb.StripeRef | None = None  # for stripes: what the manifest promised
     put_id: int = 0
     ok: bool = False
+    out: np.ndarray | None = None  # the caller's array to fill (get(key, out=...))
 
     @property
     def nbytes(self) -> int:
@@ -189,6 +197,7 @@ class Client:
         self._placement = Placement(self._router, self.config.timeout_s)
         self._conns = ConnPool()
         self._data = DataPool(self.config.timeout_s)
+        self._local: dict[str, bool] = {}
         self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
         self._closed = False
         self._mlock = threading.Lock()
@@ -240,9 +249,16 @@ class Client:
         """Store ``value`` under ``key``; returns its new version."""
         return self.put_many({key: value})[key]
 
-    def get(self, key: str) -> np.ndarray | None:
-        """The tensor stored under ``key``, or None on a miss."""
-        return self.get_many([key])[key]
+    def get(self, key: str, *, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The tensor stored under ``key``, or None on a miss.
+
+        ``out``: an array of the stored dtype and shape (writable, contiguous
+        in the stored order) to fill instead of allocating one. Reusing a
+        destination skips the page faults of fresh memory, the largest cost
+        left on the co-located path. On a miss ``out`` is left as it was only
+        if nothing was received; treat its contents as undefined then.
+        """
+        return self._get_many([key], {key: out} if out is not None else None)[key]
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; returns whether it was present."""
@@ -311,6 +327,11 @@ class Client:
         """Fetch several tensors (one RPC per node and batch); misses map to None."""
         if isinstance(keys, str):
             raise InvalidArgument("get_many takes an iterable of keys, not a single str")
+        return self._get_many(keys, None)
+
+    def _get_many(
+        self, keys: Iterable[str], outs: dict[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray | None]:
         wanted = list(dict.fromkeys(keys))
         for key in wanted:
             encode_key(key)
@@ -319,7 +340,7 @@ class Client:
         # A stripe can vanish under a reader when a newer put replaced it;
         # read the manifest again (bounded) before calling it a miss.
         for _ in range(3):
-            items = [_Get(k, pb.TENSOR) for k in pending]
+            items = [_Get(k, pb.TENSOR, out=outs.get(k) if outs else None) for k in pending]
             self._scatter(items, self._get_call)
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
@@ -466,6 +487,37 @@ class Client:
     def _data_channel(self, member: RingMember) -> bool:
         return self.config.transport == "auto" and bool(member.data_address)
 
+    def _is_local(self, member: RingMember) -> bool:
+        """Whether this process can read ``member``'s memory (probed once per token)."""
+        if not (self.config.local_fastpath and member.local_pid and member.local_token):
+            return False
+        seen = self._local.get(member.local_token)
+        if seen is None:
+            seen = localread.probe(member.local_pid, member.local_token_addr, member.local_token)
+            self._local[member.local_token] = seen
+        return seen
+
+    def _read_local(self, member: RingMember, it: _Get, chunks: list[tuple[int, int]]) -> bool:
+        assert it.dest is not None and it.meta is not None
+        if not localread.read_remote(member.local_pid, chunks, it.dest):
+            return False
+        self._count("local_reads")
+        if self.config.verify_local_checksums:
+            it.ok = codec.crc32c(it.dest) == it.meta.crc32c
+        else:
+            it.ok = True
+        if not it.ok:
+            self._count("corrupt")
+            it.found, it.array = False, None
+        return True
+
+    def _destination(
+        self, out: np.ndarray | None, layout: codec.Layout
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if out is None:
+            return codec.allocate(layout)
+        return out, codec.view_for(out, layout)
+
     def _put_call(self, member: RingMember, epoch: int, batch: list[_Put]) -> None:
         header = pb.PutRequest(epoch=epoch)
         for it in batch:
@@ -496,7 +548,9 @@ class Client:
             it.version = res.version
             it.replaced = list(res.replaced_stripes)
 
-    def _get_call(self, member: RingMember, epoch: int, batch: list[_Get]) -> None:
+    def _get_call(
+        self, member: RingMember, epoch: int, batch: list[_Get], *, local: bool = True
+    ) -> None:
         request = pb.GetRequest(
             epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
         )
@@ -516,17 +570,31 @@ class Client:
                 if got.meta.stripes:
                     continue  # a manifest: no payload of its own
                 layout = self._layout(got.meta, where)
-                if it.dest is None:  # a tensor: allocate its array
-                    it.array, it.dest = codec.allocate(layout)
-                elif it.dest.nbytes != layout.nbytes:  # a stripe unlike its manifest:
-                    it.dest = np.empty(layout.nbytes, np.uint8)  # drain it, then miss
+                if it.expect is None:  # a tensor: its own (or the caller's) array
+                    it.array, it.dest = self._destination(it.out, layout)
+                elif it.dest is None or it.dest.nbytes != layout.nbytes:
+                    it.dest = np.empty(layout.nbytes, np.uint8)  # unlike its manifest: miss
+                if got.local:
+                    shared.append((it, [(c.addr, c.nbytes) for c in got.local]))
+                    continue
                 dests.append(it.dest)
                 carrying.append(it)
             return dests
 
+        shared: list[tuple[_Get, list[tuple[int, int]]]] = []
         if self._data_channel(member):
+            request.local = local and self._is_local(member)
             with self._data.connection(member.data_address) as dc:
                 _, crcs = dc.get(request, destinations)
+                # Co-located: copy straight out of the node's memory while we
+                # hold the connection (the node pins those buffers until our
+                # next request on it). Any failure refetches over the network.
+                gone = [it for it, chunks in shared if not self._read_local(member, it, chunks)]
+            if gone:
+                self._count("local_fallbacks", len(gone))
+                for it in gone:
+                    it.found = False
+                self._get_call(member, epoch, gone, local=False)
         else:
             nbytes = sum(it.nbytes for it in batch)
             try:
@@ -582,7 +650,7 @@ class Client:
         for t in tensors:
             assert t.meta is not None
             layout = self._layout(t.meta, f"manifest of {t.key!r}")
-            t.array, whole = codec.allocate(layout)
+            t.array, whole = self._destination(t.out, layout)
             for ref in t.meta.stripes:
                 if ref.offset + ref.nbytes > whole.nbytes:
                     raise ProtocolError(f"manifest of {t.key!r}: stripe beyond the tensor")

@@ -15,7 +15,8 @@ import grpc
 from tensorcache.client.transport import RouterConn
 from tensorcache.errors import Unavailable, from_rpc_error
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.router import members
+from tensorcache.router.ring import Ring
 
 
 class Placement:
@@ -45,7 +46,7 @@ class Placement:
                 raise from_rpc_error(exc, f"router {self._router.address}") from exc
             ring = Ring(
                 snap.epoch,
-                [RingMember(m.name, m.address, m.capacity, m.data_address) for m in snap.members],
+                [members.from_pb(m) for m in snap.members],
                 vnodes=snap.vnodes or 40,
                 weight_unit=snap.weight_unit or 1,
             )

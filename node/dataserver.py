@@ -47,6 +47,7 @@ from tensorcache.errors import (
     status_code,
 )
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan
+from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
 
 log = logging.getLogger("tensorcache.node")
@@ -71,7 +72,14 @@ def _parse(message_type: type, raw: bytes, what: str):  # type: ignore[no-untype
 
 
 class DataServer:
-    def __init__(self, ops: NodeOps, host: str, port: int, *, max_connections: int = 256) -> None:
+    def __init__(
+        self,
+        ops: NodeOps,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = 256,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -135,13 +143,17 @@ class DataServer:
                 raise InvalidArgument(
                     f"not a tensorcache data connection: expected magic {MAGIC!r}, got {magic!r}"
                 )
+            # Entries whose addresses the last local GET handed out: kept
+            # alive (pinned) until the client sends its next request.
+            pinned: list[Entry] = []
             while True:
                 got = read_frame(conn)
+                pinned.clear()  # the client finished reading the last local reply
                 if got is None:
                     return
                 op, header = got
                 if op == OP_GET:
-                    self._get(conn, header)
+                    pinned.extend(self._get(conn, header))
                 elif op == OP_PUT:
                     self._put(conn, header)
                 else:
@@ -165,20 +177,20 @@ class DataServer:
         with contextlib.suppress(OSError):
             conn.sendall(_error_frame(exc))
 
-    def _get(self, conn: socket.socket, header: bytes) -> None:
+    def _get(self, conn: socket.socket, header: bytes) -> list[Entry]:
         try:
             req: pb.GetRequest = _parse(pb.GetRequest, header, "get")
-            reply, entries = self._ops.get(req)
+            reply, entries, pinned = self._ops.get(req, local_ok=True)
         except TensorCacheError as exc:
             conn.sendall(_error_frame(exc))  # the stream is still in step: keep it
-            return
+            return []
         head = reply.SerializeToString()
         buffers: list[Buffer] = [FRAME.pack(0, len(head)), head]
         if not req.head_only:
             for entry in entries:
-                if entry is not None:
-                    buffers.extend(entry.chunks)
+                buffers.extend(entry.chunks)
         send_buffers(conn, buffers)
+        return pinned
 
     def _put(self, conn: socket.socket, header: bytes) -> None:
         plan: PutPlan = self._ops.plan_put(_parse(pb.PutRequest, header, "put"))
@@ -193,6 +205,7 @@ class DataServer:
     def _receive(
         conn: socket.socket, sizes: list[int]
     ) -> tuple[list[tuple[Buffer, ...]], list[int]]:
+        """Receive each entry's bytes into buffers that become the stored chunks."""
         chunks: list[tuple[Buffer, ...]] = []
         crcs: list[int] = []
         i = 0

@@ -18,10 +18,14 @@ import numpy as np
 from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
+from tensorcache.localread import address_of
 from tensorcache.node.store import Entry, NewEntry, Reservation, Store, StoreKey, entry_cost
 from tensorcache.proto import tensorcache_pb2 as pb
 
 MAX_BATCH_ENTRIES = 65536
+# Smaller entries go in the payload even to co-located clients: one
+# process_vm_readv call per entry costs more than a share of one socket read.
+LOCAL_MIN = 256 * 1024
 Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
@@ -92,7 +96,6 @@ class NodeOps:
         self.name = name
         self.address = address
         self.epochs = epochs
-        self.data_address = ""
 
     def check_epoch(self, epoch: int) -> None:
         # 0 means "not placed with a ring" (admin tools); a newer client epoch
@@ -125,7 +128,10 @@ class NodeOps:
         return PutPlan(req, keys, sizes, costs, reservation)
 
     def finish_put(
-        self, plan: PutPlan, chunks: Sequence[tuple[Buffer, ...]], crcs: Sequence[int]
+        self,
+        plan: PutPlan,
+        chunks: Sequence[tuple[Buffer, ...]],
+        crcs: Sequence[int],
     ) -> pb.PutReply:
         """Check every entry's checksum, then commit them all together."""
         for i, e in enumerate(plan.req.entries):
@@ -150,19 +156,41 @@ class NodeOps:
         self.store.release(plan.reservation)  # no-op after a commit
 
     # -- get / delete / stat ----------------------------------------------------
-    def get(self, req: pb.GetRequest) -> tuple[pb.GetReply, list[Entry | None]]:
+    def get(
+        self, req: pb.GetRequest, *, local_ok: bool = False
+    ) -> tuple[pb.GetReply, list[Entry], list[Entry]]:
+        """Look keys up.
+
+        Returns the reply header, the entries whose bytes follow it as payload
+        (found and not a manifest), in order, and the entries answered with
+        their addresses instead (``req.local`` on a transport that can pin
+        them, ``local_ok``): the caller must keep those referenced until the
+        client is done reading.
+        """
         if len(req.keys) > MAX_BATCH_ENTRIES:
             raise InvalidArgument(f"get: {len(req.keys)} keys, more than {MAX_BATCH_ENTRIES}")
         self.check_epoch(req.epoch)
         keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
-        entries = [self.store.get(k) for k in keys]
         reply = pb.GetReply(epoch=self.epochs.epoch)
-        for k, entry in zip(req.keys, entries, strict=True):
+        payload: list[Entry] = []
+        pinned: list[Entry] = []
+        local = req.local and local_ok
+        for k, key in zip(req.keys, keys, strict=True):
+            entry = self.store.get(key)
             got = reply.entries.add(key=k.key, found=entry is not None)
-            if entry is not None:
-                got.version = entry.version
-                got.meta.CopyFrom(entry.meta)
-        return reply, entries
+            if entry is None:
+                continue
+            got.version = entry.version
+            got.meta.CopyFrom(entry.meta)
+            if not entry.chunks:
+                continue
+            if local and sum(len(c) for c in entry.chunks) >= LOCAL_MIN:
+                for chunk in entry.chunks:
+                    got.local.add(addr=address_of(chunk), nbytes=len(chunk))
+                pinned.append(entry)
+            else:
+                payload.append(entry)
+        return reply, payload, pinned
 
     def delete(self, req: pb.DeleteRequest) -> pb.DeleteReply:
         self.check_epoch(req.epoch)

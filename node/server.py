@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import socket
 import threading
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from tensorcache import localread
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
@@ -43,6 +46,9 @@ class NodeConfig:
     advertise: str | None = None
     #: TCP data channel port (0: any free port; None: no data channel, gRPC only).
     data_port: int | None = 0
+    #: Let clients on this host copy entries straight out of this process
+    #: with process_vm_readv (tensorcache/localread.py). Needs the data channel.
+    local_readers: bool = True
     #: Concurrent RPCs; each in-flight stream holds one thread.
     workers: int = 64
 
@@ -81,9 +87,14 @@ class NodeServer:
         add_health(self._server, SERVICE)
         self._data: DataServer | None = None
         self.data_address = ""
+        # A random token at a known address proves co-location to clients.
+        self._local_token = secrets.token_bytes(16)
+        local = config.local_readers and config.data_port is not None and localread.AVAILABLE
         if config.data_port is not None:
             self._data = DataServer(self.ops, config.host, config.data_port)
             self.data_address = _join(host, self._data.port)
+        if local:
+            localread.allow_local_readers()
         self._agent: MembershipAgent | None = None
         if config.router:
             member = pb.Member(
@@ -91,6 +102,9 @@ class NodeServer:
                 address=self.address,
                 capacity=config.capacity,
                 data_address=self.data_address,
+                local_pid=os.getpid() if local else 0,
+                local_token_addr=localread.address_of(self._local_token) if local else 0,
+                local_token=self._local_token if local else b"",
             )
             self._agent = MembershipAgent(config.router, member, self.epochs)
 
@@ -132,6 +146,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="TCP data channel port (default 0: any free port; -1: disable, gRPC only)",
     )
+    p.add_argument(
+        "--no-local-readers",
+        action="store_true",
+        help="do not let same-host clients read entries with process_vm_readv",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         policy=args.policy,
         advertise=args.advertise,
         data_port=None if args.data_port < 0 else args.data_port,
+        local_readers=not args.no_local_readers,
     )
     node = NodeServer(config).start()
     stop = threading.Event()

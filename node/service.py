@@ -80,13 +80,11 @@ def split_payload(
     return [tuple(c) for c in out], crcs
 
 
-def payload_chunks(entries: list[Entry | None]) -> Iterator[Buffer]:
+def payload_chunks(entries: list[Entry]) -> Iterator[Buffer]:
     """The stored chunks of every found entry in order, small ones coalesced."""
     pending: list[Buffer] = []
     pending_bytes = 0
     for entry in entries:
-        if entry is None:
-            continue
         for chunk in entry.chunks:
             if len(chunk) >= COALESCE_BELOW:
                 if pending:
@@ -144,7 +142,7 @@ class NodeService:
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
             req: pb.GetRequest = parse_header(pb.GetRequest, raw, "get")
-            reply, entries = self._ops.get(req)
+            reply, entries, _ = self._ops.get(req)  # no pinning on gRPC: never local
         except TensorCacheError as exc:
             self._abort(context, exc)
         yield reply.SerializeToString()

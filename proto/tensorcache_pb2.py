@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tensorcache/proto/tensorcache.proto\x12\x0etensorcache.v1\"H\n\tStripeRef\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"\x95\x01\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05order\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12*\n\x07stripes\x18\x06 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\x12\x0e\n\x06put_id\x18\x07 \x01(\x04\"j\n\x08\x45ntryPut\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\x12(\n\x04meta\x18\x03 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\"F\n\nPutRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryPut\"^\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x33\n\x10replaced_stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"E\n\x08PutReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.tensorcache.v1.PutResult\"@\n\x08\x45ntryKey\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\"V\n\nGetRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\x12\x11\n\thead_only\x18\x03 \x01(\x08\"a\n\x08\x45ntryGot\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12(\n\x04meta\x18\x04 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\"D\n\x08GetReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryGot\"F\n\rDeleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\"V\n\x0c\x44\x65leteResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12*\n\x07stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"K\n\x0b\x44\x65leteReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.tensorcache.v1.DeleteResult\"\r\n\x0bStatRequest\"\xf5\x01\n\tNodeStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\x12\x0c\n\x04hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0c\n\x04puts\x18\x0b \x01(\x04\x12\x0f\n\x07\x64\x65letes\x18\x0c \x01(\x04\x12\x0e\n\x06policy\x18\r \x01(\t\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\"9\n\tDataError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"O\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\"\x80\x01\n\x0cRingSnapshot\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x07members\x18\x02 \x03(\x0b\x32\x16.tensorcache.v1.Member\x12\x13\n\x0bstripe_size\x18\x03 \x01(\x04\x12\x0e\n\x06vnodes\x18\x04 \x01(\x04\x12\x13\n\x0bweight_unit\x18\x05 \x01(\x04\"\x10\n\x0eGetRingRequest\"9\n\x0fRegisterRequest\x12&\n\x06member\x18\x01 \x01(\x0b\x32\x16.tensorcache.v1.Member\"K\n\rRegisterReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\" \n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05known\x18\x02 \x01(\x08\"!\n\x11\x44\x65registerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x0f\x44\x65registerReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04*\"\n\tEntryKind\x12\n\n\x06TENSOR\x10\x00\x12\t\n\x05SHARD\x10\x01\x32\x8a\x02\n\x04Node\x12=\n\x03Put\x12\x1a.tensorcache.v1.PutRequest\x1a\x18.tensorcache.v1.PutReply(\x01\x12=\n\x03Get\x12\x1a.tensorcache.v1.GetRequest\x1a\x18.tensorcache.v1.GetReply0\x01\x12\x44\n\x06\x44\x65lete\x12\x1d.tensorcache.v1.DeleteRequest\x1a\x1b.tensorcache.v1.DeleteReply\x12>\n\x04Stat\x12\x1b.tensorcache.v1.StatRequest\x1a\x19.tensorcache.v1.NodeStats2\xbe\x02\n\x06Router\x12G\n\x07GetRing\x12\x1e.tensorcache.v1.GetRingRequest\x1a\x1c.tensorcache.v1.RingSnapshot\x12J\n\x08Register\x12\x1f.tensorcache.v1.RegisterRequest\x1a\x1d.tensorcache.v1.RegisterReply\x12M\n\tHeartbeat\x12 .tensorcache.v1.HeartbeatRequest\x1a\x1e.tensorcache.v1.HeartbeatReply\x12P\n\nDeregister\x12!.tensorcache.v1.DeregisterRequest\x1a\x1f.tensorcache.v1.DeregisterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tensorcache/proto/tensorcache.proto\x12\x0etensorcache.v1\"H\n\tStripeRef\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"\x95\x01\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05order\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12*\n\x07stripes\x18\x06 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\x12\x0e\n\x06put_id\x18\x07 \x01(\x04\"j\n\x08\x45ntryPut\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\x12(\n\x04meta\x18\x03 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\"F\n\nPutRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryPut\"^\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x33\n\x10replaced_stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"E\n\x08PutReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.tensorcache.v1.PutResult\"@\n\x08\x45ntryKey\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\"e\n\nGetRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\x12\x11\n\thead_only\x18\x03 \x01(\x08\x12\r\n\x05local\x18\x04 \x01(\x08\"\x8c\x01\n\x08\x45ntryGot\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12(\n\x04meta\x18\x04 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\x12)\n\x05local\x18\x05 \x03(\x0b\x32\x1a.tensorcache.v1.LocalChunk\"*\n\nLocalChunk\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"D\n\x08GetReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryGot\"F\n\rDeleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\"V\n\x0c\x44\x65leteResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12*\n\x07stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"K\n\x0b\x44\x65leteReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.tensorcache.v1.DeleteResult\"\r\n\x0bStatRequest\"\xf5\x01\n\tNodeStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\x12\x0c\n\x04hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0c\n\x04puts\x18\x0b \x01(\x04\x12\x0f\n\x07\x64\x65letes\x18\x0c \x01(\x04\x12\x0e\n\x06policy\x18\r \x01(\t\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\"9\n\tDataError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x91\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\x12\x11\n\tlocal_pid\x18\x05 \x01(\r\x12\x18\n\x10local_token_addr\x18\x06 \x01(\x04\x12\x13\n\x0blocal_token\x18\x07 \x01(\x0c\"\x80\x01\n\x0cRingSnapshot\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x07members\x18\x02 \x03(\x0b\x32\x16.tensorcache.v1.Member\x12\x13\n\x0bstripe_size\x18\x03 \x01(\x04\x12\x0e\n\x06vnodes\x18\x04 \x01(\x04\x12\x13\n\x0bweight_unit\x18\x05 \x01(\x04\"\x10\n\x0eGetRingRequest\"9\n\x0fRegisterRequest\x12&\n\x06member\x18\x01 \x01(\x0b\x32\x16.tensorcache.v1.Member\"K\n\rRegisterReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\" \n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05known\x18\x02 \x01(\x08\"!\n\x11\x44\x65registerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x0f\x44\x65registerReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04*\"\n\tEntryKind\x12\n\n\x06TENSOR\x10\x00\x12\t\n\x05SHARD\x10\x01\x32\x8a\x02\n\x04Node\x12=\n\x03Put\x12\x1a.tensorcache.v1.PutRequest\x1a\x18.tensorcache.v1.PutReply(\x01\x12=\n\x03Get\x12\x1a.tensorcache.v1.GetRequest\x1a\x18.tensorcache.v1.GetReply0\x01\x12\x44\n\x06\x44\x65lete\x12\x1d.tensorcache.v1.DeleteRequest\x1a\x1b.tensorcache.v1.DeleteReply\x12>\n\x04Stat\x12\x1b.tensorcache.v1.StatRequest\x1a\x19.tensorcache.v1.NodeStats2\xbe\x02\n\x06Router\x12G\n\x07GetRing\x12\x1e.tensorcache.v1.GetRingRequest\x1a\x1c.tensorcache.v1.RingSnapshot\x12J\n\x08Register\x12\x1f.tensorcache.v1.RegisterRequest\x1a\x1d.tensorcache.v1.RegisterReply\x12M\n\tHeartbeat\x12 .tensorcache.v1.HeartbeatRequest\x1a\x1e.tensorcache.v1.HeartbeatReply\x12P\n\nDeregister\x12!.tensorcache.v1.DeregisterRequest\x1a\x1f.tensorcache.v1.DeregisterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorcache.proto.tensorcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYKIND']._serialized_start=2027
-  _globals['_ENTRYKIND']._serialized_end=2061
+  _globals['_ENTRYKIND']._serialized_start=2197
+  _globals['_ENTRYKIND']._serialized_end=2231
   _globals['_STRIPEREF']._serialized_start=55
   _globals['_STRIPEREF']._serialized_end=127
   _globals['_TENSORMETA']._serialized_start=130
@@ -48,43 +48,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTRYKEY']._serialized_start=628
   _globals['_ENTRYKEY']._serialized_end=692
   _globals['_GETREQUEST']._serialized_start=694
-  _globals['_GETREQUEST']._serialized_end=780
-  _globals['_ENTRYGOT']._serialized_start=782
-  _globals['_ENTRYGOT']._serialized_end=879
-  _globals['_GETREPLY']._serialized_start=881
-  _globals['_GETREPLY']._serialized_end=949
-  _globals['_DELETEREQUEST']._serialized_start=951
-  _globals['_DELETEREQUEST']._serialized_end=1021
-  _globals['_DELETERESULT']._serialized_start=1023
-  _globals['_DELETERESULT']._serialized_end=1109
-  _globals['_DELETEREPLY']._serialized_start=1111
-  _globals['_DELETEREPLY']._serialized_end=1186
-  _globals['_STATREQUEST']._serialized_start=1188
-  _globals['_STATREQUEST']._serialized_end=1201
-  _globals['_NODESTATS']._serialized_start=1204
-  _globals['_NODESTATS']._serialized_end=1449
-  _globals['_DATAERROR']._serialized_start=1451
-  _globals['_DATAERROR']._serialized_end=1508
-  _globals['_MEMBER']._serialized_start=1510
-  _globals['_MEMBER']._serialized_end=1589
-  _globals['_RINGSNAPSHOT']._serialized_start=1592
-  _globals['_RINGSNAPSHOT']._serialized_end=1720
-  _globals['_GETRINGREQUEST']._serialized_start=1722
-  _globals['_GETRINGREQUEST']._serialized_end=1738
-  _globals['_REGISTERREQUEST']._serialized_start=1740
-  _globals['_REGISTERREQUEST']._serialized_end=1797
-  _globals['_REGISTERREPLY']._serialized_start=1799
-  _globals['_REGISTERREPLY']._serialized_end=1874
-  _globals['_HEARTBEATREQUEST']._serialized_start=1876
-  _globals['_HEARTBEATREQUEST']._serialized_end=1908
-  _globals['_HEARTBEATREPLY']._serialized_start=1910
-  _globals['_HEARTBEATREPLY']._serialized_end=1956
-  _globals['_DEREGISTERREQUEST']._serialized_start=1958
-  _globals['_DEREGISTERREQUEST']._serialized_end=1991
-  _globals['_DEREGISTERREPLY']._serialized_start=1993
-  _globals['_DEREGISTERREPLY']._serialized_end=2025
-  _globals['_NODE']._serialized_start=2064
-  _globals['_NODE']._serialized_end=2330
-  _globals['_ROUTER']._serialized_start=2333
-  _globals['_ROUTER']._serialized_end=2651
+  _globals['_GETREQUEST']._serialized_end=795
+  _globals['_ENTRYGOT']._serialized_start=798
+  _globals['_ENTRYGOT']._serialized_end=938
+  _globals['_LOCALCHUNK']._serialized_start=940
+  _globals['_LOCALCHUNK']._serialized_end=982
+  _globals['_GETREPLY']._serialized_start=984
+  _globals['_GETREPLY']._serialized_end=1052
+  _globals['_DELETEREQUEST']._serialized_start=1054
+  _globals['_DELETEREQUEST']._serialized_end=1124
+  _globals['_DELETERESULT']._serialized_start=1126
+  _globals['_DELETERESULT']._serialized_end=1212
+  _globals['_DELETEREPLY']._serialized_start=1214
+  _globals['_DELETEREPLY']._serialized_end=1289
+  _globals['_STATREQUEST']._serialized_start=1291
+  _globals['_STATREQUEST']._serialized_end=1304
+  _globals['_NODESTATS']._serialized_start=1307
+  _globals['_NODESTATS']._serialized_end=1552
+  _globals['_DATAERROR']._serialized_start=1554
+  _globals['_DATAERROR']._serialized_end=1611
+  _globals['_MEMBER']._serialized_start=1614
+  _globals['_MEMBER']._serialized_end=1759
+  _globals['_RINGSNAPSHOT']._serialized_start=1762
+  _globals['_RINGSNAPSHOT']._serialized_end=1890
+  _globals['_GETRINGREQUEST']._serialized_start=1892
+  _globals['_GETRINGREQUEST']._serialized_end=1908
+  _globals['_REGISTERREQUEST']._serialized_start=1910
+  _globals['_REGISTERREQUEST']._serialized_end=1967
+  _globals['_REGISTERREPLY']._serialized_start=1969
+  _globals['_REGISTERREPLY']._serialized_end=2044
+  _globals['_HEARTBEATREQUEST']._serialized_start=2046
+  _globals['_HEARTBEATREQUEST']._serialized_end=2078
+  _globals['_HEARTBEATREPLY']._serialized_start=2080
+  _globals['_HEARTBEATREPLY']._serialized_end=2126
+  _globals['_DEREGISTERREQUEST']._serialized_start=2128
+  _globals['_DEREGISTERREQUEST']._serialized_end=2161
+  _globals['_DEREGISTERREPLY']._serialized_start=2163
+  _globals['_DEREGISTERREPLY']._serialized_end=2195
+  _globals['_NODE']._serialized_start=2234
+  _globals['_NODE']._serialized_end=2500
+  _globals['_ROUTER']._serialized_start=2503
+  _globals['_ROUTER']._serialized_end=2821
 # @@protoc_insertion_point(module_scope)

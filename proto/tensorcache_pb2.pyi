@@ -89,26 +89,38 @@ class EntryKey(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("epoch", "keys", "head_only")
+    __slots__ = ("epoch", "keys", "head_only", "local")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     HEAD_ONLY_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     keys: _containers.RepeatedCompositeFieldContainer[EntryKey]
     head_only: bool
-    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ..., head_only: _Optional[bool] = ...) -> None: ...
+    local: bool
+    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ..., head_only: _Optional[bool] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class EntryGot(_message.Message):
-    __slots__ = ("key", "found", "version", "meta")
+    __slots__ = ("key", "found", "version", "meta", "local")
     KEY_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     found: bool
     version: int
     meta: TensorMeta
-    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ...) -> None: ...
+    local: _containers.RepeatedCompositeFieldContainer[LocalChunk]
+    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., local: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ...) -> None: ...
+
+class LocalChunk(_message.Message):
+    __slots__ = ("addr", "nbytes")
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    addr: int
+    nbytes: int
+    def __init__(self, addr: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("epoch", "entries")
@@ -191,16 +203,22 @@ class DataError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("name", "address", "capacity", "data_address")
+    __slots__ = ("name", "address", "capacity", "data_address", "local_pid", "local_token_addr", "local_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PID_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TOKEN_ADDR_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: int
     data_address: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ...) -> None: ...
+    local_pid: int
+    local_token_addr: int
+    local_token: bytes
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ..., local_pid: _Optional[int] = ..., local_token_addr: _Optional[int] = ..., local_token: _Optional[bytes] = ...) -> None: ...
 
 class RingSnapshot(_message.Message):
     __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit")

@@ -32,6 +32,10 @@ class RingMember:
     address: str
     capacity: int
     data_address: str = ""  # the node's TCP data channel ("" = gRPC only)
+    # Co-located fast path (tensorcache/localread.py); 0/empty = not offered.
+    local_pid: int = 0
+    local_token_addr: int = 0
+    local_token: bytes = b""
 
 
 class Ring:

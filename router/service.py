@@ -11,8 +11,8 @@ import grpc
 from tensorcache.errors import InvalidArgument
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+from tensorcache.router import members
 from tensorcache.router.membership import Membership
-from tensorcache.router.ring import RingMember
 
 
 class RouterService(pb_grpc.RouterServicer):
@@ -37,15 +37,7 @@ class RouterService(pb_grpc.RouterServicer):
         view = self._membership.view()
         return pb.RingSnapshot(
             epoch=view.epoch,
-            members=[
-                pb.Member(
-                    name=m.name,
-                    address=m.address,
-                    capacity=m.capacity,
-                    data_address=m.data_address,
-                )
-                for m in view.members
-            ],
+            members=[members.to_pb(m) for m in view.members],
             stripe_size=self._stripe_size,
             vnodes=self._vnodes,
             weight_unit=self._weight_unit,
@@ -64,7 +56,7 @@ class RouterService(pb_grpc.RouterServicer):
                 raise InvalidArgument("member.capacity must be > 0 bytes")
         except InvalidArgument as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        epoch = self._membership.register(RingMember(m.name, m.address, m.capacity, m.data_address))
+        epoch = self._membership.register(members.from_pb(m))
         return pb.RegisterReply(
             epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s, ttl_s=self._ttl_s
         )

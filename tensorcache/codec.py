@@ -107,3 +107,18 @@ def allocate(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """Allocate the destination array for ``layout`` and its flat uint8 byte view."""
     arr = np.empty(layout.shape, dtype=np.dtype(layout.dtype), order=layout.order)  # type: ignore[call-overload]
     return arr, _byte_view(arr, layout.order)
+
+
+def view_for(out: object, layout: Layout) -> np.ndarray:
+    """The flat byte view of a caller's ``out`` array, if it can hold ``layout`` exactly."""
+    if not isinstance(out, np.ndarray):
+        raise InvalidArgument(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype.str != layout.dtype or tuple(out.shape) != layout.shape:
+        raise InvalidArgument(
+            f"out is {out.dtype.str} {tuple(out.shape)}, the stored tensor is "
+            f"{layout.dtype} {layout.shape}"
+        )
+    contiguous = out.flags.c_contiguous if layout.order == "C" else out.flags.f_contiguous
+    if not contiguous or not out.flags.writeable:
+        raise InvalidArgument(f"out must be writable and {layout.order}-contiguous")
+    return _byte_view(out, layout.order)

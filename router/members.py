@@ -1,0 +1,30 @@
+"""Membership records between their wire form (pb.Member) and the ring's (RingMember)."""
+
+from __future__ import annotations
+
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import RingMember
+
+
+def from_pb(m: pb.Member) -> RingMember:
+    return RingMember(
+        name=m.name,
+        address=m.address,
+        capacity=m.capacity,
+        data_address=m.data_address,
+        local_pid=m.local_pid,
+        local_token_addr=m.local_token_addr,
+        local_token=m.local_token,
+    )
+
+
+def to_pb(m: RingMember) -> pb.Member:
+    return pb.Member(
+        name=m.name,
+        address=m.address,
+        capacity=m.capacity,
+        data_address=m.data_address,
+        local_pid=m.local_pid,
+        local_token_addr=m.local_token_addr,
+        local_token=m.local_token,
+    )
