@@ -240,9 +240,11 @@ class Client:
         out["ring_refreshes"] = self._placement.refreshes
         return out
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def _count(self, name: str, n: int = 1, **more: int) -> None:
         with self._mlock:
             self._metrics[name] += n
+            for k, v in more.items():
+                self._metrics[k] += v
 
     # ------------------------------------------------------------ public API
     def put(self, key: str, value: np.ndarray) -> int:
@@ -319,8 +321,7 @@ class Client:
             self._free_stripes([r for it in tensors if not it.version for r in it.meta.stripes])
             raise
         self._free_stripes([ref for it in tensors for ref in it.replaced])
-        self._count("puts", len(tensors))
-        self._count("bytes_put", sum(it.meta.nbytes for it in tensors))
+        self._count("puts", len(tensors), bytes_put=sum(it.meta.nbytes for it in tensors))
         return {it.key: it.version for it in tensors}
 
     def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray | None]:
@@ -357,9 +358,7 @@ class Client:
                 break
             self._count("stripe_retries", len(pending))
         hits = sum(v is not None for v in out.values())
-        self._count("gets", len(out))
-        self._count("hits", hits)
-        self._count("misses", len(out) - hits)
+        self._count("gets", len(out), hits=hits, misses=len(out) - hits)
         return out
 
     def stats(self) -> list[NodeStats]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -22,9 +23,8 @@ from tensorcache.dataproto import (
     OP_PUT,
     STATUS_BY_NUMBER,
     PeerClosed,
+    Reader,
     frame,
-    read_frame,
-    recv_into_exact,
     send_buffers,
 )
 from tensorcache.errors import TensorCacheError, Unavailable, from_status
@@ -44,14 +44,21 @@ class DataConn:
         except OSError as exc:
             raise Unavailable(f"data channel {address}: {exc}") from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Kernel-level timeouts on a blocking socket: a Python socket timeout
+        # would poll() before every call (measured +36 us per small get).
+        self.sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout_s), int((timeout_s % 1) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self.sock.sendall(MAGIC)
+        self.reader = Reader(self.sock)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
     def _reply(self) -> bytes:
-        got = read_frame(self.sock)
+        got = self.reader.read_frame()
         if got is None:
             raise PeerClosed("node closed the data connection")
         status, header = got
@@ -78,9 +85,7 @@ class DataConn:
         crcs: list[int] = []
         if not request.head_only:
             for dest in destinations(reply):
-                crcs.append(
-                    recv_into_exact(self.sock, memoryview(dest).cast("B")) if dest.nbytes else 0
-                )
+                crcs.append(self.reader.read_into(memoryview(dest).cast("B")) if dest.nbytes else 0)
         return reply, crcs
 
 

@@ -32,10 +32,8 @@ from tensorcache.dataproto import (
     OP_GET,
     OP_PUT,
     PeerClosed,
+    Reader,
     frame,
-    read_frame,
-    recv_exact,
-    recv_into_exact,
     send_buffers,
 )
 from tensorcache.errors import (
@@ -138,7 +136,8 @@ class DataServer:
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            magic = recv_exact(conn, len(MAGIC))
+            reader = Reader(conn)
+            magic = reader.read_exact(len(MAGIC))
             if magic != MAGIC:
                 raise InvalidArgument(
                     f"not a tensorcache data connection: expected magic {MAGIC!r}, got {magic!r}"
@@ -147,7 +146,7 @@ class DataServer:
             # alive (pinned) until the client sends its next request.
             pinned: list[Entry] = []
             while True:
-                got = read_frame(conn)
+                got = reader.read_frame()
                 pinned.clear()  # the client finished reading the last local reply
                 if got is None:
                     return
@@ -155,7 +154,7 @@ class DataServer:
                 if op == OP_GET:
                     pinned.extend(self._get(conn, header))
                 elif op == OP_PUT:
-                    self._put(conn, header)
+                    self._put(conn, reader, header)
                 else:
                     raise InvalidArgument(f"unknown data channel op {op}")
         except (PeerClosed, ConnectionError, TimeoutError):
@@ -192,19 +191,17 @@ class DataServer:
         send_buffers(conn, buffers)
         return pinned
 
-    def _put(self, conn: socket.socket, header: bytes) -> None:
+    def _put(self, conn: socket.socket, reader: Reader, header: bytes) -> None:
         plan: PutPlan = self._ops.plan_put(_parse(pb.PutRequest, header, "put"))
         try:
-            chunks, crcs = self._receive(conn, plan.sizes)
+            chunks, crcs = self._receive(reader, plan.sizes)
             reply = self._ops.finish_put(plan, chunks, crcs)
         finally:
             self._ops.abort_put(plan)
         conn.sendall(frame(0, reply.SerializeToString()))
 
     @staticmethod
-    def _receive(
-        conn: socket.socket, sizes: list[int]
-    ) -> tuple[list[tuple[Buffer, ...]], list[int]]:
+    def _receive(reader: Reader, sizes: list[int]) -> tuple[list[tuple[Buffer, ...]], list[int]]:
         """Receive each entry's bytes into buffers that become the stored chunks."""
         chunks: list[tuple[Buffer, ...]] = []
         crcs: list[int] = []
@@ -219,7 +216,7 @@ class DataServer:
                 # np.empty, not bytearray(n): no zero-fill pass before the
                 # receive overwrites every byte anyway.
                 buf = np.empty(n, dtype=np.uint8)
-                crcs.append(recv_into_exact(conn, memoryview(buf)))
+                crcs.append(reader.read_into(memoryview(buf)))
                 chunks.append((buf,))
                 i += 1
             else:  # a run of small entries: one receive, then slices
@@ -229,7 +226,7 @@ class DataServer:
                     j += 1
                 buf = bytearray(run)
                 view = memoryview(buf)
-                recv_into_exact(conn, view, checksum=False)
+                reader.read_into(view, checksum=False)
                 off = 0
                 for k in range(i, j):
                     piece = bytes(view[off : off + sizes[k]])

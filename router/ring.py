@@ -24,6 +24,7 @@ from tensorcache.errors import Unavailable
 
 DEFAULT_VNODES = 40
 DEFAULT_WEIGHT_UNIT = 256 * 1024 * 1024
+_OWNER_CACHE_SIZE = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class Ring:
         self.vnodes = vnodes
         self.weight_unit = weight_unit
         self._by_name = {m.name: m for m in self.members}
+        self._owner_cache: dict[str, RingMember] = {}
         self._ring = HashRing(
             nodes={
                 m.name: {"instance": m, "weight": self.weight(m), "vnodes": vnodes}
@@ -82,9 +84,15 @@ class Ring:
 
     def owner(self, key: str) -> RingMember:
         """The member that owns ``key``."""
-        if not self.members:
-            raise Unavailable(f"the ring (epoch {self.epoch}) has no nodes")
-        return self._ring.get(key)["instance"]  # type: ignore[no-any-return]
+        member = self._owner_cache.get(key)
+        if member is None:
+            if not self.members:
+                raise Unavailable(f"the ring (epoch {self.epoch}) has no nodes")
+            member = self._ring.get(key)["instance"]
+            if len(self._owner_cache) >= _OWNER_CACHE_SIZE:
+                self._owner_cache.clear()  # bounded; a snapshot is immutable
+            self._owner_cache[key] = member
+        return member  # type: ignore[no-any-return]
 
     def owners(self, key: str, n: int) -> list[RingMember]:
         """The first ``n`` distinct members clockwise from ``key`` (replica set)."""

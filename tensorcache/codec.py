@@ -9,6 +9,7 @@ straight into its byte view.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ def encode(array: object) -> tuple[Layout, np.ndarray]:
 
 def check_layout(dtype: str, shape: tuple[int, ...] | list[int], order: str, nbytes: int) -> Layout:
     """Validate received metadata; raise InvalidArgument naming the field."""
+    return _check_layout(dtype, tuple(shape), order, nbytes)
+
+
+@functools.lru_cache(maxsize=4096)  # hot path of small gets; layouts repeat a lot
+def _check_layout(dtype: str, shape: tuple[int, ...], order: str, nbytes: int) -> Layout:
     if not dtype or len(dtype) > MAX_DTYPE_CHARS:
         raise InvalidArgument(f"dtype {dtype!r} is empty or longer than {MAX_DTYPE_CHARS} chars")
     try:

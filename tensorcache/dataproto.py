@@ -35,25 +35,77 @@ class PeerClosed(ConnectionError):
     """The other end closed the connection."""
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read exactly ``n`` bytes (small reads: headers)."""
-    buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf), checksum=False)
-    return bytes(buf)
+class Reader:
+    """Buffered reads from a socket: a whole small frame in one ``recv``.
 
+    Headers are read through a 64 KiB buffer (one syscall for a request or a
+    small reply instead of three); bulk payload goes straight into its
+    destination with ``recv_into`` once the buffered bytes are used up.
+    """
 
-def recv_into_exact(sock: socket.socket, view: memoryview, *, checksum: bool = True) -> int:
-    """Fill ``view`` from ``sock``; return the CRC32C of what arrived (0 if not asked)."""
-    crc = 0
-    off, n = 0, len(view)
-    while off < n:
-        got = sock.recv_into(view[off:], min(n - off, RECV_PIECE))
-        if got == 0:
-            raise PeerClosed(f"connection closed after {off} of {n} bytes")
-        if checksum:
-            crc = codec.crc32c(view[off : off + got], crc)
-        off += got
-    return crc
+    __slots__ = ("_buf", "_end", "_pos", "_view", "sock")
+
+    def __init__(self, sock: socket.socket, size: int = 64 * 1024) -> None:
+        self.sock = sock
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        self._end = 0
+
+    def _fill(self) -> int:
+        if self._pos == self._end:
+            self._pos = self._end = 0
+        got = self.sock.recv_into(self._view[self._end :])
+        self._end += got
+        return got
+
+    def read_exact(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (headers)."""
+        if n > len(self._buf) - self._pos:
+            out = bytearray(n)
+            self.read_into(memoryview(out), checksum=False)
+            return bytes(out)
+        while self._end - self._pos < n:
+            if self._end == len(self._buf):  # compact to make room
+                left = self._end - self._pos
+                self._view[:left] = self._view[self._pos : self._end]
+                self._pos, self._end = 0, left
+            if self._fill() == 0:
+                raise PeerClosed(f"connection closed after {self._end - self._pos} of {n} bytes")
+        out = bytes(self._view[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def read_into(self, view: memoryview, *, checksum: bool = True) -> int:
+        """Fill ``view``; return the CRC32C of what arrived (0 if not asked)."""
+        crc = 0
+        n = len(view)
+        take = min(n, self._end - self._pos)
+        if take:
+            view[:take] = self._view[self._pos : self._pos + take]
+            self._pos += take
+            if checksum:
+                crc = codec.crc32c(view[:take])
+        off = take
+        while off < n:
+            got = self.sock.recv_into(view[off:], min(n - off, RECV_PIECE))
+            if got == 0:
+                raise PeerClosed(f"connection closed after {off} of {n} bytes")
+            if checksum:
+                crc = codec.crc32c(view[off : off + got], crc)
+            off += got
+        return crc
+
+    def read_frame(self) -> tuple[int, bytes] | None:
+        """One frame (code, header); None on a clean close before its first byte."""
+        if self._pos == self._end and self._fill() == 0:
+            return None
+        code, length = FRAME.unpack(self.read_exact(FRAME.size))
+        if length > MAX_HEADER:
+            raise ProtocolError(
+                f"frame header of {length} bytes exceeds the {MAX_HEADER}-byte limit"
+            )
+        return code, self.read_exact(length)
 
 
 def send_buffers(sock: socket.socket, buffers: Sequence[object]) -> None:
@@ -75,14 +127,3 @@ def send_buffers(sock: socket.socket, buffers: Sequence[object]) -> None:
 
 def frame(code: int, header: bytes) -> bytes:
     return FRAME.pack(code, len(header)) + header
-
-
-def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
-    """Read one frame; None on a clean close before its first byte."""
-    first = sock.recv(1)
-    if not first:
-        return None
-    code, length = FRAME.unpack(first + recv_exact(sock, FRAME.size - 1))
-    if length > MAX_HEADER:
-        raise ProtocolError(f"frame header of {length} bytes exceeds the {MAX_HEADER}-byte limit")
-    return code, recv_exact(sock, length)
