@@ -486,6 +486,11 @@ class Client:
     def _data_channel(self, member: RingMember) -> bool:
         return self.config.transport == "auto" and bool(member.data_address)
 
+    def _data_fallback(self, member: RingMember, exc: Exception) -> None:
+        """The data channel failed: this call goes over gRPC instead (counted)."""
+        self._count("data_fallbacks")
+        log.info("data channel of %s unavailable (%s); using gRPC", member.name, exc)
+
     def _is_local(self, member: RingMember) -> bool:
         """Whether this process can read ``member``'s memory (probed once per token)."""
         if not (self.config.local_fastpath and member.local_pid and member.local_token):
@@ -514,7 +519,10 @@ class Client:
         self, out: np.ndarray | None, layout: codec.Layout
     ) -> tuple[np.ndarray, np.ndarray]:
         if out is None:
-            return codec.allocate(layout)
+            try:
+                return codec.allocate(layout)
+            except (ValueError, MemoryError) as exc:
+                raise ProtocolError(f"cannot allocate {layout}: {exc}") from exc
         return out, codec.view_for(out, layout)
 
     def _put_call(self, member: RingMember, epoch: int, batch: list[_Put]) -> None:
@@ -522,10 +530,14 @@ class Client:
         for it in batch:
             header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
         views = [it.view for it in batch if it.view is not None]
+        reply: pb.PutReply | None = None
         if self._data_channel(member):
-            with self._data.connection(member.data_address) as dc:
-                reply = dc.put(header, views)
-        else:
+            try:
+                with self._data.connection(member.data_address) as dc:
+                    reply = dc.put(header, views)
+            except Unavailable as exc:  # a put is all-or-nothing: safe to resend
+                self._data_fallback(member, exc)
+        if reply is None:
             head = header.SerializeToString()
 
             def stream() -> Iterable[bytes]:
@@ -581,20 +593,29 @@ class Client:
             return dests
 
         shared: list[tuple[_Get, list[tuple[int, int]]]] = []
+        crcs: list[int] | None = None
         if self._data_channel(member):
             request.local = local and self._is_local(member)
-            with self._data.connection(member.data_address) as dc:
-                _, crcs = dc.get(request, destinations)
-                # Co-located: copy straight out of the node's memory while we
-                # hold the connection (the node pins those buffers until our
-                # next request on it). Any failure refetches over the network.
-                gone = [it for it, chunks in shared if not self._read_local(member, it, chunks)]
-            if gone:
-                self._count("local_fallbacks", len(gone))
-                for it in gone:
-                    it.found = False
-                self._get_call(member, epoch, gone, local=False)
-        else:
+            try:
+                with self._data.connection(member.data_address) as dc:
+                    _, crcs = dc.get(request, destinations)
+                    # Co-located: copy straight out of the node's memory while
+                    # we hold the connection (the node pins those buffers until
+                    # our next request on it). Failures refetch over the network.
+                    gone = [it for it, ch in shared if not self._read_local(member, it, ch)]
+            except Unavailable as exc:
+                self._data_fallback(member, exc)
+                crcs = None
+                carrying.clear()
+                shared.clear()
+                request.local = False
+            else:
+                if gone:
+                    self._count("local_fallbacks", len(gone))
+                    for it in gone:
+                        it.found = False
+                    self._get_call(member, epoch, gone, local=False)
+        if crcs is None:
             nbytes = sum(it.nbytes for it in batch)
             try:
                 stream = self._conns.get(member.address).get(

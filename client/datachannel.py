@@ -10,6 +10,7 @@ copying them. Any socket error closes that connection and surfaces as
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -27,7 +28,7 @@ from tensorcache.dataproto import (
     frame,
     send_buffers,
 )
-from tensorcache.errors import TensorCacheError, Unavailable, from_status
+from tensorcache.errors import ProtocolError, TensorCacheError, Unavailable, from_status
 from tensorcache.proto import tensorcache_pb2 as pb
 
 
@@ -57,6 +58,14 @@ class DataConn:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def alive(self) -> bool:
+        """An idle connection is alive if the node has sent nothing (no EOF)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
     def _reply(self) -> bytes:
         got = self.reader.read_frame()
         if got is None:
@@ -71,7 +80,15 @@ class DataConn:
 
     def put(self, header: pb.PutRequest, views: Sequence[np.ndarray]) -> pb.PutReply:
         head = header.SerializeToString()
-        send_buffers(self.sock, [frame(OP_PUT, head), *views])
+        try:
+            send_buffers(self.sock, [frame(OP_PUT, head), *views])
+        except OSError:
+            # The node may have refused the put and closed the connection
+            # before reading the payload: its reason waits in our receive
+            # buffer, and is the error worth raising.
+            with contextlib.suppress(OSError, PeerClosed, ProtocolError):
+                self._reply()
+            raise
         return pb.PutReply.FromString(self._reply())
 
     def get(
@@ -101,11 +118,16 @@ class DataPool:
 
     @contextlib.contextmanager
     def connection(self, address: str) -> Iterator[DataConn]:
-        with self._lock:
-            idle = self._idle.get(address)
-            conn = idle.pop() if idle else None
-        if conn is None:
-            conn = DataConn(address, self._timeout_s)
+        conn = None
+        while conn is None:
+            with self._lock:
+                idle = self._idle.get(address)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                conn = DataConn(address, self._timeout_s)
+            elif not conn.alive():  # closed by the node while idle (idle timeout, restart)
+                conn.close()
+                conn = None
         ok = False
         try:
             yield conn

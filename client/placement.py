@@ -44,12 +44,7 @@ class Placement:
                 )
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc, f"router {self._router.address}") from exc
-            ring = Ring(
-                snap.epoch,
-                [members.from_pb(m) for m in snap.members],
-                vnodes=snap.vnodes or 40,
-                weight_unit=snap.weight_unit or 1,
-            )
+            ring = members.ring_from_snapshot(snap)
             self.stripe_size = snap.stripe_size
             self._ring = ring
             self.refreshes += 1

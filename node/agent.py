@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import grpc
 
@@ -17,14 +18,23 @@ from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.node.ops import EpochView
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+from tensorcache.router.members import ring_from_snapshot
+from tensorcache.router.ring import Ring
 
 log = logging.getLogger("tensorcache.node")
 
 
 class MembershipAgent:
-    def __init__(self, router: str, member: pb.Member, epochs: EpochView) -> None:
+    def __init__(
+        self,
+        router: str,
+        member: pb.Member,
+        epochs: EpochView,
+        on_ring: Callable[[Ring], None] | None = None,
+    ) -> None:
         self._member = member
         self._epochs = epochs
+        self._on_ring = on_ring
         self._channel = grpc.insecure_channel(router, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.RouterStub(self._channel)
         self._router = router
@@ -40,10 +50,19 @@ class MembershipAgent:
     def wait_registered(self, timeout: float) -> bool:
         return self._registered.wait(timeout)
 
+    def _set_epoch(self, epoch: int) -> None:
+        """Adopt ``epoch``; on a change, hand the new ring to ``on_ring``."""
+        if epoch == self._epochs.epoch:
+            return
+        self._epochs.update(epoch)
+        if self._on_ring is not None:
+            snap = self._stub.GetRing(pb.GetRingRequest(), timeout=5)
+            self._on_ring(ring_from_snapshot(snap))
+
     def _register(self) -> None:
         reply = self._stub.Register(pb.RegisterRequest(member=self._member), timeout=5)
         self._interval = reply.heartbeat_interval_s or 1.0
-        self._epochs.update(reply.epoch)
+        self._set_epoch(reply.epoch)
         if not self._registered.is_set():
             log.info("registered with router %s at epoch %d", self._router, reply.epoch)
         self._registered.set()
@@ -59,7 +78,7 @@ class MembershipAgent:
                         pb.HeartbeatRequest(name=self._member.name), timeout=5
                     )
                     if reply.known:
-                        self._epochs.update(reply.epoch)
+                        self._set_epoch(reply.epoch)
                     else:
                         log.warning("router %s forgot this node; registering again", self._router)
                         self._register()

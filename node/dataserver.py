@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
 
 import numpy as np
@@ -38,6 +39,7 @@ from tensorcache.dataproto import (
 )
 from tensorcache.errors import (
     Cancelled,
+    CapacityExceeded,
     InvalidArgument,
     ProtocolError,
     StaleEpoch,
@@ -51,6 +53,11 @@ from tensorcache.proto import tensorcache_pb2 as pb
 log = logging.getLogger("tensorcache.node")
 
 SMALL = 64 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 300.0
+# A refused put's payload up to this size is read and dropped to keep the
+# connection; beyond it the connection is closed instead.
+DRAIN_LIMIT = 64 * 1024 * 1024
 SMALL_RUN = 4 * 1024 * 1024
 
 
@@ -58,6 +65,11 @@ def _error_frame(exc: TensorCacheError) -> bytes:
     epoch = exc.epoch if isinstance(exc, StaleEpoch) else 0
     code = status_code(exc).value[0]
     return frame(code, pb.DataError(code=code, message=str(exc), epoch=epoch).SerializeToString())
+
+
+def _recv_timeout(conn: socket.socket, seconds: float) -> None:
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
 
 def _parse(message_type: type, raw: bytes, what: str):  # type: ignore[no-untyped-def]
@@ -76,7 +88,7 @@ class DataServer:
         host: str,
         port: int,
         *,
-        max_connections: int = 256,
+        max_connections: int = 1024,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -136,12 +148,17 @@ class DataServer:
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            # Kernel receive timeouts (no per-call poll): a peer that says
+            # nothing after connecting, or idles between requests, is dropped
+            # so it cannot hold a connection slot forever.
+            _recv_timeout(conn, HANDSHAKE_TIMEOUT_S)
             reader = Reader(conn)
             magic = reader.read_exact(len(MAGIC))
             if magic != MAGIC:
                 raise InvalidArgument(
                     f"not a tensorcache data connection: expected magic {MAGIC!r}, got {magic!r}"
                 )
+            _recv_timeout(conn, IDLE_TIMEOUT_S)
             # Entries whose addresses the last local GET handed out: kept
             # alive (pinned) until the client sends its next request.
             pinned: list[Entry] = []
@@ -157,8 +174,8 @@ class DataServer:
                     self._put(conn, reader, header)
                 else:
                     raise InvalidArgument(f"unknown data channel op {op}")
-        except (PeerClosed, ConnectionError, TimeoutError):
-            return  # the client went away; a put in flight was released
+        except (PeerClosed, OSError):
+            return  # the client went away or idled out; a put in flight was released
         except ProtocolError as exc:
             self._fail(conn, InvalidArgument(str(exc)))
         except TensorCacheError as exc:
@@ -192,7 +209,21 @@ class DataServer:
         return pinned
 
     def _put(self, conn: socket.socket, reader: Reader, header: bytes) -> None:
-        plan: PutPlan = self._ops.plan_put(_parse(pb.PutRequest, header, "put"))
+        req: pb.PutRequest = _parse(pb.PutRequest, header, "put")
+        try:
+            plan: PutPlan = self._ops.plan_put(req)
+        except (CapacityExceeded, StaleEpoch) as exc:
+            # Refused before reading the payload, with a header that is valid
+            # (so its sizes can be trusted): answer, then skip the payload the
+            # client is sending, and the connection stays in step. Too much to
+            # skip: raise, and the connection closes (the client reads our
+            # answer after its send fails). Invalid headers always close.
+            declared = sum(e.meta.nbytes for e in req.entries if not e.meta.stripes)
+            if declared > DRAIN_LIMIT:
+                raise
+            conn.sendall(_error_frame(exc))
+            reader.discard(declared)
+            return
         try:
             chunks, crcs = self._receive(reader, plan.sizes)
             reply = self._ops.finish_put(plan, chunks, crcs)

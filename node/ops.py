@@ -113,7 +113,6 @@ class NodeOps:
             raise InvalidArgument("put: entries is empty")
         if len(req.entries) > MAX_BATCH_ENTRIES:
             raise InvalidArgument(f"put: {len(req.entries)} entries, more than {MAX_BATCH_ENTRIES}")
-        self.check_epoch(req.epoch)
         keys: list[StoreKey] = []
         sizes: list[int] = []
         costs: list[int] = []
@@ -124,6 +123,9 @@ class NodeOps:
             keys.append(key)
             sizes.append(size)
             costs.append(entry_cost(key[1], size, e.meta.ByteSize()))
+        # After validation, so a stale-epoch refusal implies a header whose
+        # sizes can be trusted (the data channel then skips its payload).
+        self.check_epoch(req.epoch)
         reservation = self.store.reserve(sum(costs))
         return PutPlan(req, keys, sizes, costs, reservation)
 

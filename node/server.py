@@ -23,6 +23,7 @@ from tensorcache.node.policy import POLICIES
 from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import Ring
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.node")
@@ -106,7 +107,22 @@ class NodeServer:
                 local_token_addr=localread.address_of(self._local_token) if local else 0,
                 local_token=self._local_token if local else b"",
             )
-            self._agent = MembershipAgent(config.router, member, self.epochs)
+            self._agent = MembershipAgent(config.router, member, self.epochs, self._on_ring)
+
+    def _on_ring(self, ring: Ring) -> None:
+        """Drop entries this node no longer owns under a new ring.
+
+        Without this, a key that moves away and later back would find its old
+        value here, older than puts made meanwhile on the other owner. (A put
+        from a client already on a newer ring than this node's view may be
+        dropped too: that is a miss, never a stale read.)
+        """
+        me = self.config.name
+        if me not in ring:
+            return  # not (yet) a member: keep everything until we are
+        dropped = self.store.purge(lambda key: ring.owner(key[1]).name != me)
+        if dropped:
+            log.info("ring epoch %d: dropped %d entries now owned elsewhere", ring.epoch, dropped)
 
     def start(self) -> NodeServer:
         self._server.start()
@@ -174,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         f"listening on {node.address}",
         flush=True,
     )
-    stop.wait()
+    while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us
+        pass
     node.stop()
     return 0

@@ -151,14 +151,19 @@ class NodeService:
         for chunk in payload_chunks(entries):
             yield chunk if isinstance(chunk, bytes) else bytes(chunk)
 
-    def delete(self, req: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
+    def delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            return self._ops.delete(req)
+            req = parse_header(pb.DeleteRequest, raw, "delete")
+            return self._ops.delete(req).SerializeToString()
         except TensorCacheError as exc:
             self._abort(context, exc)
 
-    def stat(self, req: pb.StatRequest, context: grpc.ServicerContext) -> pb.NodeStats:
-        return self._ops.stat()
+    def stat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            parse_header(pb.StatRequest, raw, "stat")
+        except TensorCacheError as exc:
+            self._abort(context, exc)
+        return self._ops.stat().SerializeToString()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler: identity (de)serializers on the raw streams."""
@@ -167,15 +172,9 @@ class NodeService:
             {
                 "Put": grpc.stream_unary_rpc_method_handler(self.put),
                 "Get": grpc.unary_stream_rpc_method_handler(self.get),
-                "Delete": grpc.unary_unary_rpc_method_handler(
-                    self.delete,
-                    request_deserializer=pb.DeleteRequest.FromString,
-                    response_serializer=pb.DeleteReply.SerializeToString,
-                ),
-                "Stat": grpc.unary_unary_rpc_method_handler(
-                    self.stat,
-                    request_deserializer=pb.StatRequest.FromString,
-                    response_serializer=pb.NodeStats.SerializeToString,
-                ),
+                # Typed in the proto, parsed here too, so that garbage gets
+                # INVALID_ARGUMENT naming the problem rather than INTERNAL.
+                "Delete": grpc.unary_unary_rpc_method_handler(self.delete),
+                "Stat": grpc.unary_unary_rpc_method_handler(self.stat),
             },
         )

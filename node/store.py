@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +211,18 @@ class Store:
             if old is not None:
                 self._c.deletes += 1
             return old
+
+    def purge(self, drop: Callable[[StoreKey], bool]) -> int:
+        """Remove every entry whose key ``drop`` selects; returns how many.
+
+        Counted as evictions (the node uses it for entries it stopped owning).
+        """
+        with self._lock:
+            victims = [k for k in self._entries if drop(k)]
+            for k in victims:
+                self._remove_locked(k)
+            self._c.evictions += len(victims)
+        return len(victims)
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import RingMember
+from tensorcache.router.ring import Ring, RingMember
 
 
 def from_pb(m: pb.Member) -> RingMember:
@@ -27,4 +27,14 @@ def to_pb(m: RingMember) -> pb.Member:
         local_pid=m.local_pid,
         local_token_addr=m.local_token_addr,
         local_token=m.local_token,
+    )
+
+
+def ring_from_snapshot(snap: pb.RingSnapshot) -> Ring:
+    """The Ring a snapshot describes: clients and nodes build the same one."""
+    return Ring(
+        snap.epoch,
+        [from_pb(m) for m in snap.members],
+        vnodes=snap.vnodes or 40,
+        weight_unit=snap.weight_unit or 1,
     )

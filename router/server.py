@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(f"tensorcache router listening on {config.host}:{port}", flush=True)
-    stop.wait()
+    while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us
+        pass
     server.stop(grace=2).wait()
     membership.close()
     return 0

@@ -102,6 +102,8 @@ def _check_layout(dtype: str, shape: tuple[int, ...], order: str, nbytes: int) -
     if order not in ("C", "F"):
         raise InvalidArgument(f"order must be 'C' or 'F', got {order!r}")
     expected = dt.itemsize * math.prod(shape)
+    if expected > _MAX_DIM:
+        raise InvalidArgument(f"nbytes {expected} is more than this platform can address")
     if expected != nbytes:
         raise InvalidArgument(
             f"nbytes {nbytes} does not match dtype {dtype} x shape {tuple(shape)} = {expected}"

@@ -96,6 +96,14 @@ class Reader:
             off += got
         return crc
 
+    def discard(self, n: int) -> None:
+        """Read and drop ``n`` bytes."""
+        scratch = memoryview(bytearray(min(n, RECV_PIECE)))
+        while n > 0:
+            take = min(n, len(scratch))
+            self.read_into(scratch[:take], checksum=False)
+            n -= take
+
     def read_frame(self) -> tuple[int, bytes] | None:
         """One frame (code, header); None on a clean close before its first byte."""
         if self._pos == self._end and self._fill() == 0:

@@ -240,10 +240,6 @@ def test_garbage_get_request(node):
     assert "kind" in err.details()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Delete parses its request with a typed deserializer: garbage gets INTERNAL",
-)
 def test_garbage_delete_request(node):
     with grpc.insecure_channel(node) as ch:
         delete = ch.unary_unary(
@@ -253,11 +249,6 @@ def test_garbage_delete_request(node):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a manifest of 2**63 bytes passes check_layout; Client.get then raises numpy's "
-    "ValueError instead of a TensorCacheError or a miss",
-)
 def test_manifest_of_impossible_size(cluster, client, prefix):
     """Each dimension is valid on its own; their product overflows the address space."""
     key = prefix + "huge"

@@ -118,15 +118,7 @@ def assert_residents_intact(c, values) -> None:
         assert_same(got[key], value)
 
 
-DATA_CHANNEL_REFUSAL_LOST = pytest.mark.xfail(
-    strict=True,
-    reason="data channel: the node refuses the put and closes the connection with the payload "
-    "unread; the client's send fails with ECONNRESET, is mapped to Unavailable and retried, and "
-    "the node's RESOURCE_EXHAUSTED answer never reaches the caller",
-)
-
-
-@pytest.mark.parametrize("path", [pytest.param("data", marks=DATA_CHANNEL_REFUSAL_LOST), "grpc"])
+@pytest.mark.parametrize("path", ["data", "grpc"])
 def test_value_larger_than_a_node_is_refused(small_cluster, prefix, residents, path):
     # 12 MiB is below the stripe size (one entry) but above a node's 8 MiB.
     with tensorcache.connect(

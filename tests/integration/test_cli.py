@@ -154,11 +154,6 @@ def test_up_stops_every_process_on_a_signal(up, sig):
     wait_gone(children, up.log_dir, timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=False,  # the failure is a race: it shows in roughly one run in six
-    reason="a child sometimes ignores its parent-death SIGTERM; deterministic twin: "
-    "test_shutdown.py::test_sigterm_handled_on_any_thread_stops_the_process",
-)
 def test_children_die_with_a_killed_up(up):
     # No goodbye from `up`: its children must still go (parent-death signal).
     children = set(up.children)

@@ -316,12 +316,6 @@ def test_get_error_keeps_the_connection(member, stored):
         ds.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/dataserver.py: connections have no handshake or idle timeout and count "
-    "against max_connections (256) from accept; a few hundred idle sockets lock every "
-    "client out of the data channel, and the client does not fall back to gRPC",
-)
 def test_idle_connections_do_not_lock_clients_out(cluster, prefix):
     member = next(m for m in cluster.ring().members if m.name == "node-0")
     host, port = member.data_address.rsplit(":", 1)

@@ -235,11 +235,6 @@ def test_paused_node_rejoins_after_its_lease_ran_out(make_cluster, prefix):
         assert assert_miss_or_exact(c.get_many(list(vals)), vals) == len(vals)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nodes keep entries they stopped owning; when ownership flips back, an old "
-    "value resurfaces over a newer put",
-)
 def test_no_stale_value_after_a_node_joins_and_leaves(make_cluster, prefix):
     """Read-your-writes across a membership flap: a get never returns an overwritten value."""
     cl = make_cluster(2)

@@ -37,11 +37,6 @@ def other_threads(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(SYS_TGKILL is None, reason="tgkill number unknown on this machine")
-@pytest.mark.xfail(
-    strict=True,
-    reason="router/server.py and node/server.py run(): the main thread blocks in an untimed "
-    "stop.wait(), so a SIGTERM taken by another thread is never acted on",
-)
 @pytest.mark.parametrize("role", ["node", "router"])
 def test_sigterm_handled_on_any_thread_stops_the_process(make_cluster, role):
     cl = make_cluster(1)
