@@ -100,7 +100,7 @@ class LocalCluster:
         port: int = 0,
         stripe_size: str | int = "8MiB",
         heartbeat_interval: float = 0.5,
-        ttl: float = 2.0,
+        ttl: float = 3.0,
         log_dir: str | Path | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,

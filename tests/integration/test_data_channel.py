@@ -23,6 +23,7 @@ import pytest
 import tensorcache
 from tensorcache.codec import crc32c
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.members import ring_from_snapshot
 
 from .helpers import assert_same, get_request, node_stat, poll, raw_delete, tensor_header
 
@@ -125,8 +126,14 @@ def member(cluster, stored, client, prefix) -> Iterator[pb.Member]:
     got = client.get_many(list(stored))
     for key, value in stored.items():
         assert_same(got[key], value)
-    # ...and the data channel still takes a well-formed put and get.
-    key = (prefix + "ok").encode()
+    # ...and the data channel still takes a well-formed put and get (of a
+    # key this node owns: a ring change would drop a misplaced one).
+    ring = ring_from_snapshot(cluster.ring())
+    key = next(
+        k.encode()
+        for k in (f"{prefix}ok/{i}" for i in range(10_000))
+        if ring.owner(k).name == m.name
+    )
     ds = DataSocket(m.data_address)
     try:
         ds.request(OP_PUT, tensor_header(key, PAYLOAD), PAYLOAD)
