@@ -603,6 +603,8 @@ class Client:
                     # we hold the connection (the node pins those buffers until
                     # our next request on it). Failures refetch over the network.
                     gone = [it for it, ch in shared if not self._read_local(member, it, ch)]
+                    if shared:
+                        dc.release()  # unpin now, not at our next request
             except Unavailable as exc:
                 self._data_fallback(member, exc)
                 crcs = None

@@ -22,6 +22,7 @@ from tensorcache.dataproto import (
     MAGIC,
     OP_GET,
     OP_PUT,
+    OP_RELEASE,
     STATUS_BY_NUMBER,
     PeerClosed,
     Reader,
@@ -90,6 +91,10 @@ class DataConn:
                 self._reply()
             raise
         return pb.PutReply.FromString(self._reply())
+
+    def release(self) -> None:
+        """Tell the node we are done with the buffers of our last local GET."""
+        self.sock.sendall(frame(OP_RELEASE, b""))
 
     def get(
         self,

@@ -32,6 +32,7 @@ from tensorcache.dataproto import (
     MAGIC,
     OP_GET,
     OP_PUT,
+    OP_RELEASE,
     PeerClosed,
     Reader,
     frame,
@@ -172,6 +173,8 @@ class DataServer:
                     pinned.extend(self._get(conn, header))
                 elif op == OP_PUT:
                     self._put(conn, reader, header)
+                elif op == OP_RELEASE:
+                    pass  # unpinned above; no reply
                 else:
                     raise InvalidArgument(f"unknown data channel op {op}")
         except (PeerClosed, OSError):

@@ -21,6 +21,7 @@ from tensorcache.errors import ProtocolError
 MAGIC = b"TCD1"
 OP_PUT = 1
 OP_GET = 2
+OP_RELEASE = 3
 FRAME = struct.Struct("<BI")  # op or status, header length
 MAX_HEADER = 64 * 1024 * 1024
 # Receive in pieces of this size so each piece is checksummed while it is
