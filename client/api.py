@@ -661,7 +661,7 @@ class Client:
     @staticmethod
     def _layout(meta: pb.TensorMeta, where: str) -> codec.Layout:
         try:
-            return codec.check_layout(meta.dtype, list(meta.shape), meta.order, meta.nbytes)
+            return codec.check_layout(meta.dtype, tuple(meta.shape), meta.order, meta.nbytes)
         except InvalidArgument as exc:
             raise ProtocolError(f"{where}: node sent bad metadata: {exc}") from exc
 

@@ -113,8 +113,15 @@ def _check_layout(dtype: str, shape: tuple[int, ...], order: str, nbytes: int) -
 
 def allocate(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """Allocate the destination array for ``layout`` and its flat uint8 byte view."""
-    arr = np.empty(layout.shape, dtype=np.dtype(layout.dtype), order=layout.order)  # type: ignore[call-overload]
+    arr = np.empty(layout.shape, dtype=_np_dtype(layout.dtype), order=layout.order)  # type: ignore[call-overload]
+    if arr.ndim <= 1:  # the common small case: skip the reshape
+        return arr, arr.view(np.uint8) if arr.ndim else arr.reshape(-1).view(np.uint8)
     return arr, _byte_view(arr, layout.order)
+
+
+@functools.lru_cache(maxsize=256)
+def _np_dtype(s: str) -> np.dtype:
+    return np.dtype(s)
 
 
 def view_for(out: object, layout: Layout) -> np.ndarray:

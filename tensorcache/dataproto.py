@@ -78,9 +78,25 @@ class Reader:
         return out
 
     def read_into(self, view: memoryview, *, checksum: bool = True) -> int:
-        """Fill ``view``; return the CRC32C of what arrived (0 if not asked)."""
-        crc = 0
+        """Fill ``view``; return the CRC32C of what arrived (0 if not asked).
+
+        Small reads go through the buffer (one ``recv`` serves many of them:
+        a batch of 4 KiB tensors); large ones land in ``view`` directly.
+        """
         n = len(view)
+        if self._end - self._pos < n <= len(self._buf) // 4:
+            if self._pos == self._end:
+                self._pos = self._end = 0
+            elif len(self._buf) - self._pos < n:  # compact to make room
+                left = self._end - self._pos
+                self._view[:left] = self._view[self._pos : self._end]
+                self._pos, self._end = 0, left
+            while self._end - self._pos < n:
+                if self._fill() == 0:
+                    raise PeerClosed(
+                        f"connection closed after {self._end - self._pos} of {n} bytes"
+                    )
+        crc = 0
         take = min(n, self._end - self._pos)
         if take:
             view[:take] = self._view[self._pos : self._pos + take]
