@@ -35,9 +35,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## Throughput benchmark (QUICK=1: a seconds-long smoke run).
+## Side-by-side benchmark vs Redis, Arrow Flight, a raw socket, memcpy (QUICK=1: smoke run).
 bench: $(STAMP)
-	$(BIN)/python -m bench.throughput $(if $(QUICK),--quick)
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
 
 ## A local cluster in the foreground (Ctrl-C stops it).
 up: $(STAMP)
