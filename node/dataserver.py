@@ -24,7 +24,6 @@ import struct
 import threading
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from tensorcache import codec
 from tensorcache.dataproto import (
@@ -47,7 +46,7 @@ from tensorcache.errors import (
     TensorCacheError,
     status_code,
 )
-from tensorcache.node.ops import Buffer, NodeOps, PutPlan
+from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
 
@@ -71,15 +70,6 @@ def _error_frame(exc: TensorCacheError) -> bytes:
 def _recv_timeout(conn: socket.socket, seconds: float) -> None:
     tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-
-
-def _parse(message_type: type, raw: bytes, what: str):  # type: ignore[no-untyped-def]
-    try:
-        return message_type.FromString(raw)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"{what}: header of {len(raw)} bytes is not a valid {message_type.__name__}: {exc}"
-        ) from exc
 
 
 class DataServer:
@@ -198,7 +188,7 @@ class DataServer:
 
     def _get(self, conn: socket.socket, header: bytes) -> list[Entry]:
         try:
-            req: pb.GetRequest = _parse(pb.GetRequest, header, "get")
+            req: pb.GetRequest = parse_header(pb.GetRequest, header, "get")
             reply, entries, pinned = self._ops.get(req, local_ok=True)
         except TensorCacheError as exc:
             conn.sendall(_error_frame(exc))  # the stream is still in step: keep it
@@ -212,7 +202,7 @@ class DataServer:
         return pinned
 
     def _put(self, conn: socket.socket, reader: Reader, header: bytes) -> None:
-        req: pb.PutRequest = _parse(pb.PutRequest, header, "put")
+        req: pb.PutRequest = parse_header(pb.PutRequest, header, "put")
         try:
             plan: PutPlan = self._ops.plan_put(req)
         except (CapacityExceeded, StaleEpoch) as exc:

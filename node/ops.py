@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
@@ -43,6 +44,18 @@ class EpochView:
     def update(self, epoch: int) -> None:
         with self._lock:
             self._epoch = epoch
+
+
+def parse_header(message_type: type, raw: bytes | None, what: str):  # type: ignore[no-untyped-def]
+    """Parse a header we received as raw bytes; InvalidArgument if it is not one."""
+    if raw is None:
+        raise InvalidArgument(f"{what}: the stream carried no header")
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"{what}: header of {len(raw)} bytes is not a valid {message_type.__name__}: {exc}"
+        ) from exc
 
 
 def _store_key(raw: bytes, kind: int, where: str) -> StoreKey:

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from typing import NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from tensorcache import codec
 from tensorcache.errors import (
@@ -26,7 +25,7 @@ from tensorcache.errors import (
     TensorCacheError,
     status_code,
 )
-from tensorcache.node.ops import Buffer, NodeOps, PutPlan
+from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
 
@@ -36,18 +35,6 @@ SERVICE = "tensorcache.v1.Node"
 # Payload chunks smaller than this are coalesced into one message on Get.
 COALESCE_BELOW = 256 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
-
-
-def parse_header(message_type: type, raw: bytes | None, what: str):  # type: ignore[no-untyped-def]
-    """Parse a header we received as raw bytes; InvalidArgument if it is not one."""
-    if raw is None:
-        raise InvalidArgument(f"{what}: the stream carried no header")
-    try:
-        return message_type.FromString(raw)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"{what}: header of {len(raw)} bytes is not a valid {message_type.__name__}: {exc}"
-        ) from exc
 
 
 def split_payload(

@@ -19,6 +19,7 @@ from tensorcache.errors import (
 __all__ = [
     "CapacityExceeded",
     "Client",
+    "ClientConfig",
     "DataCorruption",
     "InvalidArgument",
     "NodeStats",
