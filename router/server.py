@@ -13,7 +13,7 @@ import grpc
 
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
-from tensorcache.router.membership import EmbeddedMembership
+from tensorcache.router.membership import EmbeddedMembership, Membership
 from tensorcache.router.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router.service import RouterService
 from tensorcache.sizes import parse_size
@@ -36,6 +36,9 @@ class RouterConfig:
     ttl_s: float = 3.0
     vnodes: int = DEFAULT_VNODES
     weight_unit: int = DEFAULT_WEIGHT_UNIT
+    #: etcd client URL (http://host:port): keep membership there, so several
+    #: routers can serve at once and a restart loses nothing. None: in memory.
+    etcd: str | None = None
 
     def __post_init__(self) -> None:
         if self.stripe_size < 4096:
@@ -46,9 +49,18 @@ class RouterConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
 
 
-def create_server(config: RouterConfig) -> tuple[grpc.Server, int, EmbeddedMembership]:
+def _membership(config: RouterConfig) -> Membership:
+    if config.etcd is None:
+        return EmbeddedMembership(config.ttl_s, sweep_interval_s=config.heartbeat_interval_s)
+    # Imported here so the embedded router does not need aetcd installed to start.
+    from tensorcache.router.etcd_membership import EtcdMembership
+
+    return EtcdMembership(config.etcd, config.ttl_s)
+
+
+def create_server(config: RouterConfig) -> tuple[grpc.Server, int, Membership]:
     """Build and start a router; returns (server, bound port, membership)."""
-    membership = EmbeddedMembership(config.ttl_s, sweep_interval_s=config.heartbeat_interval_s)
+    membership = _membership(config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
     pb_grpc.add_RouterServicer_to_server(
         RouterService(
@@ -73,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stripe-size", default="8MiB", help="stripe larger tensors (default 8MiB)")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds (default 1)")
     p.add_argument("--ttl", type=float, default=3.0, help="drop silent nodes after (default 3s)")
+    p.add_argument(
+        "--etcd",
+        metavar="URL",
+        default=None,
+        help="keep membership in etcd at URL, e.g. http://127.0.0.1:2379 (default: in memory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         stripe_size=parse_size(args.stripe_size),
         heartbeat_interval_s=args.heartbeat_interval,
         ttl_s=args.ttl,
+        etcd=args.etcd,
     )
     server, port, membership = create_server(config)
     stop = threading.Event()

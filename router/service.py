@@ -6,13 +6,18 @@ nodes directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import grpc
 
-from tensorcache.errors import InvalidArgument
+from tensorcache.errors import InvalidArgument, Unavailable
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.router import members
 from tensorcache.router.membership import Membership
+
+T = TypeVar("T")
 
 
 class RouterService(pb_grpc.RouterServicer):
@@ -56,7 +61,7 @@ class RouterService(pb_grpc.RouterServicer):
                 raise InvalidArgument("member.capacity must be > 0 bytes")
         except InvalidArgument as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        epoch = self._membership.register(members.from_pb(m))
+        epoch = self._call(context, self._membership.register, members.from_pb(m))
         return pb.RegisterReply(
             epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s, ttl_s=self._ttl_s
         )
@@ -64,10 +69,21 @@ class RouterService(pb_grpc.RouterServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
-        epoch, known = self._membership.heartbeat(request.name)
+        epoch, known = self._call(context, self._membership.heartbeat, request.name)
         return pb.HeartbeatReply(epoch=epoch, known=known)
 
     def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.ServicerContext
     ) -> pb.DeregisterReply:
-        return pb.DeregisterReply(epoch=self._membership.deregister(request.name))
+        return pb.DeregisterReply(
+            epoch=self._call(context, self._membership.deregister, request.name)
+        )
+
+    @staticmethod
+    def _call(context: grpc.ServicerContext, fn: Callable[..., T], *args: object) -> T:
+        """Run a membership call; a store that cannot be reached is UNAVAILABLE."""
+        try:
+            return fn(*args)
+        except Unavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise AssertionError("unreachable") from exc  # abort raises

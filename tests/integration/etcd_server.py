@@ -1,0 +1,140 @@
+"""A private, single-member etcd for tests (and ``tensorcache up --etcd auto``).
+
+It listens on free loopback ports, keeps its data in a temporary directory,
+and is ready when its ``/health`` endpoint says so (polled, never assumed
+after a sleep). Picking a port by binding and closing a socket can race
+with another process; a start that fails is retried on fresh ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def find_etcd() -> str | None:
+    """The etcd binary: on PATH, or the distribution's /usr/bin/etcd."""
+    found = shutil.which("etcd")
+    if found:
+        return found
+    return "/usr/bin/etcd" if Path("/usr/bin/etcd").is_file() else None
+
+
+class EtcdServer:
+    """``with EtcdServer() as etcd: etcd.url`` -> "http://127.0.0.1:PORT"."""
+
+    def __init__(
+        self,
+        binary: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 20.0,
+        attempts: int = 3,
+    ) -> None:
+        binary = binary or find_etcd()
+        if binary is None:
+            raise FileNotFoundError("no etcd binary on PATH or at /usr/bin/etcd")
+        self.binary = binary
+        self.host = host
+        self.startup_timeout = startup_timeout
+        self.attempts = attempts
+        self.url = ""
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        if self._tmp is None:
+            raise RuntimeError("etcd not started")
+        return Path(self._tmp.name) / "etcd.log"
+
+    def start(self) -> EtcdServer:
+        self._tmp = tempfile.TemporaryDirectory(prefix="tensorcache-etcd-")
+        error = ""
+        for attempt in range(self.attempts):
+            try:
+                self._start_once(Path(self._tmp.name) / f"data-{attempt}")
+                return self
+            except RuntimeError as exc:
+                error = str(exc)
+        self.stop()
+        raise RuntimeError(f"etcd did not start after {self.attempts} attempts: {error}")
+
+    def _start_once(self, data_dir: Path) -> None:
+        client, peer = free_port(self.host), free_port(self.host)
+        client_url, peer_url = f"http://{self.host}:{client}", f"http://{self.host}:{peer}"
+        with open(self.log_path, "ab") as log:
+            self._popen = subprocess.Popen(
+                [
+                    self.binary,
+                    "--name=tc",
+                    f"--data-dir={data_dir}",
+                    f"--listen-client-urls={client_url}",
+                    f"--advertise-client-urls={client_url}",
+                    f"--listen-peer-urls={peer_url}",
+                    f"--initial-advertise-peer-urls={peer_url}",
+                    f"--initial-cluster=tc={peer_url}",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._popen.poll() is not None:
+                break
+            if self._healthy(client_url):
+                self.url = client_url
+                return
+            time.sleep(0.05)
+        self._kill()
+        tail = self.log_path.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"etcd on {client_url} not healthy; log tail:\n{tail}")
+
+    @staticmethod
+    def _healthy(client_url: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{client_url}/health", timeout=1) as reply:
+                return json.load(reply).get("health") == "true"
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+
+    def _kill(self) -> None:
+        if self._popen is None:
+            return
+        if self._popen.poll() is None:
+            self._popen.terminate()
+            try:
+                self._popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self._popen.kill()
+                self._popen.wait()
+        self._popen = None
+
+    def stop(self) -> None:
+        self._kill()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
