@@ -21,6 +21,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         stripe_size=args.stripe_size,
         log_dir=args.log_dir,
+        etcd=args.etcd,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -31,6 +32,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         for name, proc in cluster.nodes.items():
             print(f"  {name:<10} {proc.address:<22} pid {proc.pid}", flush=True)
         print(f"logs in {cluster.log_dir}; Ctrl-C stops every process", flush=True)
+        print(f"membership {cluster.membership}", flush=True)
         while not stop.wait(0.5):
             dead = [n for n, p in cluster.nodes.items() if not p.alive()]
             if cluster.router is not None and not cluster.router.alive():
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=7070, help="router port (default 7070)")
     up.add_argument("--stripe-size", default="8MiB", help="stripe tensors above (default 8MiB)")
     up.add_argument("--log-dir", default=None, help="keep process logs here")
+    up.add_argument(
+        "--etcd",
+        default="auto",
+        help="membership store: auto (a private etcd if installed, else embedded; default), "
+        "an etcd URL, or none (embedded in the router)",
+    )
     up.set_defaults(fn=_cmd_up)
 
     node = sub.add_parser("node", help="run one cache node")

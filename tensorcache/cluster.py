@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from tensorcache.etcdserver import EtcdServer, find_etcd
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
@@ -36,6 +37,9 @@ NODE_ENV_DEFAULTS = {
     "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024),
     "MALLOC_ARENA_MAX": "4",
 }
+
+
+_LINUX = sys.platform.startswith("linux")
 
 
 def _die_with_parent() -> None:
@@ -104,7 +108,11 @@ class LocalCluster:
         log_dir: str | Path | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
+        etcd: str | None = None,
     ) -> None:
+        """``etcd``: None or "none" keeps membership in the router (embedded);
+        "auto" starts a private etcd when the binary is installed (else
+        embedded); a URL uses that etcd."""
         if nodes < 0:
             raise ValueError(f"nodes must be >= 0, got {nodes}")
         self.n_nodes = nodes
@@ -125,6 +133,9 @@ class LocalCluster:
         self.env.update(env or {})
         self.router: Proc | None = None
         self.nodes: dict[str, Proc] = {}
+        self.etcd = None if etcd in (None, "", "none") else etcd
+        self.etcd_url = ""  # resolved at start; "" = embedded membership
+        self._etcd_server: EtcdServer | None = None
         self._next = 0
 
     @property
@@ -133,8 +144,31 @@ class LocalCluster:
             raise RuntimeError("cluster not started")
         return self.router.address
 
+    @property
+    def membership(self) -> str:
+        """Where membership lives, in words (for `up`)."""
+        if not self.etcd_url:
+            return "embedded in the router"
+        private = " (private, started for this cluster)" if self._etcd_server else ""
+        return f"etcd {self.etcd_url}{private}"
+
+    def _resolve_etcd(self) -> None:
+        if self.etcd is None:
+            return
+        if self.etcd != "auto":
+            self.etcd_url = self.etcd
+            return
+        if find_etcd() is None:
+            return  # no etcd installed: embedded membership
+        self._etcd_server = EtcdServer(
+            data_root=self.log_dir, preexec_fn=_die_with_parent if _LINUX else None
+        ).start()
+        self.etcd_url = self._etcd_server.url
+
     def start(self) -> LocalCluster:
         try:
+            self._resolve_etcd()
+            etcd_args = ["--etcd", self.etcd_url] if self.etcd_url else []
             self.router = _spawn(
                 [
                     "router",
@@ -146,6 +180,7 @@ class LocalCluster:
                     str(self.heartbeat_interval),
                     "--ttl",
                     str(self.ttl),
+                    *etcd_args,
                 ],
                 "router",
                 self.log_dir,
@@ -246,6 +281,9 @@ class LocalCluster:
                     p.popen.stdout.close()
         self.nodes.clear()
         self.router = None
+        if self._etcd_server is not None:
+            self._etcd_server.stop()
+            self._etcd_server = None
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()

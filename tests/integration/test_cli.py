@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tensorcache.etcdserver import find_etcd
 
 from .helpers import poll, read_line
 
@@ -91,16 +94,18 @@ class Up:
             assert m, f"not a node line: {line!r}"
             self.nodes[m.group(1)] = (m.group(2), int(m.group(3)))
         assert read_line(proc).startswith("logs in ")
+        self.membership = read_line(proc).rstrip("\n")
+        assert self.membership.startswith("membership ")
         self.children = children_of(proc.pid)
 
 
-@pytest.fixture
-def up(tmp_path) -> Iterator[Up]:
+@contextlib.contextmanager
+def start_up(tmp_path: Path, etcd: str) -> Iterator[Up]:
     with open(tmp_path / "up.stderr", "wb") as err:
         proc = subprocess.Popen(
             tensorcache_cmd(
                 "up", "--nodes", "3", "--port", "0", "--capacity", "64MiB",
-                "--log-dir", str(tmp_path / "logs"),
+                "--log-dir", str(tmp_path / "logs"), "--etcd", etcd,
             ),
             stdout=subprocess.PIPE,
             stderr=err,
@@ -124,6 +129,32 @@ def up(tmp_path) -> Iterator[Up]:
         for pid in children:  # never leak processes, even from a failed test
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def up(tmp_path) -> Iterator[Up]:
+    """`up` with membership in the router (the etcd path has its own test)."""
+    with start_up(tmp_path, "none") as started:
+        yield started
+
+
+@pytest.mark.skipif(
+    find_etcd() is None and not os.environ.get("CI"), reason="no etcd binary installed"
+)
+def test_up_with_a_private_etcd(tmp_path):
+    with start_up(tmp_path, "auto") as started:
+        assert started.membership.startswith("membership etcd http://127.0.0.1:")
+        assert len(started.children) == 5  # etcd, the router and three nodes
+        res = subprocess.run(
+            tensorcache_cmd("stat", "--router", started.router),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert all(name in res.stdout for name in ("node-0", "node-1", "node-2"))
+        children = set(started.children)
+        started.proc.send_signal(signal.SIGINT)
+        assert started.proc.wait(60) == 0
+        wait_gone(children, started.log_dir, timeout=30)
 
 
 def test_up_then_stat(up):

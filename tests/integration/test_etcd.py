@@ -1,6 +1,6 @@
 """Membership in etcd: two routers, one ring, nothing lost when a router restarts.
 
-Every test starts a private etcd (tests/integration/etcd_server.py) and real
+Every test starts a private etcd (tensorcache/etcdserver.py) and real
 ``tensorcache router --etcd`` and ``tensorcache node`` processes on loopback.
 Nodes register with and heartbeat router A only; router B learns everything
 from etcd. Waits poll with a deadline; nothing sleeps a fixed time.
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 import tensorcache
+from tensorcache.etcdserver import EtcdServer, find_etcd, free_port
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 
-from .etcd_server import EtcdServer, find_etcd, free_port
 from .helpers import poll, read_line
 
 pytestmark = pytest.mark.integration

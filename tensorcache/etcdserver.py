@@ -1,4 +1,4 @@
-"""A private, single-member etcd for tests (and ``tensorcache up --etcd auto``).
+"""A private, single-member etcd for ``tensorcache up --etcd auto`` and the tests.
 
 It listens on free loopback ports, keeps its data in a temporary directory,
 and is ready when its ``/health`` endpoint says so (polled, never assumed
@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -45,7 +46,11 @@ class EtcdServer:
         host: str = "127.0.0.1",
         startup_timeout: float = 20.0,
         attempts: int = 3,
+        data_root: str | Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        self._data_root = data_root
+        self._preexec_fn = preexec_fn
         binary = binary or find_etcd()
         if binary is None:
             raise FileNotFoundError("no etcd binary on PATH or at /usr/bin/etcd")
@@ -64,7 +69,7 @@ class EtcdServer:
         return Path(self._tmp.name) / "etcd.log"
 
     def start(self) -> EtcdServer:
-        self._tmp = tempfile.TemporaryDirectory(prefix="tensorcache-etcd-")
+        self._tmp = tempfile.TemporaryDirectory(prefix="tensorcache-etcd-", dir=self._data_root)
         error = ""
         for attempt in range(self.attempts):
             try:
@@ -93,6 +98,7 @@ class EtcdServer:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=self._preexec_fn,
             )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
