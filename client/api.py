@@ -151,6 +151,7 @@ class _Put:
     view: np.ndarray | None  # payload (None for a manifest)
     version: int = 0
     replaced: list[pb.StripeRef] = field(default_factory=list)
+    cond: int | None = None  # if_version of a conditional put
 
     @property
     def nbytes(self) -> int:
@@ -247,11 +248,29 @@ class Client:
                 self._metrics[k] += v
 
     # ------------------------------------------------------------ public API
-    def put(self, key: str, value: np.ndarray) -> int:
-        """Store ``value`` under ``key``; returns its new version."""
-        return self.put_many({key: value})[key]
+    def put(self, key: str, value: np.ndarray, *, if_version: int | None = None) -> int:
+        """Store ``value`` under ``key``; returns its new version.
 
-    def get(self, key: str, *, out: np.ndarray | None = None) -> np.ndarray | None:
+        ``if_version``: store only if the key's current version is this one
+        (0: only if absent), checked atomically on the owner node; otherwise
+        raise ``VersionConflict`` and leave the stored value as it was.
+        """
+        if if_version is not None and (not isinstance(if_version, int) or if_version < 0):
+            raise InvalidArgument(f"if_version must be an int >= 0, got {if_version!r}")
+        return self._put_many({key: value}, {key: if_version} if if_version is not None else None)[
+            key
+        ]
+
+    def version(self, key: str) -> int | None:
+        """The current version of ``key``, or None if absent (no bytes move)."""
+        encode_key(key)
+        items = [_Get(key, pb.TENSOR)]
+        self._scatter(items, self._head_call)
+        return items[0].version if items[0].found else None
+
+    def get(
+        self, key: str, *, out: np.ndarray | None = None, min_version: int | None = None
+    ) -> np.ndarray | None:
         """The tensor stored under ``key``, or None on a miss.
 
         ``out``: an array of the stored dtype and shape (writable, contiguous
@@ -259,8 +278,16 @@ class Client:
         destination skips the page faults of fresh memory, the largest cost
         left on the co-located path. On a miss ``out`` is left as it was only
         if nothing was received; treat its contents as undefined then.
+
+        ``min_version``: never return a value older than this version; an
+        older one is reported as a miss (None).
         """
-        return self._get_many([key], {key: out} if out is not None else None)[key]
+        got = self._get_many([key], {key: out} if out is not None else None)
+        array, version = got[key]
+        if array is not None and min_version is not None and version < min_version:
+            self._count("stale_rejected")
+            return None
+        return array
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; returns whether it was present."""
@@ -273,6 +300,11 @@ class Client:
 
     def put_many(self, values: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Store several tensors (grouped per node into few RPCs); returns versions."""
+        return self._put_many(values, None)
+
+    def _put_many(
+        self, values: Mapping[str, np.ndarray], conditions: dict[str, int] | None
+    ) -> dict[str, int]:
         if not isinstance(values, Mapping):
             raise InvalidArgument(
                 f"put_many takes a mapping of key -> array, got {type(values).__name__}"
@@ -288,7 +320,7 @@ class Client:
             )
             if layout.nbytes <= stripe:
                 meta.crc32c = codec.crc32c(view)
-                tensors.append(_Put(key, pb.TENSOR, meta, view))
+                tensors.append(_Put(key, pb.TENSOR, meta, view, cond=_cond(conditions, key)))
                 continue
             meta.put_id = secrets.randbits(63) | 1
             for i, off in enumerate(range(0, layout.nbytes, stripe)):
@@ -306,7 +338,7 @@ class Client:
                     put_id=meta.put_id,
                 )
                 shards.append(_Put(skey, pb.SHARD, smeta, part))
-            tensors.append(_Put(key, pb.TENSOR, meta, None))
+            tensors.append(_Put(key, pb.TENSOR, meta, None, cond=_cond(conditions, key)))
         if shards:
             self._check_fits(shards)
             try:
@@ -328,15 +360,16 @@ class Client:
         """Fetch several tensors (one RPC per node and batch); misses map to None."""
         if isinstance(keys, str):
             raise InvalidArgument("get_many takes an iterable of keys, not a single str")
-        return self._get_many(keys, None)
+        return {k: array for k, (array, _) in self._get_many(keys, None).items()}
 
     def _get_many(
         self, keys: Iterable[str], outs: dict[str, np.ndarray] | None
-    ) -> dict[str, np.ndarray | None]:
+    ) -> dict[str, tuple[np.ndarray | None, int]]:
+        """key -> (array or None, version) for every key."""
         wanted = list(dict.fromkeys(keys))
         for key in wanted:
             encode_key(key)
-        out: dict[str, np.ndarray | None] = dict.fromkeys(wanted)
+        out: dict[str, tuple[np.ndarray | None, int]] = dict.fromkeys(wanted, (None, 0))
         pending = wanted
         # A stripe can vanish under a reader when a newer put replaced it;
         # read the manifest again (bounded) before calling it a miss.
@@ -346,18 +379,18 @@ class Client:
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
                 if it.found and it not in striped:
-                    out[it.key] = it.array
+                    out[it.key] = (it.array, it.version)
             pending = []
             if striped:
                 for it, ok in zip(striped, self._fetch_stripes(striped), strict=True):
                     if ok:
-                        out[it.key] = it.array
+                        out[it.key] = (it.array, it.version)
                     else:
                         pending.append(it.key)
             if not pending:
                 break
             self._count("stripe_retries", len(pending))
-        hits = sum(v is not None for v in out.values())
+        hits = sum(a is not None for a, _ in out.values())
         self._count("gets", len(out), hits=hits, misses=len(out) - hits)
         return out
 
@@ -528,7 +561,9 @@ class Client:
     def _put_call(self, member: RingMember, epoch: int, batch: list[_Put]) -> None:
         header = pb.PutRequest(epoch=epoch)
         for it in batch:
-            header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
+            entry = header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
+            if it.cond is not None:
+                entry.if_version = it.cond
         views = [it.view for it in batch if it.view is not None]
         reply: pb.PutReply | None = None
         if self._data_channel(member):
@@ -644,6 +679,28 @@ class Client:
                 )
                 it.found, it.array = False, None
 
+    def _head_call(self, member: RingMember, epoch: int, batch: list[_Get]) -> None:
+        """Versions only (GetRequest.head_only over gRPC: no payload)."""
+        request = pb.GetRequest(
+            epoch=epoch,
+            head_only=True,
+            keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch],
+        )
+        where = f"version from node {member.address}"
+        try:
+            first = next(
+                self._conns.get(member.address).get(request, timeout=self.config.timeout_s), None
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, where) from exc
+        if first is None:
+            raise ProtocolError(f"{where}: empty reply stream")
+        reply = pb.GetReply.FromString(first)
+        if len(reply.entries) != len(batch):
+            raise ProtocolError(f"{where}: {len(reply.entries)} headers for {len(batch)} keys")
+        for it, got in zip(batch, reply.entries, strict=True):
+            it.found, it.version = got.found, got.version
+
     def _delete_call(self, member: RingMember, epoch: int, batch: list[_Del]) -> None:
         request = pb.DeleteRequest(
             epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
@@ -734,6 +791,10 @@ class Client:
             log.info(
                 "could not free %d old stripes (%s); eviction will reclaim them", len(refs), exc
             )
+
+
+def _cond(conditions: dict[str, int] | None, key: str) -> int | None:
+    return conditions.get(key) if conditions else None
 
 
 def connect(

@@ -156,7 +156,7 @@ class NodeOps:
                     f"received crc32c {crcs[i]:#010x}, header says {e.meta.crc32c:#010x}"
                 )
         items = [
-            NewEntry(k, e.meta, c, cost)
+            NewEntry(k, e.meta, c, cost, e.if_version if e.HasField("if_version") else None)
             for k, e, c, cost in zip(plan.keys, plan.req.entries, chunks, plan.costs, strict=True)
         ]
         results = self.store.commit(plan.reservation, items)

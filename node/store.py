@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorcache.errors import CapacityExceeded
+from tensorcache.errors import CapacityExceeded, VersionConflict
 from tensorcache.node.policy import EvictionPolicy, make_policy
 
 # Bytes charged per entry beyond payload, key and metadata: the Python
@@ -43,6 +43,7 @@ class NewEntry:
     meta: Any
     chunks: tuple[bytes, ...]
     cost: int
+    if_version: int | None = None  # commit only if the current version is this (0: absent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,16 @@ class Store:
         with self._lock:
             if reservation.done:
                 raise ValueError("reservation already committed or released")
+            # Conditions first, all of them, so a batch commits all or nothing.
+            for item in items:
+                if item.if_version is not None:
+                    current = self._entries.get(item.key)
+                    have = current.version if current is not None else 0
+                    if have != item.if_version:
+                        raise VersionConflict(
+                            f"{item.key[1][:200]!r} is at version {have}, "
+                            f"the put was conditional on {item.if_version}"
+                        )
             reservation.done = True
             self._reserved -= reservation.nbytes
             for item in items:

@@ -45,14 +45,16 @@ class TensorMeta(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ...) -> None: ...
 
 class EntryPut(_message.Message):
-    __slots__ = ("key", "kind", "meta")
+    __slots__ = ("key", "kind", "meta", "if_version")
     KEY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    IF_VERSION_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     kind: EntryKind
     meta: TensorMeta
-    def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ...) -> None: ...
+    if_version: int
+    def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., if_version: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("epoch", "entries")

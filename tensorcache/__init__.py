@@ -14,6 +14,7 @@ from tensorcache.errors import (
     StaleEpoch,
     TensorCacheError,
     Unavailable,
+    VersionConflict,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "StaleEpoch",
     "TensorCacheError",
     "Unavailable",
+    "VersionConflict",
     "connect",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@
     ├── Unavailable            no node or router could be reached in time
     ├── DataCorruption         a checksum or size check failed on received bytes
     ├── StaleEpoch             a node's ring view is newer than the request's
+    ├── VersionConflict        put(..., if_version=v) found another version
     ├── ProtocolError          a peer broke the wire contract
     └── Cancelled              (node side) the peer went away mid-call
 
@@ -45,6 +46,10 @@ class StaleEpoch(TensorCacheError):
         self.epoch = epoch
 
 
+class VersionConflict(TensorCacheError):
+    """A conditional put found another version than the one it was made for."""
+
+
 class ProtocolError(TensorCacheError):
     """A peer sent something the wire contract does not allow."""
 
@@ -60,6 +65,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorCacheError]] = {
     grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.DATA_LOSS: DataCorruption,
     grpc.StatusCode.FAILED_PRECONDITION: StaleEpoch,
+    grpc.StatusCode.ABORTED: VersionConflict,
 }
 
 
@@ -73,6 +79,7 @@ _STATUS_OF: tuple[tuple[type[TensorCacheError], grpc.StatusCode], ...] = (
     (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DataCorruption, grpc.StatusCode.DATA_LOSS),
     (StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
+    (VersionConflict, grpc.StatusCode.ABORTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
 )

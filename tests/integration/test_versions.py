@@ -1,0 +1,50 @@
+"""Versions: every put returns a larger one; conditional puts; version(); min_version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tensorcache
+
+from .helpers import TRANSPORTS
+
+pytestmark = pytest.mark.integration
+
+SMALL = np.arange(100, dtype=np.float32)
+BIG = np.arange(3 * 1024 * 1024, dtype=np.float32)  # 12 MiB: striped at 8 MiB
+
+
+@pytest.mark.parametrize("path", sorted(TRANSPORTS))
+@pytest.mark.parametrize("value", [SMALL, BIG], ids=["small", "striped"])
+def test_conditional_put(cluster, prefix, path, value):
+    key = prefix + "k"
+    with tensorcache.connect(cluster.router_address, **TRANSPORTS[path]) as c:
+        assert c.version(key) is None
+        v1 = c.put(key, value, if_version=0)  # only if absent
+        assert c.version(key) == v1
+        with pytest.raises(tensorcache.VersionConflict, match=str(v1)):
+            c.put(key, value + 1, if_version=0)
+        with pytest.raises(tensorcache.VersionConflict):
+            c.put(key, value + 1, if_version=v1 + 12345)
+        np.testing.assert_array_equal(c.get(key), value)  # untouched by the refusals
+        assert c.version(key) == v1
+        v2 = c.put(key, value + 2, if_version=v1)
+        assert v2 > v1
+        np.testing.assert_array_equal(c.get(key), value + 2)
+        shards = sum(s.shards for s in c.stats())
+        assert c.delete(key)
+        assert c.version(key) is None
+    if value is BIG:  # refused conditional puts left no stripes behind
+        assert shards == len(range(0, BIG.nbytes, 8 * 1024 * 1024))
+
+
+def test_versions_increase_and_min_version(cluster, prefix):
+    key = prefix + "k"
+    with tensorcache.connect(cluster.router_address) as c:
+        versions = [c.put(key, SMALL + i) for i in range(5)]
+        assert versions == sorted(set(versions))
+        assert c.get(key, min_version=versions[-1]) is not None
+        assert c.get(key, min_version=versions[-1] + 1) is None  # nothing that new yet
+        with pytest.raises(tensorcache.InvalidArgument, match="if_version"):
+            c.put(key, SMALL, if_version=-1)
