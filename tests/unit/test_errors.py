@@ -17,6 +17,7 @@ from tensorcache.errors import (
     StaleEpoch,
     TensorCacheError,
     Unavailable,
+    VersionConflict,
     from_rpc_error,
 )
 
@@ -54,6 +55,7 @@ class FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.CANCELLED, Unavailable),
         (grpc.StatusCode.DATA_LOSS, DataCorruption),
         (grpc.StatusCode.FAILED_PRECONDITION, StaleEpoch),
+        (grpc.StatusCode.ABORTED, VersionConflict),
     ],
 )
 def test_mapping_table(code, cls):
@@ -70,7 +72,6 @@ def test_mapping_table(code, cls):
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.ABORTED,
         grpc.StatusCode.ALREADY_EXISTS,
         grpc.StatusCode.UNAUTHENTICATED,
     ],
