@@ -38,6 +38,7 @@ import numpy as np
 
 from tensorcache import codec, localread
 from tensorcache.client.datachannel import DataPool
+from tensorcache.client.nearcache import NearCache
 from tensorcache.client.placement import Placement
 from tensorcache.client.transport import (
     ConnPool,
@@ -92,6 +93,9 @@ class ClientConfig:
     #: Copy entries of nodes on this host straight out of their memory
     #: (process_vm_readv, tensorcache/localread.py) when allowed; else network.
     local_fastpath: bool = True
+    #: Bytes of hot tensors to keep in this process (0: off). Strict mode:
+    #: every hit is revalidated with the owner by version, no bytes moved.
+    near_cache_bytes: int = 0
     #: Also checksum bytes copied from a co-located node. Off by default: the
     #: node verified them on arrival, stored bytes never change, and no wire
     #: lies between; the check would halve the speed of this path.
@@ -199,6 +203,9 @@ class Client:
         self._conns = ConnPool()
         self._data = DataPool(self.config.timeout_s)
         self._local: dict[str, bool] = {}
+        self._near = (
+            NearCache(self.config.near_cache_bytes) if self.config.near_cache_bytes else None
+        )
         self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
         self._closed = False
         self._mlock = threading.Lock()
@@ -239,6 +246,8 @@ class Client:
         with self._mlock:
             out = dict(self._metrics)
         out["ring_refreshes"] = self._placement.refreshes
+        if self._near is not None:
+            out["near_bytes"] = self._near.bytes_used
         return out
 
     def _count(self, name: str, n: int = 1, **more: int) -> None:
@@ -261,6 +270,28 @@ class Client:
             key
         ]
 
+    def _near_get(self, key: str, out: np.ndarray | None) -> tuple[np.ndarray, int] | None:
+        """A near-cache hit still current on the owner, copied out; else None."""
+        assert self._near is not None
+        near = self._near.lookup(key)
+        if near is None:
+            self._count("near_misses")
+            return None
+        current = self.version(key)
+        if current != near.version:
+            self._near.drop(key)
+            self._count("near_stale")
+            return None
+        self._count("near_hits")
+        if out is None:
+            return near.array.copy(order="K"), near.version
+        layout = codec.Layout(near.array.dtype.str, near.array.shape, "C", near.array.nbytes)
+        if near.array.flags.f_contiguous and not near.array.flags.c_contiguous:
+            layout = codec.Layout(layout.dtype, layout.shape, "F", layout.nbytes)
+        codec.view_for(out, layout)  # same checks as a get into out=
+        np.copyto(out, near.array)
+        return out, near.version
+
     def version(self, key: str) -> int | None:
         """The current version of ``key``, or None if absent (no bytes move)."""
         encode_key(key)
@@ -282,8 +313,17 @@ class Client:
         ``min_version``: never return a value older than this version; an
         older one is reported as a miss (None).
         """
+        if self._near is not None:
+            hit = self._near_get(key, out)
+            if hit is not None:
+                return hit[0] if min_version is None or hit[1] >= min_version else None
         got = self._get_many([key], {key: out} if out is not None else None)
         array, version = got[key]
+        if self._near is not None:
+            if array is None:
+                self._near.drop(key)
+            else:
+                self._near.store(key, array, version)
         if array is not None and min_version is not None and version < min_version:
             self._count("stale_rejected")
             return None
@@ -295,6 +335,8 @@ class Client:
         items = [_Del(key, pb.TENSOR)]
         self._scatter(items, self._delete_call)
         self._free_stripes([ref for it in items for ref in it.stripes])
+        if self._near is not None:
+            self._near.drop(key)
         self._count("deletes")
         return items[0].found
 
@@ -353,6 +395,9 @@ class Client:
             self._free_stripes([r for it in tensors if not it.version for r in it.meta.stripes])
             raise
         self._free_stripes([ref for it in tensors for ref in it.replaced])
+        if self._near is not None:
+            for it in tensors:
+                self._near.drop(it.key)
         self._count("puts", len(tensors), bytes_put=sum(it.meta.nbytes for it in tensors))
         return {it.key: it.version for it in tensors}
 
@@ -801,17 +846,21 @@ def connect(
     router: str,
     *,
     stripe_size: int | str | None = None,
+    near_cache: int | str | None = None,
     config: ClientConfig | None = None,
     **options: Any,
 ) -> Client:
     """Connect to the cluster whose router listens at ``router`` (host:port).
 
-    ``stripe_size`` ("8MiB") overrides the cluster's default; other keyword
+    ``stripe_size`` ("8MiB") overrides the cluster's default; ``near_cache``
+    ("512MiB") keeps hot tensors in this process, revalidated per get; other keyword
     options are ClientConfig fields (timeout_s, parallelism, chunk_size, …).
     """
     if config is None:
         if stripe_size is not None:
             options["stripe_size"] = parse_size(stripe_size)
+        if near_cache is not None:
+            options["near_cache_bytes"] = parse_size(near_cache)
         try:
             config = ClientConfig(**options)
         except TypeError as exc:
