@@ -22,6 +22,7 @@ deadlock. gRPC channels do not survive ``fork()``: connect in each process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
@@ -130,6 +131,8 @@ class NodeStats:
     bytes_reserved: int = 0
     puts: int = 0
     deletes: int = 0
+    fills: int = 0
+    fill_waits: int = 0
     policy: str = ""
     epoch: int = 0
     reachable: bool = True
@@ -181,6 +184,16 @@ class _Get:
     @property
     def nbytes(self) -> int:
         return self.expect.nbytes if self.expect is not None else 0
+
+
+@dataclass(eq=False)
+class _Fill:
+    key: str
+    holder: str
+    ttl_ms: int
+    release: bool
+    reply: pb.FillReply | None = None
+    nbytes = 0
 
 
 @dataclass(eq=False)
@@ -291,6 +304,69 @@ class Client:
         codec.view_for(out, layout)  # same checks as a get into out=
         np.copyto(out, near.array)
         return out, near.version
+
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], np.ndarray],
+        *,
+        fill_ttl_s: float = 60.0,
+        timeout_s: float = 600.0,
+    ) -> np.ndarray:
+        """The tensor under ``key``; on a miss, load it with ``loader()`` and put it.
+
+        One fill per miss across every client of the cluster: the key's owner
+        grants the right to load to one caller at a time (``fill_ttl_s``,
+        renewed by nothing: choose it above the loader's run time); the others
+        wait and then read what it put. If the filler dies, its grant expires
+        and a waiter takes over. A loader that raises gives its grant back and
+        the error propagates. Waiting longer than ``timeout_s`` raises
+        ``Unavailable``.
+        """
+        encode_key(key)
+        if not 0 < fill_ttl_s <= 3600:
+            raise InvalidArgument(f"fill_ttl_s must be in (0, 3600], got {fill_ttl_s}")
+        holder = secrets.token_hex(8)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.get(key)
+            if value is not None:
+                return value
+            reply = self._fill(key, holder, int(fill_ttl_s * 1000), release=False)
+            if reply.granted:
+                try:
+                    value = loader()
+                    self.put(key, value)  # its commit ends the grant
+                except BaseException:
+                    with contextlib.suppress(TensorCacheError):
+                        self._fill(key, holder, 0, release=True)
+                    raise
+                self._count("loads")
+                return value
+            if not reply.found:
+                self._count("fill_waits")
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"waited {timeout_s:.0f}s for another worker to load {key!r}")
+                time.sleep(min(max(reply.retry_ms / 1000, 0.005), 0.2))
+
+    def _fill(self, key: str, holder: str, ttl_ms: int, *, release: bool) -> pb.FillReply:
+        items = [_Fill(key, holder, ttl_ms, release)]
+        self._scatter(items, self._fill_call)
+        assert items[0].reply is not None
+        return items[0].reply
+
+    def _fill_call(self, member: RingMember, epoch: int, batch: list[_Fill]) -> None:
+        for it in batch:
+            request = pb.FillRequest(
+                epoch=epoch, key=it.key.encode(), holder=it.holder, ttl_ms=it.ttl_ms,
+                release=it.release,
+            )  # fmt: skip
+            try:
+                it.reply = self._conns.get(member.address).fill(
+                    request, timeout=self.config.timeout_s
+                )
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, f"fill on node {member.address}") from exc
 
     def version(self, key: str) -> int | None:
         """The current version of ``key``, or None if absent (no bytes move)."""
@@ -465,6 +541,8 @@ class Client:
                 bytes_reserved=s.bytes_reserved,
                 puts=s.puts,
                 deletes=s.deletes,
+                fills=s.fills,
+                fill_waits=s.fill_waits,
                 policy=s.policy,
                 epoch=s.epoch,
             )

@@ -47,6 +47,11 @@ class NodeConn:
             request_serializer=pb.DeleteRequest.SerializeToString,
             response_deserializer=pb.DeleteReply.FromString,
         )
+        self.fill = self.channel.unary_unary(
+            NODE_SERVICE + "Fill",
+            request_serializer=pb.FillRequest.SerializeToString,
+            response_deserializer=pb.FillReply.FromString,
+        )
         self.stat = self.channel.unary_unary(
             NODE_SERVICE + "Stat",
             request_serializer=pb.StatRequest.SerializeToString,

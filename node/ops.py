@@ -20,10 +20,12 @@ from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
 from tensorcache.localread import address_of
+from tensorcache.node.fill import FillLeases
 from tensorcache.node.store import Entry, NewEntry, Reservation, Store, StoreKey, entry_cost
 from tensorcache.proto import tensorcache_pb2 as pb
 
 MAX_BATCH_ENTRIES = 65536
+MAX_FILL_TTL_MS = 3_600_000
 # Smaller entries go in the payload even to co-located clients: one
 # process_vm_readv call per entry costs more than a share of one socket read.
 LOCAL_MIN = 256 * 1024
@@ -106,6 +108,7 @@ class PutPlan:
 class NodeOps:
     def __init__(self, store: Store, name: str, address: str, epochs: EpochView) -> None:
         self.store = store
+        self.fills = FillLeases()
         self.name = name
         self.address = address
         self.epochs = epochs
@@ -160,6 +163,9 @@ class NodeOps:
             for k, e, c, cost in zip(plan.keys, plan.req.entries, chunks, plan.costs, strict=True)
         ]
         results = self.store.commit(plan.reservation, items)
+        for key in plan.keys:
+            if key[0] == pb.TENSOR:
+                self.fills.committed(key[1])
         reply = pb.PutReply(epoch=self.epochs.epoch)
         for e, (version, old) in zip(plan.req.entries, results, strict=True):
             r = reply.results.add(key=e.key, version=version)
@@ -207,6 +213,22 @@ class NodeOps:
                 payload.append(entry)
         return reply, payload, pinned
 
+    def fill(self, req: pb.FillRequest) -> pb.FillReply:
+        """Grant, refuse or end the right to load a missing key (see node/fill.py)."""
+        self.check_epoch(req.epoch)
+        kind, key = _store_key(req.key, pb.TENSOR, "fill")
+        if not req.holder or len(req.holder) > 128:
+            raise InvalidArgument("fill.holder must be 1..128 characters")
+        if req.release:
+            self.fills.release(key, req.holder)
+            return pb.FillReply()
+        if self.store.contains((kind, key)):
+            return pb.FillReply(found=True)
+        if not 0 < req.ttl_ms <= MAX_FILL_TTL_MS:
+            raise InvalidArgument(f"fill.ttl_ms must be 1..{MAX_FILL_TTL_MS}, got {req.ttl_ms}")
+        granted, wait_s = self.fills.acquire(key, req.holder, req.ttl_ms / 1000)
+        return pb.FillReply(granted=granted, retry_ms=int(wait_s * 1000))
+
     def delete(self, req: pb.DeleteRequest) -> pb.DeleteReply:
         self.check_epoch(req.epoch)
         keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
@@ -235,4 +257,6 @@ class NodeOps:
             deletes=s.deletes,
             policy=s.policy,
             epoch=self.epochs.epoch,
+            fills=self.fills.grants,
+            fill_waits=self.fills.waits,
         )

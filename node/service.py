@@ -145,6 +145,12 @@ class NodeService:
         except TensorCacheError as exc:
             self._abort(context, exc)
 
+    def fill(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self._ops.fill(parse_header(pb.FillRequest, raw, "fill")).SerializeToString()
+        except TensorCacheError as exc:
+            self._abort(context, exc)
+
     def stat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             parse_header(pb.StatRequest, raw, "stat")
@@ -163,5 +169,6 @@ class NodeService:
                 # INVALID_ARGUMENT naming the problem rather than INTERNAL.
                 "Delete": grpc.unary_unary_rpc_method_handler(self.delete),
                 "Stat": grpc.unary_unary_rpc_method_handler(self.stat),
+                "Fill": grpc.unary_unary_rpc_method_handler(self.fill),
             },
         )

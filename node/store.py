@@ -216,6 +216,11 @@ class Store:
                 self._policy.accessed(key)
             return entry
 
+    def contains(self, key: StoreKey) -> bool:
+        """Whether ``key`` is stored (no statistics, no recency update)."""
+        with self._lock:
+            return key in self._entries
+
     def delete(self, key: StoreKey) -> Entry | None:
         with self._lock:
             old = self._remove_locked(key)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tensorcache/proto/tensorcache.proto\x12\x0etensorcache.v1\"H\n\tStripeRef\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"\x95\x01\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05order\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12*\n\x07stripes\x18\x06 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\x12\x0e\n\x06put_id\x18\x07 \x01(\x04\"\x92\x01\n\x08\x45ntryPut\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\x12(\n\x04meta\x18\x03 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\x12\x17\n\nif_version\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"F\n\nPutRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryPut\"^\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x33\n\x10replaced_stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"E\n\x08PutReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.tensorcache.v1.PutResult\"@\n\x08\x45ntryKey\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\"e\n\nGetRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\x12\x11\n\thead_only\x18\x03 \x01(\x08\x12\r\n\x05local\x18\x04 \x01(\x08\"\x8c\x01\n\x08\x45ntryGot\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12(\n\x04meta\x18\x04 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\x12)\n\x05local\x18\x05 \x03(\x0b\x32\x1a.tensorcache.v1.LocalChunk\"*\n\nLocalChunk\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"D\n\x08GetReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryGot\"F\n\rDeleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\"V\n\x0c\x44\x65leteResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12*\n\x07stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"K\n\x0b\x44\x65leteReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.tensorcache.v1.DeleteResult\"\r\n\x0bStatRequest\"\xf5\x01\n\tNodeStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\x12\x0c\n\x04hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0c\n\x04puts\x18\x0b \x01(\x04\x12\x0f\n\x07\x64\x65letes\x18\x0c \x01(\x04\x12\x0e\n\x06policy\x18\r \x01(\t\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\"9\n\tDataError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x91\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\x12\x11\n\tlocal_pid\x18\x05 \x01(\r\x12\x18\n\x10local_token_addr\x18\x06 \x01(\x04\x12\x13\n\x0blocal_token\x18\x07 \x01(\x0c\"\x80\x01\n\x0cRingSnapshot\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x07members\x18\x02 \x03(\x0b\x32\x16.tensorcache.v1.Member\x12\x13\n\x0bstripe_size\x18\x03 \x01(\x04\x12\x0e\n\x06vnodes\x18\x04 \x01(\x04\x12\x13\n\x0bweight_unit\x18\x05 \x01(\x04\"\x10\n\x0eGetRingRequest\"9\n\x0fRegisterRequest\x12&\n\x06member\x18\x01 \x01(\x0b\x32\x16.tensorcache.v1.Member\"K\n\rRegisterReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\" \n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05known\x18\x02 \x01(\x08\"!\n\x11\x44\x65registerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x0f\x44\x65registerReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04*\"\n\tEntryKind\x12\n\n\x06TENSOR\x10\x00\x12\t\n\x05SHARD\x10\x01\x32\x8a\x02\n\x04Node\x12=\n\x03Put\x12\x1a.tensorcache.v1.PutRequest\x1a\x18.tensorcache.v1.PutReply(\x01\x12=\n\x03Get\x12\x1a.tensorcache.v1.GetRequest\x1a\x18.tensorcache.v1.GetReply0\x01\x12\x44\n\x06\x44\x65lete\x12\x1d.tensorcache.v1.DeleteRequest\x1a\x1b.tensorcache.v1.DeleteReply\x12>\n\x04Stat\x12\x1b.tensorcache.v1.StatRequest\x1a\x19.tensorcache.v1.NodeStats2\xbe\x02\n\x06Router\x12G\n\x07GetRing\x12\x1e.tensorcache.v1.GetRingRequest\x1a\x1c.tensorcache.v1.RingSnapshot\x12J\n\x08Register\x12\x1f.tensorcache.v1.RegisterRequest\x1a\x1d.tensorcache.v1.RegisterReply\x12M\n\tHeartbeat\x12 .tensorcache.v1.HeartbeatRequest\x1a\x1e.tensorcache.v1.HeartbeatReply\x12P\n\nDeregister\x12!.tensorcache.v1.DeregisterRequest\x1a\x1f.tensorcache.v1.DeregisterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tensorcache/proto/tensorcache.proto\x12\x0etensorcache.v1\"H\n\tStripeRef\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\"\x95\x01\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05order\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12*\n\x07stripes\x18\x06 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\x12\x0e\n\x06put_id\x18\x07 \x01(\x04\"\x92\x01\n\x08\x45ntryPut\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\x12(\n\x04meta\x18\x03 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\x12\x17\n\nif_version\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"F\n\nPutRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryPut\"^\n\tPutResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x33\n\x10replaced_stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"E\n\x08PutReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.tensorcache.v1.PutResult\"@\n\x08\x45ntryKey\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tensorcache.v1.EntryKind\"e\n\nGetRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\x12\x11\n\thead_only\x18\x03 \x01(\x08\x12\r\n\x05local\x18\x04 \x01(\x08\"\x8c\x01\n\x08\x45ntryGot\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12(\n\x04meta\x18\x04 \x01(\x0b\x32\x1a.tensorcache.v1.TensorMeta\x12)\n\x05local\x18\x05 \x03(\x0b\x32\x1a.tensorcache.v1.LocalChunk\"*\n\nLocalChunk\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"D\n\x08GetReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryGot\"F\n\rDeleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x04keys\x18\x02 \x03(\x0b\x32\x18.tensorcache.v1.EntryKey\"V\n\x0c\x44\x65leteResult\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12*\n\x07stripes\x18\x03 \x03(\x0b\x32\x19.tensorcache.v1.StripeRef\"K\n\x0b\x44\x65leteReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.tensorcache.v1.DeleteResult\"Z\n\x0b\x46illRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\x12\x0f\n\x07release\x18\x05 \x01(\x08\"=\n\tFillReply\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x10\n\x08retry_ms\x18\x03 \x01(\r\"\r\n\x0bStatRequest\"\x98\x02\n\tNodeStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x01(\x04\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_reserved\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\x12\x0c\n\x04hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0c\n\x04puts\x18\x0b \x01(\x04\x12\x0f\n\x07\x64\x65letes\x18\x0c \x01(\x04\x12\x0e\n\x06policy\x18\r \x01(\t\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\x12\r\n\x05\x66ills\x18\x0f \x01(\x04\x12\x12\n\nfill_waits\x18\x10 \x01(\x04\"9\n\tDataError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x91\x01\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\x04 \x01(\t\x12\x11\n\tlocal_pid\x18\x05 \x01(\r\x12\x18\n\x10local_token_addr\x18\x06 \x01(\x04\x12\x13\n\x0blocal_token\x18\x07 \x01(\x0c\"\x80\x01\n\x0cRingSnapshot\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x07members\x18\x02 \x03(\x0b\x32\x16.tensorcache.v1.Member\x12\x13\n\x0bstripe_size\x18\x03 \x01(\x04\x12\x0e\n\x06vnodes\x18\x04 \x01(\x04\x12\x13\n\x0bweight_unit\x18\x05 \x01(\x04\"\x10\n\x0eGetRingRequest\"9\n\x0fRegisterRequest\x12&\n\x06member\x18\x01 \x01(\x0b\x32\x16.tensorcache.v1.Member\"K\n\rRegisterReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\" \n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05known\x18\x02 \x01(\x08\"!\n\x11\x44\x65registerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x0f\x44\x65registerReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04*\"\n\tEntryKind\x12\n\n\x06TENSOR\x10\x00\x12\t\n\x05SHARD\x10\x01\x32\xca\x02\n\x04Node\x12=\n\x03Put\x12\x1a.tensorcache.v1.PutRequest\x1a\x18.tensorcache.v1.PutReply(\x01\x12=\n\x03Get\x12\x1a.tensorcache.v1.GetRequest\x1a\x18.tensorcache.v1.GetReply0\x01\x12\x44\n\x06\x44\x65lete\x12\x1d.tensorcache.v1.DeleteRequest\x1a\x1b.tensorcache.v1.DeleteReply\x12>\n\x04Stat\x12\x1b.tensorcache.v1.StatRequest\x1a\x19.tensorcache.v1.NodeStats\x12>\n\x04\x46ill\x12\x1b.tensorcache.v1.FillRequest\x1a\x19.tensorcache.v1.FillReply2\xbe\x02\n\x06Router\x12G\n\x07GetRing\x12\x1e.tensorcache.v1.GetRingRequest\x1a\x1c.tensorcache.v1.RingSnapshot\x12J\n\x08Register\x12\x1f.tensorcache.v1.RegisterRequest\x1a\x1d.tensorcache.v1.RegisterReply\x12M\n\tHeartbeat\x12 .tensorcache.v1.HeartbeatRequest\x1a\x1e.tensorcache.v1.HeartbeatReply\x12P\n\nDeregister\x12!.tensorcache.v1.DeregisterRequest\x1a\x1f.tensorcache.v1.DeregisterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorcache.proto.tensorcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYKIND']._serialized_start=2238
-  _globals['_ENTRYKIND']._serialized_end=2272
+  _globals['_ENTRYKIND']._serialized_start=2428
+  _globals['_ENTRYKIND']._serialized_end=2462
   _globals['_STRIPEREF']._serialized_start=55
   _globals['_STRIPEREF']._serialized_end=127
   _globals['_TENSORMETA']._serialized_start=130
@@ -61,32 +61,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETERESULT']._serialized_end=1253
   _globals['_DELETEREPLY']._serialized_start=1255
   _globals['_DELETEREPLY']._serialized_end=1330
-  _globals['_STATREQUEST']._serialized_start=1332
-  _globals['_STATREQUEST']._serialized_end=1345
-  _globals['_NODESTATS']._serialized_start=1348
-  _globals['_NODESTATS']._serialized_end=1593
-  _globals['_DATAERROR']._serialized_start=1595
-  _globals['_DATAERROR']._serialized_end=1652
-  _globals['_MEMBER']._serialized_start=1655
-  _globals['_MEMBER']._serialized_end=1800
-  _globals['_RINGSNAPSHOT']._serialized_start=1803
-  _globals['_RINGSNAPSHOT']._serialized_end=1931
-  _globals['_GETRINGREQUEST']._serialized_start=1933
-  _globals['_GETRINGREQUEST']._serialized_end=1949
-  _globals['_REGISTERREQUEST']._serialized_start=1951
-  _globals['_REGISTERREQUEST']._serialized_end=2008
-  _globals['_REGISTERREPLY']._serialized_start=2010
-  _globals['_REGISTERREPLY']._serialized_end=2085
-  _globals['_HEARTBEATREQUEST']._serialized_start=2087
-  _globals['_HEARTBEATREQUEST']._serialized_end=2119
-  _globals['_HEARTBEATREPLY']._serialized_start=2121
-  _globals['_HEARTBEATREPLY']._serialized_end=2167
-  _globals['_DEREGISTERREQUEST']._serialized_start=2169
-  _globals['_DEREGISTERREQUEST']._serialized_end=2202
-  _globals['_DEREGISTERREPLY']._serialized_start=2204
-  _globals['_DEREGISTERREPLY']._serialized_end=2236
-  _globals['_NODE']._serialized_start=2275
-  _globals['_NODE']._serialized_end=2541
-  _globals['_ROUTER']._serialized_start=2544
-  _globals['_ROUTER']._serialized_end=2862
+  _globals['_FILLREQUEST']._serialized_start=1332
+  _globals['_FILLREQUEST']._serialized_end=1422
+  _globals['_FILLREPLY']._serialized_start=1424
+  _globals['_FILLREPLY']._serialized_end=1485
+  _globals['_STATREQUEST']._serialized_start=1487
+  _globals['_STATREQUEST']._serialized_end=1500
+  _globals['_NODESTATS']._serialized_start=1503
+  _globals['_NODESTATS']._serialized_end=1783
+  _globals['_DATAERROR']._serialized_start=1785
+  _globals['_DATAERROR']._serialized_end=1842
+  _globals['_MEMBER']._serialized_start=1845
+  _globals['_MEMBER']._serialized_end=1990
+  _globals['_RINGSNAPSHOT']._serialized_start=1993
+  _globals['_RINGSNAPSHOT']._serialized_end=2121
+  _globals['_GETRINGREQUEST']._serialized_start=2123
+  _globals['_GETRINGREQUEST']._serialized_end=2139
+  _globals['_REGISTERREQUEST']._serialized_start=2141
+  _globals['_REGISTERREQUEST']._serialized_end=2198
+  _globals['_REGISTERREPLY']._serialized_start=2200
+  _globals['_REGISTERREPLY']._serialized_end=2275
+  _globals['_HEARTBEATREQUEST']._serialized_start=2277
+  _globals['_HEARTBEATREQUEST']._serialized_end=2309
+  _globals['_HEARTBEATREPLY']._serialized_start=2311
+  _globals['_HEARTBEATREPLY']._serialized_end=2357
+  _globals['_DEREGISTERREQUEST']._serialized_start=2359
+  _globals['_DEREGISTERREQUEST']._serialized_end=2392
+  _globals['_DEREGISTERREPLY']._serialized_start=2394
+  _globals['_DEREGISTERREPLY']._serialized_end=2426
+  _globals['_NODE']._serialized_start=2465
+  _globals['_NODE']._serialized_end=2795
+  _globals['_ROUTER']._serialized_start=2798
+  _globals['_ROUTER']._serialized_end=3116
 # @@protoc_insertion_point(module_scope)

@@ -158,12 +158,36 @@ class DeleteReply(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[DeleteResult]
     def __init__(self, epoch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[DeleteResult, _Mapping]]] = ...) -> None: ...
 
+class FillRequest(_message.Message):
+    __slots__ = ("epoch", "key", "holder", "ttl_ms", "release")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    key: bytes
+    holder: str
+    ttl_ms: int
+    release: bool
+    def __init__(self, epoch: _Optional[int] = ..., key: _Optional[bytes] = ..., holder: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
+
+class FillReply(_message.Message):
+    __slots__ = ("granted", "found", "retry_ms")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    RETRY_MS_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    found: bool
+    retry_ms: int
+    def __init__(self, granted: _Optional[bool] = ..., found: _Optional[bool] = ..., retry_ms: _Optional[int] = ...) -> None: ...
+
 class StatRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch")
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +202,8 @@ class NodeStats(_message.Message):
     DELETES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FILLS_FIELD_NUMBER: _ClassVar[int]
+    FILL_WAITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     keys: int
@@ -192,7 +218,9 @@ class NodeStats(_message.Message):
     deletes: int
     policy: str
     epoch: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    fills: int
+    fill_waits: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ...) -> None: ...
 
 class DataError(_message.Message):
     __slots__ = ("code", "message", "epoch")

@@ -54,6 +54,11 @@ class NodeStub:
                 request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.StatRequest.SerializeToString,
                 response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.NodeStats.FromString,
                 _registered_method=True)
+        self.Fill = channel.unary_unary(
+                '/tensorcache.v1.Node/Fill',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -85,6 +90,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +118,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Stat,
                     request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.StatRequest.FromString,
                     response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.NodeStats.SerializeToString,
+            ),
+            'Fill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fill,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +233,33 @@ class Node:
             '/tensorcache.v1.Node/Stat',
             tensorcache_dot_proto_dot_tensorcache__pb2.StatRequest.SerializeToString,
             tensorcache_dot_proto_dot_tensorcache__pb2.NodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.Node/Fill',
+            tensorcache_dot_proto_dot_tensorcache__pb2.FillRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.FillReply.FromString,
             options,
             channel_credentials,
             insecure,
