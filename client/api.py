@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 
 from tensorcache import codec, localread
+from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.datachannel import DataPool
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.placement import Placement
@@ -66,85 +67,6 @@ log = logging.getLogger("tensorcache.client")
 T = TypeVar("T")
 
 __all__ = ["Client", "ClientConfig", "NodeStats", "connect"]
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Client settings; every default is chosen for a local or in-cluster network."""
-
-    #: Stripe tensors larger than this (bytes). None: the router's cluster default.
-    stripe_size: int | None = None
-    #: Largest payload message sent (2-4 MiB measured best for gRPC here).
-    chunk_size: int = 4 * 1024 * 1024
-    #: One RPC carries at most this many payload bytes / keys; larger work is
-    #: split so several streams per node run in parallel.
-    batch_bytes: int = 64 * 1024 * 1024
-    batch_keys: int = 4096
-    #: Threads for parallel RPCs (stripes, batches, stats).
-    parallelism: int = 8
-    #: Base deadline of an RPC; bulk RPCs add nbytes / min_throughput.
-    timeout_s: float = 30.0
-    min_throughput: float = 50e6
-    #: Attempts after a stale epoch or an unreachable node (ring refreshed each time).
-    retries: int = 5
-    retry_backoff_s: float = 0.2
-    #: "auto": bulk data over each node's TCP data channel when it has one
-    #: (fastest: no gRPC copies), else gRPC streams; "grpc": gRPC streams only.
-    transport: str = "auto"
-    #: Copy entries of nodes on this host straight out of their memory
-    #: (process_vm_readv, tensorcache/localread.py) when allowed; else network.
-    local_fastpath: bool = True
-    #: Bytes of hot tensors to keep in this process (0: off). Strict mode:
-    #: every hit is revalidated with the owner by version, no bytes moved.
-    near_cache_bytes: int = 0
-    #: Also checksum bytes copied from a co-located node. Off by default: the
-    #: node verified them on arrival, stored bytes never change, and no wire
-    #: lies between; the check would halve the speed of this path.
-    verify_local_checksums: bool = False
-
-    def __post_init__(self) -> None:
-        if self.stripe_size is not None and self.stripe_size < 4096:
-            raise ValueError(f"stripe_size must be >= 4096 bytes, got {self.stripe_size}")
-        if not 4096 <= self.chunk_size <= 16 * 1024 * 1024:
-            raise ValueError(f"chunk_size must be 4 KiB..16 MiB, got {self.chunk_size}")
-        if self.batch_bytes < self.chunk_size or self.batch_keys < 1:
-            raise ValueError("batch_bytes must be >= chunk_size and batch_keys >= 1")
-        if self.transport not in ("auto", "grpc"):
-            raise ValueError(f"transport must be 'auto' or 'grpc', got {self.transport!r}")
-        if self.parallelism < 1 or self.retries < 0 or self.timeout_s <= 0:
-            raise ValueError("parallelism >= 1, retries >= 0 and timeout_s > 0 are required")
-
-
-@dataclass(frozen=True)
-class NodeStats:
-    """One node's record from ``Client.stats()``."""
-
-    name: str
-    address: str
-    keys: int
-    bytes_used: int
-    capacity: int
-    hits: int
-    misses: int
-    evictions: int
-    shards: int = 0
-    bytes_reserved: int = 0
-    puts: int = 0
-    deletes: int = 0
-    fills: int = 0
-    fill_waits: int = 0
-    policy: str = ""
-    epoch: int = 0
-    reachable: bool = True
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-    @property
-    def utilization(self) -> float:
-        return self.bytes_used / self.capacity if self.capacity else 0.0
 
 
 # ------------------------------------------------------------------ work items
