@@ -220,9 +220,7 @@ class Client:
         self._count("near_hits")
         if out is None:
             return near.array.copy(order="K"), near.version
-        layout = codec.Layout(near.array.dtype.str, near.array.shape, "C", near.array.nbytes)
-        if near.array.flags.f_contiguous and not near.array.flags.c_contiguous:
-            layout = codec.Layout(layout.dtype, layout.shape, "F", layout.nbytes)
+        layout, _ = codec.encode(near.array)  # the cached copy is contiguous: no copy
         codec.view_for(out, layout)  # same checks as a get into out=
         np.copyto(out, near.array)
         return out, near.version
@@ -311,17 +309,16 @@ class Client:
         ``min_version``: never return a value older than this version; an
         older one is reported as a miss (None).
         """
-        if self._near is not None:
-            hit = self._near_get(key, out)
-            if hit is not None:
-                return hit[0] if min_version is None or hit[1] >= min_version else None
-        got = self._get_many([key], {key: out} if out is not None else None)
-        array, version = got[key]
-        if self._near is not None:
-            if array is None:
-                self._near.drop(key)
-            else:
-                self._near.store(key, array, version)
+        hit = self._near_get(key, out) if self._near is not None else None
+        if hit is not None:
+            array, version = hit
+        else:
+            array, version = self._get_many([key], {key: out} if out is not None else None)[key]
+            if self._near is not None:
+                if array is None:
+                    self._near.drop(key)
+                else:
+                    self._near.store(key, array, version)
         if array is not None and min_version is not None and version < min_version:
             self._count("stale_rejected")
             return None

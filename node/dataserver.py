@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 
 import numpy as np
@@ -35,6 +34,7 @@ from tensorcache.dataproto import (
     PeerClosed,
     Reader,
     frame,
+    kernel_timeouts,
     send_buffers,
 )
 from tensorcache.errors import (
@@ -65,11 +65,6 @@ def _error_frame(exc: TensorCacheError) -> bytes:
     epoch = exc.epoch if isinstance(exc, StaleEpoch) else 0
     code = status_code(exc).value[0]
     return frame(code, pb.DataError(code=code, message=str(exc), epoch=epoch).SerializeToString())
-
-
-def _recv_timeout(conn: socket.socket, seconds: float) -> None:
-    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
 
 
 class DataServer:
@@ -142,14 +137,14 @@ class DataServer:
             # Kernel receive timeouts (no per-call poll): a peer that says
             # nothing after connecting, or idles between requests, is dropped
             # so it cannot hold a connection slot forever.
-            _recv_timeout(conn, HANDSHAKE_TIMEOUT_S)
+            kernel_timeouts(conn, HANDSHAKE_TIMEOUT_S, send=False)
             reader = Reader(conn)
             magic = reader.read_exact(len(MAGIC))
             if magic != MAGIC:
                 raise InvalidArgument(
                     f"not a tensorcache data connection: expected magic {MAGIC!r}, got {magic!r}"
                 )
-            _recv_timeout(conn, IDLE_TIMEOUT_S)
+            kernel_timeouts(conn, IDLE_TIMEOUT_S, send=False)
             # Entries whose addresses the last local GET handed out: kept
             # alive (pinned) until the client sends its next request.
             pinned: list[Entry] = []
