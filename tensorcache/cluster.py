@@ -4,14 +4,13 @@ Used by ``tensorcache up``, the demo, the benchmarks and the integration
 tests, so all of them run the real processes the same way. Every child
 listens on a free port (port 0) and announces its address on its first
 stdout line; readiness is then *polled* (the router's ring lists every
-node), never assumed after a sleep. Children get PR_SET_PDEATHSIG so they
+node), never assumed after a sleep. Children arm PR_SET_PDEATHSIG (parentdeath) so they
 die with the launcher even if it is killed with SIGKILL (no orphans).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from tensorcache import parentdeath
 from tensorcache.etcdserver import EtcdServer, find_etcd
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -40,11 +40,6 @@ NODE_ENV_DEFAULTS = {
 
 
 _LINUX = sys.platform.startswith("linux")
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -71,7 +66,6 @@ def _spawn(args: list[str], name: str, log_dir: Path, env: dict[str, str], timeo
             stderr=log,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     assert popen.stdout is not None
     deadline = time.monotonic() + timeout
@@ -131,6 +125,7 @@ class LocalCluster:
             **{k: v for k, v in NODE_ENV_DEFAULTS.items() if k not in os.environ},
         }
         self.env.update(env or {})
+        self.env[parentdeath.ENV] = str(os.getpid())  # children die with us
         self.router: Proc | None = None
         self.nodes: dict[str, Proc] = {}
         self.etcd = None if etcd in (None, "", "none") else etcd
@@ -161,7 +156,10 @@ class LocalCluster:
         if find_etcd() is None:
             return  # no etcd installed: embedded membership
         self._etcd_server = EtcdServer(
-            data_root=self.log_dir, preexec_fn=_die_with_parent if _LINUX else None
+            # etcd is not ours to change, so its death signal is armed between
+            # fork and exec; arm() is one prctl call with libc loaded already.
+            data_root=self.log_dir,
+            preexec_fn=parentdeath.arm if _LINUX else None,
         ).start()
         self.etcd_url = self._etcd_server.url
 

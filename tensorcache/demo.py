@@ -57,10 +57,10 @@ from typing import Any
 
 import numpy as np
 
-from tensorcache import codec
+from tensorcache import codec, parentdeath
 from tensorcache.cli import stat_table
 from tensorcache.client.api import connect
-from tensorcache.cluster import LocalCluster, _die_with_parent
+from tensorcache.cluster import LocalCluster
 from tensorcache.errors import TensorCacheError
 from tensorcache.sizes import format_size
 
@@ -284,8 +284,7 @@ class WorkerResult:
 
 def _worker(wid: int, role: str, router: str, model: Model, go: Event, msgs: Queue[Any]) -> None:
     """One worker process: connect, wait for the start signal, load every tensor, verify."""
-    if sys.platform.startswith("linux"):
-        _die_with_parent()
+    parentdeath.arm()
     result = WorkerResult(wid, role)
     try:
         with connect(router) as client:

@@ -1,0 +1,44 @@
+"""Children that die with their launcher (Linux PR_SET_PDEATHSIG).
+
+Set in the child itself, after exec, never in a ``preexec_fn``: a
+``preexec_fn`` runs between fork and exec, and in a launcher with threads
+(gRPC channels, a client pool) a lock held by another thread at fork time
+can hang the child there forever (seen: a test spawning a node hung in
+``Popen._execute_child``). A launcher passes its pid in
+``TENSORCACHE_PARENT_PID``; the child arms the signal and then checks that
+its parent is still that process, which closes the race of a launcher that
+died before the signal was armed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+ENV = "TENSORCACHE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+_libc = (
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if sys.platform.startswith("linux")
+    else None
+)
+
+
+def arm() -> None:
+    """Get SIGTERM when the parent process exits (no-op off Linux)."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def from_env() -> None:
+    """In a child started by a launcher that set ``ENV``: die with that launcher."""
+    parent = os.environ.get(ENV, "")
+    if not parent.isdigit():
+        return
+    arm()
+    if os.getppid() != int(parent):  # the launcher was gone before we armed
+        os.kill(os.getpid(), signal.SIGTERM)
