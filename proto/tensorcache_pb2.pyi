@@ -45,16 +45,20 @@ class TensorMeta(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ...) -> None: ...
 
 class EntryPut(_message.Message):
-    __slots__ = ("key", "kind", "meta", "if_version")
+    __slots__ = ("key", "kind", "meta", "if_version", "version", "stamp")
     KEY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     IF_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAMP_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     kind: EntryKind
     meta: TensorMeta
     if_version: int
-    def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., if_version: _Optional[int] = ...) -> None: ...
+    version: int
+    stamp: int
+    def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., if_version: _Optional[int] = ..., version: _Optional[int] = ..., stamp: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("epoch", "entries")
@@ -65,14 +69,16 @@ class PutRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[EntryPut, _Mapping]]] = ...) -> None: ...
 
 class PutResult(_message.Message):
-    __slots__ = ("key", "version", "replaced_stripes")
+    __slots__ = ("key", "version", "replaced_stripes", "kept_newer")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLACED_STRIPES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_NEWER_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     version: int
     replaced_stripes: _containers.RepeatedCompositeFieldContainer[StripeRef]
-    def __init__(self, key: _Optional[bytes] = ..., version: _Optional[int] = ..., replaced_stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ...) -> None: ...
+    kept_newer: bool
+    def __init__(self, key: _Optional[bytes] = ..., version: _Optional[int] = ..., replaced_stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., kept_newer: _Optional[bool] = ...) -> None: ...
 
 class PutReply(_message.Message):
     __slots__ = ("epoch", "results")
@@ -91,30 +97,34 @@ class EntryKey(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., kind: _Optional[_Union[EntryKind, str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("epoch", "keys", "head_only", "local")
+    __slots__ = ("epoch", "keys", "head_only", "local", "handoff")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     HEAD_ONLY_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     keys: _containers.RepeatedCompositeFieldContainer[EntryKey]
     head_only: bool
     local: bool
-    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ..., head_only: _Optional[bool] = ..., local: _Optional[bool] = ...) -> None: ...
+    handoff: bool
+    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ..., head_only: _Optional[bool] = ..., local: _Optional[bool] = ..., handoff: _Optional[bool] = ...) -> None: ...
 
 class EntryGot(_message.Message):
-    __slots__ = ("key", "found", "version", "meta", "local")
+    __slots__ = ("key", "found", "version", "meta", "local", "stamp")
     KEY_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    STAMP_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     found: bool
     version: int
     meta: TensorMeta
     local: _containers.RepeatedCompositeFieldContainer[LocalChunk]
-    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., local: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ...) -> None: ...
+    stamp: int
+    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., local: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ..., stamp: _Optional[int] = ...) -> None: ...
 
 class LocalChunk(_message.Message):
     __slots__ = ("addr", "nbytes")
@@ -187,7 +197,7 @@ class StatRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits")
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +214,10 @@ class NodeStats(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     FILLS_FIELD_NUMBER: _ClassVar[int]
     FILL_WAITS_FIELD_NUMBER: _ClassVar[int]
+    HANDOFFS_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    DEMOTED_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     keys: int
@@ -220,7 +234,23 @@ class NodeStats(_message.Message):
     epoch: int
     fills: int
     fill_waits: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ...) -> None: ...
+    handoffs: int
+    drained: int
+    demoted: int
+    invalidated: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ...) -> None: ...
+
+class FenceRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class FenceReply(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class DataError(_message.Message):
     __slots__ = ("code", "message", "epoch")
@@ -251,18 +281,98 @@ class Member(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ..., local_pid: _Optional[int] = ..., local_token_addr: _Optional[int] = ..., local_token: _Optional[bytes] = ...) -> None: ...
 
 class RingSnapshot(_message.Message):
-    __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit")
+    __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit", "replicas", "invalidations")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     STRIPE_SIZE_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_UNIT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATIONS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
     stripe_size: int
     vnodes: int
     weight_unit: int
-    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stripe_size: _Optional[int] = ..., vnodes: _Optional[int] = ..., weight_unit: _Optional[int] = ...) -> None: ...
+    replicas: int
+    invalidations: _containers.RepeatedCompositeFieldContainer[Invalidation]
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stripe_size: _Optional[int] = ..., vnodes: _Optional[int] = ..., weight_unit: _Optional[int] = ..., replicas: _Optional[int] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ...) -> None: ...
+
+class Invalidation(_message.Message):
+    __slots__ = ("prefix", "epoch")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    epoch: int
+    def __init__(self, prefix: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class InvalidateRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class InvalidateReply(_message.Message):
+    __slots__ = ("generation",)
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    def __init__(self, generation: _Optional[int] = ...) -> None: ...
+
+class KeyEvent(_message.Message):
+    __slots__ = ("key", "version")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    version: int
+    def __init__(self, key: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("node", "events")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    events: _containers.RepeatedCompositeFieldContainer[KeyEvent]
+    def __init__(self, node: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ...) -> None: ...
+
+class PublishReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("epoch", "keys", "invalidations", "reset")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    keys: _containers.RepeatedCompositeFieldContainer[KeyEvent]
+    invalidations: _containers.RepeatedCompositeFieldContainer[Invalidation]
+    reset: bool
+    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class RouterStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouterStatus(_message.Message):
+    __slots__ = ("state", "detail", "epoch", "members", "membership", "replicas")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    detail: str
+    epoch: int
+    members: int
+    membership: str
+    replicas: int
+    def __init__(self, state: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[int] = ..., membership: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class GetRingRequest(_message.Message):
     __slots__ = ()

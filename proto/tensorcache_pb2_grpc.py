@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillRequest.SerializeToString,
                 response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillReply.FromString,
                 _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/tensorcache.v1.Node/Fence',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -96,6 +101,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fence(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +134,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Fill,
                     request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillRequest.FromString,
                     response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FillReply.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +286,33 @@ class Node:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.Node/Fence',
+            tensorcache_dot_proto_dot_tensorcache__pb2.FenceRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.FenceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class RouterStub:
     """Missing associated documentation comment in .proto file."""
@@ -300,6 +343,26 @@ class RouterStub:
                 request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.DeregisterRequest.SerializeToString,
                 response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.DeregisterReply.FromString,
                 _registered_method=True)
+        self.Invalidate = channel.unary_unary(
+                '/tensorcache.v1.Router/Invalidate',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.InvalidateRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.InvalidateReply.FromString,
+                _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/tensorcache.v1.Router/Publish',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.PublishRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.PublishReply.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/tensorcache.v1.Router/Watch',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.WatchRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.WatchEvent.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/tensorcache.v1.Router/Status',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.RouterStatusRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.RouterStatus.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -329,6 +392,30 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Invalidate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Publish(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +438,26 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Deregister,
                     request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.DeregisterRequest.FromString,
                     response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.DeregisterReply.SerializeToString,
+            ),
+            'Invalidate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Invalidate,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.InvalidateRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.InvalidateReply.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.PublishRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.PublishReply.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.WatchRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.WatchEvent.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.RouterStatusRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.RouterStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +568,114 @@ class Router:
             '/tensorcache.v1.Router/Deregister',
             tensorcache_dot_proto_dot_tensorcache__pb2.DeregisterRequest.SerializeToString,
             tensorcache_dot_proto_dot_tensorcache__pb2.DeregisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Invalidate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.Router/Invalidate',
+            tensorcache_dot_proto_dot_tensorcache__pb2.InvalidateRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.InvalidateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.Router/Publish',
+            tensorcache_dot_proto_dot_tensorcache__pb2.PublishRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.PublishReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorcache.v1.Router/Watch',
+            tensorcache_dot_proto_dot_tensorcache__pb2.WatchRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.Router/Status',
+            tensorcache_dot_proto_dot_tensorcache__pb2.RouterStatusRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.RouterStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,4 +37,6 @@ def ring_from_snapshot(snap: pb.RingSnapshot) -> Ring:
         [from_pb(m) for m in snap.members],
         vnodes=snap.vnodes or 40,
         weight_unit=snap.weight_unit or 1,
+        replicas=snap.replicas or 1,
+        invalidations={inv.prefix: inv.epoch for inv in snap.invalidations},
     )

@@ -15,7 +15,7 @@ md5 is stable across processes and machines, unlike Python's ``hash()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from uhashring import HashRing
@@ -50,9 +50,13 @@ class Ring:
         vnodes: int = DEFAULT_VNODES,
         weight_unit: int = DEFAULT_WEIGHT_UNIT,
         hash_fn: Callable[[str], int] | None = None,
+        replicas: int = 1,
+        invalidations: Mapping[str, int] | None = None,
     ) -> None:
         if vnodes < 1 or weight_unit < 1:
             raise ValueError("vnodes and weight_unit must be >= 1")
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate member names in ring: {sorted(names)}")
@@ -60,6 +64,11 @@ class Ring:
         self.members: tuple[RingMember, ...] = tuple(sorted(members, key=lambda m: m.name))
         self.vnodes = vnodes
         self.weight_unit = weight_unit
+        #: Copies of each entry wanted; a ring with fewer members holds fewer.
+        self.replicas = replicas
+        #: prefix -> the epoch that invalidated it (namespace invalidation).
+        self.invalidations: dict[str, int] = dict(invalidations or {})
+        self._replica_cache: dict[str, tuple[RingMember, ...]] = {}
         self._by_name = {m.name: m for m in self.members}
         self._owner_cache: dict[str, RingMember] = {}
         self._ring = HashRing(
@@ -103,6 +112,33 @@ class Ring:
         if not self.members:
             raise Unavailable(f"the ring (epoch {self.epoch}) has no nodes")
         return [conf["instance"] for conf in self._ring.range(key, size=min(n, len(self.members)))]
+
+    def replica_set(self, key: str) -> tuple[RingMember, ...]:
+        """The ``replicas`` members that hold ``key``, primary (= ``owner``) first."""
+        found = self._replica_cache.get(key)
+        if found is None:
+            primary = self.owner(key)
+            if self.replicas == 1:
+                found = (primary,)
+            else:
+                rest = [m for m in self.owners(key, self.replicas + 1) if m != primary]
+                found = (primary, *rest[: self.replicas - 1])
+            if len(self._replica_cache) >= _OWNER_CACHE_SIZE:
+                self._replica_cache.clear()
+            self._replica_cache[key] = found
+        return found
+
+    def invalidated_before(self, key: str) -> int:
+        """The newest invalidation epoch covering ``key`` (0: none).
+
+        An entry of ``key`` committed at an epoch below this no longer exists.
+        O(number of invalidated prefixes): a handful per model rollover.
+        """
+        best = 0
+        for prefix, epoch in self.invalidations.items():
+            if epoch > best and key.startswith(prefix):
+                best = epoch
+        return best
 
     def __repr__(self) -> str:
         return f"Ring(epoch={self.epoch}, members={[m.name for m in self.members]})"
