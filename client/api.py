@@ -48,6 +48,7 @@ from tensorcache.client.transport import (
     payload_messages,
     read_payload,
 )
+from tensorcache.client.watch import EventWatcher
 from tensorcache.errors import (
     CapacityExceeded,
     InvalidArgument,
@@ -59,7 +60,7 @@ from tensorcache.errors import (
 )
 from tensorcache.keys import encode_key, shard_key
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import RingMember
+from tensorcache.router.ring import Ring, RingMember
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.client")
@@ -81,6 +82,9 @@ class _Put:
     version: int = 0
     replaced: list[pb.StripeRef] = field(default_factory=list)
     cond: int | None = None  # if_version of a conditional put
+    replica: int = 0  # which copy: 0 = the primary, i = replica_set(key)[i]
+    exact: int = 0  # a replica copy: store exactly this version (the primary's)
+    kept_newer: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -102,6 +106,7 @@ class _Get:
     put_id: int = 0
     ok: bool = False
     out: np.ndarray | None = None  # the caller's array to fill (get(key, out=...))
+    replica: int = 0  # failover cursor into replica_set(key)
 
     @property
     def nbytes(self) -> int:
@@ -116,6 +121,7 @@ class _Fill:
     release: bool
     reply: pb.FillReply | None = None
     nbytes = 0
+    replica = 0
 
 
 @dataclass(eq=False)
@@ -124,6 +130,7 @@ class _Del:
     kind: int
     found: bool = False
     stripes: list[pb.StripeRef] = field(default_factory=list)
+    replica: int = 0  # which copy to delete
 
     nbytes = 0
 
@@ -141,6 +148,7 @@ class Client:
         self._near = (
             NearCache(self.config.near_cache_bytes) if self.config.near_cache_bytes else None
         )
+        self._watch: EventWatcher | None = None
         self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
         self._closed = False
         self._mlock = threading.Lock()
@@ -150,12 +158,16 @@ class Client:
         except TensorCacheError:
             self.close()
             raise
+        if self._near is not None and self.config.near_cache_mode == "watch":
+            self._watch = EventWatcher(self._router, self._near)
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch.close()
         self._pool.shutdown(wait=True)
         self._conns.close()
         self._data.close()
@@ -183,6 +195,10 @@ class Client:
         out["ring_refreshes"] = self._placement.refreshes
         if self._near is not None:
             out["near_bytes"] = self._near.bytes_used
+            out["near_dropped_by_events"] = self._near.dropped_by_events
+        if self._watch is not None:
+            out["watch_events"] = self._watch.events
+            out["watch_reconnects"] = self._watch.reconnects
         return out
 
     def _count(self, name: str, n: int = 1, **more: int) -> None:
@@ -212,7 +228,10 @@ class Client:
         if near is None:
             self._count("near_misses")
             return None
-        current = self.version(key)
+        if self._watch is not None and self._watch.live:
+            current: int | None = near.version  # the event stream would have dropped it
+        else:
+            current = self.version(key)
         if current != near.version:
             self._near.drop(key)
             self._count("near_stale")
@@ -292,7 +311,7 @@ class Client:
         """The current version of ``key``, or None if absent (no bytes move)."""
         encode_key(key)
         items = [_Get(key, pb.TENSOR)]
-        self._scatter(items, self._head_call)
+        self._scatter(items, self._head_call, failover=True)
         return items[0].version if items[0].found else None
 
     def get(
@@ -313,12 +332,13 @@ class Client:
         if hit is not None:
             array, version = hit
         else:
+            seq = self._near.seq if self._near is not None else 0
             array, version = self._get_many([key], {key: out} if out is not None else None)[key]
             if self._near is not None:
                 if array is None:
                     self._near.drop(key)
                 else:
-                    self._near.store(key, array, version)
+                    self._near.store(key, array, version, seq)
         if array is not None and min_version is not None and version < min_version:
             self._count("stale_rejected")
             return None
@@ -327,13 +347,83 @@ class Client:
     def delete(self, key: str) -> bool:
         """Remove ``key``; returns whether it was present."""
         encode_key(key)
-        items = [_Del(key, pb.TENSOR)]
+        items = [_Del(key, pb.TENSOR, replica=i) for i in range(self._replicas())]
         self._scatter(items, self._delete_call)
-        self._free_stripes([ref for it in items for ref in it.stripes])
+        stripes = {ref.key: ref for it in items for ref in it.stripes}
+        self._free_stripes(list(stripes.values()))
         if self._near is not None:
             self._near.drop(key)
         self._count("deletes")
-        return items[0].found
+        return any(it.found for it in items)
+
+    def invalidate(self, prefix: str, *, timeout_s: float | None = None) -> int:
+        """Invalidate every key under ``prefix`` ("" = all); returns the new generation.
+
+        Once this returns, no client anywhere returns a value put under
+        ``prefix`` before the call: the router records (prefix, E) under a new
+        ring epoch E, and every node is fenced to E (brought up to that ring)
+        before this returns; nodes hide entries of the namespace committed
+        under an older epoch and drop them lazily. O(1) in the number of keys.
+        A node that cannot be reached is dead and serves nothing; one that
+        answers but cannot reach E fails the call with ``Unavailable``.
+        Watch-mode near-caches learn it by push (bounded delay, see
+        docs/consistency.md); strict ones at their next revalidation.
+        """
+        if not isinstance(prefix, str):
+            raise InvalidArgument(f"prefix must be a str, got {type(prefix).__name__}")
+        if "\x00" in prefix or len(prefix.encode("utf-8", "surrogatepass")) > 1024:
+            raise InvalidArgument("prefix must be at most 1024 UTF-8 bytes with no NUL")
+        timeout = timeout_s if timeout_s is not None else self.config.timeout_s
+        try:
+            reply: pb.InvalidateReply = self._router.stub.Invalidate(
+                pb.InvalidateRequest(prefix=prefix), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            where = f"invalidate {prefix!r} at router {self._router.address}"
+            raise from_rpc_error(exc, where) from exc
+        generation = reply.generation
+        self._fence_all(generation, timeout, f"invalidate {prefix!r}")
+        if self._near is not None:
+            self._near.drop_prefix(prefix)
+        self._count("invalidations")
+        return generation
+
+    def _fence_all(self, epoch: int, timeout: float, what: str) -> Ring:
+        """Bring every node of the ring (as of ``epoch`` or later) up to ``epoch``."""
+        deadline = time.monotonic() + timeout
+        ring = self._placement.current()
+        while ring.epoch < epoch:
+            ring = self._placement.refresh(ring, epoch)
+            if ring.epoch >= epoch:
+                break
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"{what}: router {self._router.address} still at epoch {ring.epoch} < {epoch}"
+                )
+            time.sleep(0.02)
+
+        def fence(member: RingMember) -> int | None:
+            try:
+                reply: pb.FenceReply = self._conns.get(member.address).fence(
+                    pb.FenceRequest(epoch=epoch), timeout=max(0.1, deadline - time.monotonic())
+                )
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    log.info("%s: node %s unreachable, presumed dead", what, member.name)
+                    return None
+                raise from_rpc_error(exc, f"{what}: fence node {member.address}") from exc
+            return reply.epoch
+
+        for member, got in zip(ring.members, self._pool.map(fence, ring.members), strict=True):
+            if got is not None and got < epoch:
+                raise Unavailable(
+                    f"{what}: node {member.name} is at epoch {got}, could not reach {epoch}"
+                )
+        return ring
+
+    def _replicas(self) -> int:
+        """Copies the cluster keeps of each entry (RingSnapshot.replicas)."""
+        return self._placement.current().replicas
 
     def put_many(self, values: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Store several tensors (grouped per node into few RPCs); returns versions."""
@@ -347,6 +437,7 @@ class Client:
                 f"put_many takes a mapping of key -> array, got {type(values).__name__}"
             )
         stripe = self.stripe_size
+        copies = self._replicas()
         tensors: list[_Put] = []
         shards: list[_Put] = []
         for key, value in values.items():
@@ -374,7 +465,7 @@ class Client:
                     crc32c=ref.crc32c,
                     put_id=meta.put_id,
                 )
-                shards.append(_Put(skey, pb.SHARD, smeta, part))
+                shards.extend(_Put(skey, pb.SHARD, smeta, part, replica=i) for i in range(copies))
             tensors.append(_Put(key, pb.TENSOR, meta, None, cond=_cond(conditions, key)))
         if shards:
             self._check_fits(shards)
@@ -384,7 +475,18 @@ class Client:
                 self._free_stripes([r for it in tensors for r in it.meta.stripes])
                 raise
         try:
-            self._scatter(tensors, self._put_call)
+            self._scatter(tensors, self._put_call)  # the primary assigns each version
+            if copies > 1:
+                # Then every other replica stores exactly that version. The
+                # put returns only once all of them have (docs/consistency.md).
+                self._scatter(
+                    [
+                        _Put(it.key, it.kind, it.meta, it.view, replica=i, exact=it.version)
+                        for it in tensors
+                        for i in range(1, copies)
+                    ],
+                    self._put_call,
+                )
         except TensorCacheError:
             # Stripes of manifests that did not commit are unreachable: free them.
             self._free_stripes([r for it in tensors if not it.version for r in it.meta.stripes])
@@ -415,7 +517,7 @@ class Client:
         # read the manifest again (bounded) before calling it a miss.
         for _ in range(3):
             items = [_Get(k, pb.TENSOR, out=outs.get(k) if outs else None) for k in pending]
-            self._scatter(items, self._get_call)
+            self._scatter(items, self._get_call, failover=True)
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
                 if it.found and it not in striped:
@@ -489,23 +591,36 @@ class Client:
         return out
 
     def _scatter(
-        self, items: Sequence[T], call: Callable[[RingMember, int, list[T]], None]
+        self,
+        items: Sequence[T],
+        call: Callable[[RingMember, int, list[T]], None],
+        *,
+        failover: bool = False,
     ) -> None:
-        """Run ``call`` on every item, grouped by owner node, in parallel.
+        """Run ``call`` on every item, grouped by node, in parallel.
 
-        The one place failure policy lives: a stale epoch or an unreachable
-        node refreshes the ring and retries just the failed batches, up to
-        ``retries`` times with exponential backoff (counted in metrics);
-        any other error is raised once all batches finished.
+        Each item goes to ``ring.replica_set(key)[item.replica]`` (an item
+        whose copy index is beyond a small ring's replica set is done). The
+        one place failure policy lives: with ``failover`` (reads), an
+        unreachable node sends its items to the key's next replica at once,
+        with no wait; otherwise, and once every replica failed, a stale epoch
+        or an unreachable node refreshes the ring and retries just the failed
+        items, up to ``retries`` times with exponential backoff (counted in
+        metrics); any other error is raised once all batches finished.
         """
         pending = list(items)
         last: TensorCacheError | None = None
-        for attempt in range(self.config.retries + 1):
+        attempt = 0
+        while True:
             ring = self._placement.current()
             groups: dict[str, list[T]] = defaultdict(list)
             members: dict[str, RingMember] = {}
             for it in pending:
-                member = ring.owner(it.key)  # type: ignore[attr-defined]
+                copies = ring.replica_set(it.key)  # type: ignore[attr-defined]
+                idx: int = it.replica  # type: ignore[attr-defined]
+                if idx >= len(copies):
+                    continue  # fewer members than replicas: this copy has no home
+                member = copies[idx]
                 members[member.name] = member
                 groups[member.name].append(it)
             tasks = [
@@ -517,6 +632,7 @@ class Client:
                 [functools.partial(call, member, ring.epoch, batch) for member, batch in tasks]
             )
             failed: list[T] = []
+            moved: list[T] = []
             fatal: TensorCacheError | None = None
             stale_epoch = 0
             for (_member, batch), exc in zip(tasks, results, strict=True):
@@ -526,7 +642,12 @@ class Client:
                     stale_epoch = max(stale_epoch, exc.epoch)
                     failed.extend(batch)
                 elif isinstance(exc, Unavailable):
-                    failed.extend(batch)
+                    for it in batch:
+                        if failover and it.replica + 1 < len(ring.replica_set(it.key)):  # type: ignore[attr-defined]
+                            it.replica += 1  # type: ignore[attr-defined]
+                            moved.append(it)
+                        else:
+                            failed.append(it)
                 elif isinstance(exc, TensorCacheError):
                     fatal = fatal or exc
                 else:
@@ -534,17 +655,26 @@ class Client:
                 last = exc if isinstance(exc, TensorCacheError) else last
             if fatal is not None:
                 raise fatal
-            if not failed:
+            if moved:
+                self._count("failovers", len(moved))
+            if failover:
+                for it in failed:
+                    it.replica = 0  # type: ignore[attr-defined]  # a new ring: its primary first
+            if not failed and not moved:
                 return
-            pending = failed
+            pending = failed + moved
+            if not failed:
+                continue  # only failovers: same ring, next replicas, no wait
             self._count("retries")
-            if attempt < self.config.retries:
-                if stale_epoch == 0:  # unreachable node: give membership time to notice
-                    time.sleep(self.config.retry_backoff_s * (2 ** min(attempt, 4)))
-                try:
-                    self._placement.refresh(ring, stale_epoch)
-                except Unavailable as exc:
-                    last = exc
+            if attempt >= self.config.retries:
+                break
+            if stale_epoch == 0:  # unreachable node: give membership time to notice
+                time.sleep(self.config.retry_backoff_s * (2 ** min(attempt, 4)))
+            attempt += 1
+            try:
+                self._placement.refresh(ring, stale_epoch)
+            except Unavailable as exc:
+                last = exc
         raise last if last is not None else Unavailable("retries exhausted")
 
     def _run_all(self, fns: list[Callable[[], None]]) -> list[BaseException | None]:
@@ -606,6 +736,8 @@ class Client:
             entry = header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
             if it.cond is not None:
                 entry.if_version = it.cond
+            if it.exact:
+                entry.version = it.exact
         views = [it.view for it in batch if it.view is not None]
         reply: pb.PutReply | None = None
         if self._data_channel(member):
@@ -635,6 +767,7 @@ class Client:
         for it, res in zip(batch, reply.results, strict=True):
             it.version = res.version
             it.replaced = list(res.replaced_stripes)
+            it.kept_newer = res.kept_newer
 
     def _get_call(
         self, member: RingMember, epoch: int, batch: list[_Get], *, local: bool = True
@@ -783,7 +916,7 @@ class Client:
                     put_id=t.meta.put_id,
                 )
                 parts.append((t, part))
-        self._scatter([p for _, p in parts], self._get_call)
+        self._scatter([p for _, p in parts], self._get_call, failover=True)
         good: dict[int, bool] = {id(t): True for t in tensors}
         for t, p in parts:
             ok = (
@@ -827,7 +960,14 @@ class Client:
         if not refs:
             return
         try:
-            self._scatter([_Del(r.key.decode(), pb.SHARD) for r in refs], self._delete_call)
+            self._scatter(
+                [
+                    _Del(r.key.decode(), pb.SHARD, replica=i)
+                    for r in refs
+                    for i in range(self._replicas())
+                ],
+                self._delete_call,
+            )
         except TensorCacheError as exc:
             self._count("stripe_free_failures")
             log.info(
@@ -844,6 +984,7 @@ def connect(
     *,
     stripe_size: int | str | None = None,
     near_cache: int | str | None = None,
+    near_cache_mode: str | None = None,
     config: ClientConfig | None = None,
     **options: Any,
 ) -> Client:
@@ -858,6 +999,8 @@ def connect(
             options["stripe_size"] = parse_size(stripe_size)
         if near_cache is not None:
             options["near_cache_bytes"] = parse_size(near_cache)
+        if near_cache_mode is not None:
+            options["near_cache_mode"] = near_cache_mode
         try:
             config = ClientConfig(**options)
         except TypeError as exc:

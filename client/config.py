@@ -34,6 +34,10 @@ class ClientConfig:
     #: Bytes of hot tensors to keep in this process (0: off). Strict mode:
     #: every hit is revalidated with the owner by version, no bytes moved.
     near_cache_bytes: int = 0
+    #: "strict": revalidate every near-cache hit with the owner (exact).
+    #: "watch": serve hits with no call while the router's event stream is
+    #: live; staleness bounded by the push delay (docs/consistency.md).
+    near_cache_mode: str = "strict"
     #: Also checksum bytes copied from a co-located node. Off by default: the
     #: node verified them on arrival, stored bytes never change, and no wire
     #: lies between; the check would halve the speed of this path.
@@ -48,6 +52,10 @@ class ClientConfig:
             raise ValueError("batch_bytes must be >= chunk_size and batch_keys >= 1")
         if self.transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', got {self.transport!r}")
+        if self.near_cache_mode not in ("strict", "watch"):
+            raise ValueError(
+                f"near_cache_mode must be 'strict' or 'watch', got {self.near_cache_mode!r}"
+            )
         if self.parallelism < 1 or self.retries < 0 or self.timeout_s <= 0:
             raise ValueError("parallelism >= 1, retries >= 0 and timeout_s > 0 are required")
 

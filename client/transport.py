@@ -52,6 +52,11 @@ class NodeConn:
             request_serializer=pb.FillRequest.SerializeToString,
             response_deserializer=pb.FillReply.FromString,
         )
+        self.fence = self.channel.unary_unary(
+            NODE_SERVICE + "Fence",
+            request_serializer=pb.FenceRequest.SerializeToString,
+            response_deserializer=pb.FenceReply.FromString,
+        )
         self.stat = self.channel.unary_unary(
             NODE_SERVICE + "Stat",
             request_serializer=pb.StatRequest.SerializeToString,
