@@ -564,6 +564,10 @@ class Client:
                 deletes=s.deletes,
                 fills=s.fills,
                 fill_waits=s.fill_waits,
+                handoffs=s.handoffs,
+                drained=s.drained,
+                demoted=s.demoted,
+                invalidated=s.invalidated,
                 policy=s.policy,
                 epoch=s.epoch,
             )

@@ -78,6 +78,10 @@ class NodeStats:
     deletes: int = 0
     fills: int = 0
     fill_waits: int = 0
+    handoffs: int = 0  # entries fetched from a previous owner on a miss (warm rebalance)
+    drained: int = 0  # entries this node handed to new owners while draining
+    demoted: int = 0  # entries held but no longer owned (kept as handoff sources)
+    invalidated: int = 0  # entries dropped by namespace invalidation
     policy: str = ""
     epoch: int = 0
     reachable: bool = True

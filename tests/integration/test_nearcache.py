@@ -51,3 +51,42 @@ def test_budget_holds(cluster, prefix):
             assert c.metrics()["near_bytes"] <= 3 * MIB
         np.testing.assert_array_equal(c.get(f"{prefix}7"), np.full(MIB, 7, np.uint8))
         assert c.metrics()["near_hits"] >= 1
+
+
+# ------------------------------------------------------------------ watch mode
+def _node_hits(client) -> int:
+    return sum(s.hits for s in client.stats())
+
+
+def test_watch_mode_hits_make_no_call_and_events_drop_stale_copies(cluster, prefix):
+    from .helpers import poll
+
+    key = prefix + "w"
+    v1 = np.arange(64 * 1024, dtype=np.float32)
+    with (
+        tensorcache.connect(
+            cluster.router_address, near_cache="64MiB", near_cache_mode="watch"
+        ) as reader,
+        tensorcache.connect(cluster.router_address) as writer,
+    ):
+        poll(lambda: reader._watch is not None and reader._watch.live, what="event stream live")
+        writer.put(key, v1)
+        np.testing.assert_array_equal(reader.get(key), v1)  # fills the near-cache
+        hits = _node_hits(writer)
+        for _ in range(5):
+            np.testing.assert_array_equal(reader.get(key), v1)
+        assert reader.metrics()["near_hits"] == 5
+        assert _node_hits(writer) == hits  # served without asking the owner
+
+        v2 = v1 + 1
+        writer.put(key, v2)  # pushed to the reader: its copy is dropped
+        poll(lambda: np.array_equal(reader.get(key), v2), timeout=10, what="the reader sees v2")
+        assert reader.metrics()["near_dropped_by_events"] >= 1
+
+        writer.invalidate(prefix)
+        poll(lambda: reader.get(key) is None, timeout=10, what="the invalidation reaches it")
+
+        writer.put(key, v1)
+        np.testing.assert_array_equal(reader.get(key), v1)
+        writer.delete(key)
+        poll(lambda: reader.get(key) is None, timeout=10, what="the delete reaches it")

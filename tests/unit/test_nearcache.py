@@ -47,3 +47,31 @@ def test_drop_and_negative_capacity():
     assert nc.lookup("a") is None and nc.bytes_used == 0
     with pytest.raises(ValueError, match="capacity"):
         NearCache(-1)
+
+
+def test_a_fill_older_than_an_event_seen_meanwhile_is_refused():
+    near = NearCache(1 << 20)
+    seq = near.seq
+    near.key_event("k", 5)  # an event lands while a get of version 4 is in flight
+    near.store("k", np.zeros(4), 4, seq)
+    assert near.lookup("k") is None  # the stale fill is refused
+    near.store("k", np.zeros(4), 5, near.seq)
+    assert near.lookup("k") is not None
+    near.clear()
+    assert near.lookup("k") is None
+
+
+def test_prefix_drop_and_deletes_outrank_copies():
+    near = NearCache(1 << 20)
+    near.store("a/1", np.zeros(4), 3)
+    near.store("b/1", np.zeros(4), 3)
+    assert near.drop_prefix("a/") == 1
+    assert near.lookup("a/1") is None and near.lookup("b/1") is not None
+    seq = near.seq
+    near.key_event("b/1", 0)  # deleted
+    assert near.lookup("b/1") is None
+    near.store("b/1", np.zeros(4), 99, seq)  # fetched before the delete: refused
+    assert near.lookup("b/1") is None
+    near.key_event("c", 7)
+    near.store("c", np.zeros(4), 7, seq)  # the event of this very version: kept
+    assert near.lookup("c") is not None
