@@ -25,6 +25,9 @@ What it runs
    nodes in parallel.
 4. Every worker checks every tensor it obtained (dtype, shape, CRC32C of all
    its bytes) against the manifest; the exit code is 1 if any check failed.
+5. Rollover: the model's namespace is invalidated (``Client.invalidate``,
+   one record whatever the key count) and the demo checks that no tensor of
+   the old revision is visible to any worker afterwards.
 
 Timing is honest rather than flattering: the disk figure is worker 0's time
 inside ``np.load`` alone, with the files most likely in the OS page cache
@@ -547,6 +550,28 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _rollover(router: str, model: Model) -> bool:
+    """Publish a "new revision": invalidate the model's namespace, prove nothing old is left."""
+    prefix = f"demo/{model.revision}/"
+    keys = [model.key(t) for t in model.tensors]
+    try:
+        with connect(router) as c:
+            t0 = time.perf_counter()
+            generation = c.invalidate(prefix)
+            took = time.perf_counter() - t0
+            visible = sum(a is not None for a in c.get_many(keys).values())
+    except TensorCacheError as exc:
+        print(f"rollover failed: {exc}", file=sys.stderr)
+        return False
+    print(
+        f"rollover: invalidate({prefix!r}) -> generation {generation} in {took * 1000:.0f} ms "
+        f"(one record, whatever the key count); old tensors still visible to any worker: "
+        f"{visible} of {len(keys)}",
+        flush=True,
+    )
+    return visible == 0
+
+
 def run(args: argparse.Namespace) -> int:
     """``tensorcache demo``: 0 when every worker verified every tensor, 1 otherwise."""
     if args.workers < 2:
@@ -597,12 +622,13 @@ def run(args: argparse.Namespace) -> int:
             print()
             if disk[0].error is None:
                 print(_summary(model, disk[0], cache))
+            rolled = _rollover(router, model)
     except KeyboardInterrupt:
         print("\ninterrupted; cluster stopped", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    ok = all(r.ok for r in results)
+    ok = all(r.ok for r in results) and rolled
     print(
         f"{'all workers verified every tensor' if ok else 'VERIFICATION FAILED'}; "
         f"demo took {time.perf_counter() - started:.1f} s",
