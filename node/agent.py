@@ -4,12 +4,19 @@ Runs on one daemon thread. A failed call is logged and counted, never
 fatal: the node keeps serving its data while the router is unreachable, and
 registers again as soon as the router answers that it does not know it
 (a router restart, or a lease that expired while the node was paused).
+
+Ring changes: the agent fetches the new ring and hands it to ``on_ring``
+*before* it publishes the new epoch in the node's EpochView, so a request
+admitted at an epoch is always judged by a ring at least that new
+(ownership, invalidations). Before registering, it fetches the ring the
+node is joining, so a new node knows who held its keys before it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -40,6 +47,7 @@ class MembershipAgent:
         self._router = router
         self._stop = threading.Event()
         self._registered = threading.Event()
+        self._ring_lock = threading.Lock()  # one ring install at a time
         self._interval = 1.0
         self.failures = 0
         self._thread = threading.Thread(target=self._loop, name="membership-agent", daemon=True)
@@ -51,13 +59,41 @@ class MembershipAgent:
         return self._registered.wait(timeout)
 
     def _set_epoch(self, epoch: int) -> None:
-        """Adopt ``epoch``; on a change, hand the new ring to ``on_ring``."""
-        if epoch == self._epochs.epoch:
+        """Adopt ``epoch``: on a change, install the new ring, then publish its epoch."""
+        if epoch <= self._epochs.epoch:
             return
-        self._epochs.update(epoch)
-        if self._on_ring is not None:
-            snap = self._stub.GetRing(pb.GetRingRequest(), timeout=5)
-            self._on_ring(ring_from_snapshot(snap))
+        if self._on_ring is None:
+            self._epochs.update(epoch)
+            return
+        self._install(self._fetch_ring())
+
+    def _fetch_ring(self) -> Ring:
+        snap = self._stub.GetRing(pb.GetRingRequest(), timeout=5)
+        return ring_from_snapshot(snap)
+
+    def _install(self, ring: Ring) -> None:
+        with self._ring_lock:
+            if self._on_ring is not None:
+                self._on_ring(ring)
+            self._epochs.update(ring.epoch)
+
+    def sync(self, epoch: int, timeout: float = 2.0) -> None:
+        """Fence: poll the router until its ring reaches ``epoch`` (bounded), and adopt it."""
+        deadline = time.monotonic() + timeout
+        while self._epochs.epoch < epoch:
+            try:
+                ring = self._fetch_ring()
+                if ring.epoch > self._epochs.epoch:
+                    self._install(ring)
+            except grpc.RpcError as exc:
+                log.warning(
+                    "fence to epoch %d: router %s unreachable: %s", epoch, self._router, exc
+                )
+            except ValueError:  # the channel is closed: the node is stopping
+                return
+            if self._epochs.epoch >= epoch or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
 
     def _register(self) -> None:
         reply = self._stub.Register(pb.RegisterRequest(member=self._member), timeout=5)
@@ -69,8 +105,12 @@ class MembershipAgent:
 
     def _loop(self) -> None:
         backoff = 0.1
+        joining = self._on_ring is not None
         while not self._stop.is_set():
             try:
+                if joining:  # the ring before us: who held our keys until now
+                    self._install(self._fetch_ring())
+                    joining = False
                 if not self._registered.is_set():
                     self._register()
                 else:
@@ -95,16 +135,21 @@ class MembershipAgent:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._interval)
 
-    def stop(self, deregister: bool = True) -> None:
-        """Stop heartbeating; leave the ring first so clients stop sending here."""
+    def stop(self, deregister: bool = True) -> Ring | None:
+        """Stop heartbeating; leave the ring first so clients stop sending here.
+
+        Returns the ring after leaving (installed, its epoch published): where
+        this node's entries live now. None if it could not be had.
+        """
         self._stop.set()
         self._thread.join(timeout=5)
+        ring = None
         if deregister and self._registered.is_set():
             try:
-                reply = self._stub.Deregister(
-                    pb.DeregisterRequest(name=self._member.name), timeout=2
-                )
-                self._epochs.update(reply.epoch)
+                self._stub.Deregister(pb.DeregisterRequest(name=self._member.name), timeout=2)
+                ring = self._fetch_ring()
+                self._install(ring)
             except grpc.RpcError as exc:
                 log.warning("could not deregister from %s: %s", self._router, exc)
         self._channel.close()
+        return ring

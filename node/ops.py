@@ -5,12 +5,22 @@ dataserver.py) parse a header, call these functions, and move payload bytes
 their own way. Errors are raised from the one exception tree
 (tensorcache.errors) and mapped to a status by each adapter via
 ``errors.status_code``.
+
+The consistency rules of docs/consistency.md meet here: entries are stamped
+with the epoch they were committed at and vanish under a namespace
+invalidation (the store's ``stale`` rule, from node/rings.py); entries of keys
+this node stops owning are demoted (install_ring); a miss asks the previous
+owners (node/handoff.py); the first write of an epoch fences the peers
+(node/fence.py); commits and deletes are published as key events
+(node/events.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +30,18 @@ from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
 from tensorcache.localread import address_of
+from tensorcache.node import drain
+from tensorcache.node.events import EventSink, NoEvents
+from tensorcache.node.fence import Fencer
 from tensorcache.node.fill import FillLeases
+from tensorcache.node.handoff import Handoff
+from tensorcache.node.peers import GrpcPeers, Peers
+from tensorcache.node.rings import RingView
 from tensorcache.node.store import Entry, NewEntry, Reservation, Store, StoreKey, entry_cost
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import Ring
+
+log = logging.getLogger("tensorcache.node")
 
 MAX_BATCH_ENTRIES = 65536
 MAX_FILL_TTL_MS = 3_600_000
@@ -33,7 +52,12 @@ Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
 class EpochView:
-    """The newest ring epoch this node has heard of (from router heartbeats)."""
+    """The newest ring epoch this node has heard of (from router heartbeats).
+
+    Only moves forward. The agent publishes an epoch here only after it has
+    installed that epoch's ring: a request let through at epoch E is then
+    always judged (ownership, invalidations) by a ring at least as new as E.
+    """
 
     def __init__(self) -> None:
         self._epoch = 0
@@ -45,7 +69,7 @@ class EpochView:
 
     def update(self, epoch: int) -> None:
         with self._lock:
-            self._epoch = epoch
+            self._epoch = max(self._epoch, epoch)
 
 
 def parse_header(message_type: type, raw: bytes | None, what: str):  # type: ignore[no-untyped-def]
@@ -99,6 +123,7 @@ class PutPlan:
     sizes: list[int]  # payload bytes per entry (0 for a manifest)
     costs: list[int]
     reservation: Reservation
+    ring_epoch: int  # the node's ring when the put was admitted (0: none)
 
     @property
     def total(self) -> int:
@@ -106,12 +131,35 @@ class PutPlan:
 
 
 class NodeOps:
-    def __init__(self, store: Store, name: str, address: str, epochs: EpochView) -> None:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        address: str,
+        epochs: EpochView,
+        *,
+        rings: RingView | None = None,
+        peers: Peers | None = None,
+        events: EventSink | None = None,
+        sync: Callable[[int], None] | None = None,
+    ) -> None:
+        """``rings`` must be the view whose ``stale`` rule the store was built with.
+
+        ``sync(epoch)``: bring this node's ring up to ``epoch`` from its router
+        (the Fence RPC); None for a node without a router.
+        """
         self.store = store
         self.fills = FillLeases()
         self.name = name
         self.address = address
         self.epochs = epochs
+        self.rings = rings if rings is not None else RingView(name)
+        self.peers = peers if peers is not None else GrpcPeers()
+        self.events = events if events is not None else NoEvents()
+        self.handoff = Handoff(store, self.rings, self.peers)
+        self.fencer = Fencer(self.rings, self.peers)
+        self._sync = sync
+        self.drained = 0
 
     def check_epoch(self, epoch: int) -> None:
         # 0 means "not placed with a ring" (admin tools); a newer client epoch
@@ -122,6 +170,42 @@ class NodeOps:
                 f"stale epoch {epoch}: node {self.name} is at epoch {current}; refresh the ring",
                 current,
             )
+
+    # -- ring changes -------------------------------------------------------------
+    def install_ring(self, ring: Ring) -> bool:
+        """Adopt ``ring`` (before its epoch is published); demote what this node no longer owns.
+
+        An entry of a key this node owns again is dropped if it was demoted:
+        while it was elsewhere, the key may have been written there. A node
+        outside the ring (joining, leaving) keeps everything as it is.
+        """
+        if not self.rings.install(ring):
+            return False
+        if self.name not in ring:
+            return True
+        keys = self.store.keys()
+        owned = [k for k in keys if self.rings.owns(k[1], ring)]
+        dropped = self.store.drop_demoted(owned)
+        if len(owned) < len(keys):
+            owned_set = set(owned)
+            demoted = self.store.demote(k for k in keys if k not in owned_set)
+        else:
+            demoted = 0
+        if demoted or dropped:
+            log.info(
+                "ring epoch %d: demoted %d entries now owned elsewhere, dropped %d stale ones",
+                ring.epoch,
+                demoted,
+                dropped,
+            )
+        return True
+
+    def _demote_moved(self, keys: Sequence[StoreKey], admitted_at: int) -> None:
+        """After a commit: demote keys the ring installed meanwhile took away."""
+        ring = self.rings.current
+        if ring is None or ring.epoch == admitted_at or self.name not in ring:
+            return
+        self.store.demote(k for k in keys if not self.rings.owns(k[1], ring))
 
     # -- put ------------------------------------------------------------------
     def plan_put(self, req: pb.PutRequest) -> PutPlan:
@@ -136,14 +220,17 @@ class NodeOps:
             where = f"entries[{i}]"
             key = _store_key(e.key, e.kind, where)
             size = _check_meta(e.meta, e.kind, where)
+            if e.version and e.HasField("if_version"):
+                raise InvalidArgument(f"{where}: a versioned write cannot be conditional")
             keys.append(key)
             sizes.append(size)
             costs.append(entry_cost(key[1], size, e.meta.ByteSize()))
         # After validation, so a stale-epoch refusal implies a header whose
         # sizes can be trusted (the data channel then skips its payload).
         self.check_epoch(req.epoch)
+        ring = self.rings.current
         reservation = self.store.reserve(sum(costs))
-        return PutPlan(req, keys, sizes, costs, reservation)
+        return PutPlan(req, keys, sizes, costs, reservation, ring.epoch if ring else 0)
 
     def finish_put(
         self,
@@ -158,19 +245,44 @@ class NodeOps:
                     f"put: checksum mismatch for entries[{i}] ({e.key[:64]!r}): "
                     f"received crc32c {crcs[i]:#010x}, header says {e.meta.crc32c:#010x}"
                 )
+        entries = plan.req.entries
+        assigned = [k for k, e in zip(plan.keys, entries, strict=True) if not e.version]
+        known: dict[StoreKey, int] = {}
+        if assigned:
+            self.fencer.before_write()
+        if assigned and self.rings.in_window():
+            # A key new here may have a version at its previous owners: the
+            # version assigned must exceed it, and if_version must see it.
+            lacking = [k for k in assigned if k[0] == pb.TENSOR and not self.store.contains(k)]
+            if lacking:
+                known = self.handoff.known_versions(lacking)
+        stamp = max(self.epochs.epoch, plan.req.epoch)
         items = [
-            NewEntry(k, e.meta, c, cost, e.if_version if e.HasField("if_version") else None)
-            for k, e, c, cost in zip(plan.keys, plan.req.entries, chunks, plan.costs, strict=True)
+            NewEntry(
+                k,
+                e.meta,
+                c,
+                cost,
+                e.if_version if e.HasField("if_version") else None,
+                version=e.version,
+                stamp=e.stamp or stamp,
+                known_version=known.get(k, 0),
+            )
+            for k, e, c, cost in zip(plan.keys, entries, chunks, plan.costs, strict=True)
         ]
         results = self.store.commit(plan.reservation, items)
-        for key in plan.keys:
-            if key[0] == pb.TENSOR:
-                self.fills.committed(key[1])
+        self._demote_moved(plan.keys, plan.ring_epoch)
+        self.handoff.settle(plan.keys)
         reply = pb.PutReply(epoch=self.epochs.epoch)
-        for e, (version, old) in zip(plan.req.entries, results, strict=True):
-            r = reply.results.add(key=e.key, version=version)
+        for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
+            kept = bool(e.version) and version != e.version
+            r = reply.results.add(key=e.key, version=version, kept_newer=kept)
             if old is not None and old.meta.stripes:
                 r.replaced_stripes.extend(old.meta.stripes)
+            if key[0] == pb.TENSOR:
+                self.fills.committed(key[1])
+                if not kept:
+                    self.events.publish(key[1], version)
         return reply
 
     def abort_put(self, plan: PutPlan) -> None:
@@ -190,18 +302,26 @@ class NodeOps:
         """
         if len(req.keys) > MAX_BATCH_ENTRIES:
             raise InvalidArgument(f"get: {len(req.keys)} keys, more than {MAX_BATCH_ENTRIES}")
-        self.check_epoch(req.epoch)
+        if not req.handoff:  # a handoff is asked by a node at any epoch
+            self.check_epoch(req.epoch)
         keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
+        found = [self.store.get(key, demoted_ok=req.handoff) for key in keys]
+        if not req.handoff and not all(found):
+            handed = self.handoff.fetch(k for k, e in zip(keys, found, strict=True) if e is None)
+            if handed:
+                found = [
+                    e if e is not None else handed.get(k) for k, e in zip(keys, found, strict=True)
+                ]
         reply = pb.GetReply(epoch=self.epochs.epoch)
         payload: list[Entry] = []
         pinned: list[Entry] = []
         local = req.local and local_ok
-        for k, key in zip(req.keys, keys, strict=True):
-            entry = self.store.get(key)
+        for k, entry in zip(req.keys, found, strict=True):
             got = reply.entries.add(key=k.key, found=entry is not None)
             if entry is None:
                 continue
             got.version = entry.version
+            got.stamp = entry.stamp
             got.meta.CopyFrom(entry.meta)
             if not entry.chunks:
                 continue
@@ -222,7 +342,7 @@ class NodeOps:
         if req.release:
             self.fills.release(key, req.holder)
             return pb.FillReply()
-        if self.store.contains((kind, key)):
+        if self.store.contains((kind, key)) or self.handoff.fetch([(kind, key)]):
             return pb.FillReply(found=True)
         if not 0 < req.ttl_ms <= MAX_FILL_TTL_MS:
             raise InvalidArgument(f"fill.ttl_ms must be 1..{MAX_FILL_TTL_MS}, got {req.ttl_ms}")
@@ -233,12 +353,21 @@ class NodeOps:
         self.check_epoch(req.epoch)
         keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
         reply = pb.DeleteReply(epoch=self.epochs.epoch)
-        for k, key in zip(req.keys, keys, strict=True):
-            old = self.store.delete(key)
+        with self.handoff.settling(keys):  # no handoff may bring them back
+            olds = [self.store.delete(key) for key in keys]
+        for k, key, old in zip(req.keys, keys, olds, strict=True):
             r = reply.results.add(key=k.key, found=old is not None)
             if old is not None:
                 r.stripes.extend(old.meta.stripes)
+            if key[0] == pb.TENSOR:
+                self.events.publish(key[1], 0)
         return reply
+
+    def fence(self, req: pb.FenceRequest) -> pb.FenceReply:
+        """Bring this node's ring up to ``req.epoch`` (from its router) before answering."""
+        if req.epoch > self.epochs.epoch and self._sync is not None:
+            self._sync(req.epoch)
+        return pb.FenceReply(epoch=self.epochs.epoch)
 
     def stat(self) -> pb.NodeStats:
         s = self.store.stats()
@@ -259,4 +388,27 @@ class NodeOps:
             epoch=self.epochs.epoch,
             fills=self.fills.grants,
             fill_waits=self.fills.waits,
+            handoffs=self.handoff.handoffs,
+            drained=self.drained,
+            demoted=s.demoted,
+            invalidated=s.invalidated,
         )
+
+    def drain(self, ring: Ring, timeout_s: float) -> int:
+        """Hand this node's entries to their owners in ``ring`` (SIGTERM); returns how many."""
+        entries = [e for e in self.store.hottest() if not e.demoted and not self.rings.stale(e)]
+        start = time.monotonic()
+        n = drain.drain(entries, ring, self.name, self.peers, timeout_s)
+        self.drained += n
+        log.info(
+            "drained %d entries (%d held) to %d nodes in %.1fs",
+            n,
+            len(entries),
+            len(ring.members),
+            time.monotonic() - start,
+        )
+        return n
+
+    def close(self) -> None:
+        self.fencer.close()
+        self.events.close()

@@ -18,8 +18,11 @@ from tensorcache import localread
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
+from tensorcache.node.events import EventPublisher, NoEvents
 from tensorcache.node.ops import EpochView, NodeOps
+from tensorcache.node.peers import GrpcPeers
 from tensorcache.node.policy import POLICIES
+from tensorcache.node.rings import RingView
 from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -52,6 +55,9 @@ class NodeConfig:
     local_readers: bool = True
     #: Concurrent RPCs; each in-flight stream holds one thread.
     workers: int = 64
+    #: On SIGTERM, after leaving the ring: seconds to spend handing entries
+    #: to their new owners (0: none, they are lost as in a crash).
+    drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -66,6 +72,8 @@ class NodeConfig:
             raise ValueError(f"data_port must be 0..65535 or None, got {self.data_port}")
         if self.workers < 4:
             raise ValueError(f"workers must be >= 4, got {self.workers}")
+        if not 0 <= self.drain_timeout_s <= 3600:
+            raise ValueError(f"drain_timeout_s must be 0..3600, got {self.drain_timeout_s}")
 
 
 class NodeServer:
@@ -73,8 +81,10 @@ class NodeServer:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.store = Store(config.capacity, config.policy)
+        self.rings = RingView(config.name)
+        self.store = Store(config.capacity, config.policy, stale=self.rings.stale)
         self.epochs = EpochView()
+        self.peers = GrpcPeers()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="node-rpc"),
             options=SERVER_OPTIONS,
@@ -83,7 +93,18 @@ class NodeServer:
         self.port = bind(self._server, config.host, config.port)
         host = config.advertise or config.host
         self.address = _join(host, self.port)
-        self.ops = NodeOps(self.store, config.name, self.address, self.epochs)
+        events = EventPublisher(config.router, config.name) if config.router else NoEvents()
+        self._agent: MembershipAgent | None = None
+        self.ops = NodeOps(
+            self.store,
+            config.name,
+            self.address,
+            self.epochs,
+            rings=self.rings,
+            peers=self.peers,
+            events=events,
+            sync=self._sync,
+        )
         self._server.add_generic_rpc_handlers((NodeService(self.ops).handler(),))
         add_health(self._server, SERVICE)
         self._data: DataServer | None = None
@@ -96,7 +117,6 @@ class NodeServer:
             self.data_address = _join(host, self._data.port)
         if local:
             localread.allow_local_readers()
-        self._agent: MembershipAgent | None = None
         if config.router:
             member = pb.Member(
                 name=config.name,
@@ -110,19 +130,12 @@ class NodeServer:
             self._agent = MembershipAgent(config.router, member, self.epochs, self._on_ring)
 
     def _on_ring(self, ring: Ring) -> None:
-        """Drop entries this node no longer owns under a new ring.
+        """A new ring: demote what moved away (the agent publishes its epoch after)."""
+        self.ops.install_ring(ring)
 
-        Without this, a key that moves away and later back would find its old
-        value here, older than puts made meanwhile on the other owner. (A put
-        from a client already on a newer ring than this node's view may be
-        dropped too: that is a miss, never a stale read.)
-        """
-        me = self.config.name
-        if me not in ring:
-            return  # not (yet) a member: keep everything until we are
-        dropped = self.store.purge(lambda key: ring.owner(key[1]).name != me)
-        if dropped:
-            log.info("ring epoch %d: dropped %d entries now owned elsewhere", ring.epoch, dropped)
+    def _sync(self, epoch: int) -> None:
+        if self._agent is not None:
+            self._agent.sync(epoch)
 
     def start(self) -> NodeServer:
         self._server.start()
@@ -136,12 +149,21 @@ class NodeServer:
         return self._agent is None or self._agent.wait_registered(timeout)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Leave the ring first, then finish in-flight RPCs for up to ``grace`` seconds."""
+        """Leave the ring, hand entries to their new owners, then finish in-flight RPCs.
+
+        Draining takes up to ``config.drain_timeout_s``; in-flight RPCs get
+        ``grace`` seconds more. The servers keep answering meanwhile (new
+        owners may ask this node for handoffs).
+        """
         if self._agent is not None:
-            self._agent.stop(deregister=True)
+            ring = self._agent.stop(deregister=True)
+            if ring is not None and self.config.drain_timeout_s > 0:
+                self.ops.drain(ring, self.config.drain_timeout_s)
         self._server.stop(grace).wait()
         if self._data is not None:
             self._data.stop()
+        self.ops.close()
+        self.peers.close()
 
 
 def _join(host: str, port: int) -> str:
@@ -163,6 +185,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="TCP data channel port (default 0: any free port; -1: disable, gRPC only)",
     )
     p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to hand entries to their new owners on SIGTERM (default 10; 0: none)",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -180,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         data_port=None if args.data_port < 0 else args.data_port,
         local_readers=not args.no_local_readers,
+        drain_timeout_s=args.drain_timeout,
     )
     node = NodeServer(config).start()
     stop = threading.Event()

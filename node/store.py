@@ -8,13 +8,21 @@ evicting as needed, so receiving can never push the node over its budget.
 
 A put is all-or-nothing: its entries become visible together at ``commit``;
 an aborted put releases its reservation and leaves nothing behind.
+
+Versions and visibility (docs/consistency.md): every entry carries the
+version it was committed with and its *stamp* (the epoch it was first
+committed at). An entry is *demoted* when its node stops owning its key: it
+is then invisible to ordinary reads and conditional writes, still readable
+by handoffs and evicted first. An entry the ``stale`` rule selects (a
+namespace invalidation covers it) no longer exists: it is dropped when met.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +43,8 @@ class Entry:
     chunks: tuple[bytes, ...]
     version: int
     cost: int  # bytes charged against the budget
+    stamp: int = 0  # the epoch the value was first committed at
+    demoted: bool = False  # held for handoffs only: this node no longer owns the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +54,14 @@ class NewEntry:
     chunks: tuple[bytes, ...]
     cost: int
     if_version: int | None = None  # commit only if the current version is this (0: absent)
+    #: > 0: store exactly this version (replica, handoff and drain writes),
+    #: unless the store holds a newer one; 0: the store assigns the next one.
+    version: int = 0
+    stamp: int = 0
+    #: The key's version elsewhere (its previous owners), known to the node:
+    #: the current version for ``if_version`` when the store has none, and a
+    #: floor for the version assigned.
+    known_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +76,8 @@ class StoreStats:
     puts: int
     deletes: int
     policy: str
+    demoted: int = 0  # entries held for handoffs only (not in entries_by_kind)
+    invalidated: int = 0  # entries dropped because the stale rule selected them
 
 
 def entry_cost(key: str, payload: int, meta_bytes: int) -> int:
@@ -76,11 +96,15 @@ class Reservation:
 
 
 class VersionClock:
-    """Node-wide version source: strictly increasing, seeded from wall-clock µs.
+    """Node-wide version source, a hybrid logical clock: strictly increasing,
+    seeded from wall-clock µs, and pushed past every version the node sees.
 
     Seeding from the clock keeps versions increasing across a restart of the
     node (as long as the clock does not step back by more than the downtime);
-    the +1 keeps them unique and increasing within a process even if it does.
+    the +1 keeps them unique and increasing within a process even if it does;
+    ``absorb`` keeps them above versions other nodes assigned (replica writes,
+    handoffs, drains), so a key's next version exceeds every copy's.
+    Not thread-safe: the store calls it under its lock.
     """
 
     def __init__(self) -> None:
@@ -90,6 +114,11 @@ class VersionClock:
         self._last = max(self._last + 1, time.time_ns() // 1000)
         return self._last
 
+    def absorb(self, version: int) -> None:
+        """Make every later ``tick`` exceed ``version``."""
+        if version > self._last:
+            self._last = version
+
 
 @dataclass
 class _Counters:
@@ -98,11 +127,17 @@ class _Counters:
     evictions: int = 0
     puts: int = 0
     deletes: int = 0
-    by_kind: dict[int, int] = field(default_factory=dict)
+    invalidated: int = 0
+    by_kind: dict[int, int] = field(default_factory=dict)  # visible entries only
 
 
 class Store:
-    """Thread-safe byte-budgeted map of entries with pluggable eviction."""
+    """Thread-safe byte-budgeted map of entries with pluggable eviction.
+
+    ``stale``: a rule the node sets up once (namespace invalidation); an entry
+    it selects is treated as absent everywhere and dropped when met. It is
+    called with the store's lock held, so it must not call back into the store.
+    """
 
     def __init__(
         self,
@@ -110,13 +145,20 @@ class Store:
         policy: str | EvictionPolicy = "lru",
         *,
         counted_kinds: Sequence[int] = (0,),
+        stale: Callable[[Entry], bool] | None = None,
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
         self._capacity = capacity
         self._policy = make_policy(policy) if isinstance(policy, str) else policy
         self._counted = frozenset(counted_kinds)  # kinds whose gets count as hits/misses
+        self._stale = stale
         self._entries: dict[StoreKey, Entry] = {}
+        # Demoted keys, oldest demotion first: evicted before anything else.
+        self._demoted: dict[StoreKey, None] = {}
+        # Last use (insert or get) of each key, for draining the hottest first.
+        self._used_at: dict[StoreKey, int] = {}
+        self._uses = 0
         self._used = 0
         self._reserved = 0
         self._clock = VersionClock()
@@ -166,6 +208,12 @@ class Store:
     ) -> list[tuple[int, Entry | None]]:
         """Make ``items`` visible together; return (version, replaced entry) for each.
 
+        An item with an explicit ``version`` that finds a newer visible one
+        keeps it: its result is the kept version (so ``version`` differs from
+        the item's) and no replaced entry. Replaced entries are reported only
+        if they were visible (not demoted, not stale): their stripes are then
+        garbage; those of a hidden entry may belong to a live copy elsewhere.
+
         The items must fit in the reservation (the node computes both from
         the same header, so a mismatch is a bug, reported as ValueError).
         """
@@ -181,8 +229,8 @@ class Store:
             # Conditions first, all of them, so a batch commits all or nothing.
             for item in items:
                 if item.if_version is not None:
-                    current = self._entries.get(item.key)
-                    have = current.version if current is not None else 0
+                    current = self._visible_locked(item.key)
+                    have = current.version if current is not None else item.known_version
                     if have != item.if_version:
                         raise VersionConflict(
                             f"{item.key[1][:200]!r} is at version {have}, "
@@ -191,22 +239,36 @@ class Store:
             reservation.done = True
             self._reserved -= reservation.nbytes
             for item in items:
+                current = self._visible_locked(item.key)
+                if item.version > 0:
+                    self._clock.absorb(item.version)
+                    if current is not None and current.version > item.version:
+                        out.append((current.version, None))  # kept the newer one
+                        continue
+                    version = item.version
+                else:
+                    self._clock.absorb(item.known_version)
+                    version = self._clock.tick()
                 old = self._remove_locked(item.key)
-                entry = Entry(item.key, item.meta, item.chunks, self._clock.tick(), item.cost)
-                self._entries[item.key] = entry
-                self._used += entry.cost
-                self._c.by_kind[item.key[0]] = self._c.by_kind.get(item.key[0], 0) + 1
-                self._policy.inserted(item.key)
+                entry = Entry(item.key, item.meta, item.chunks, version, item.cost, item.stamp)
+                self._insert_locked(entry)
                 self._c.puts += 1
-                out.append((entry.version, old))
+                out.append((version, old if old is current else None))
             # Items of one batch may replace each other's keys; the budget
             # still holds because each replaced entry was removed above.
         return out
 
     # -- reads and deletes ----------------------------------------------------
-    def get(self, key: StoreKey) -> Entry | None:
+    def get(self, key: StoreKey, *, demoted_ok: bool = False) -> Entry | None:
+        """The visible entry of ``key``; with ``demoted_ok`` a demoted one too.
+
+        Ordinary gets count as hits or misses and refresh the key's recency;
+        ``demoted_ok`` reads (handoffs to other nodes) do neither.
+        """
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._visible_locked(key, demoted_ok=demoted_ok)
+            if demoted_ok:
+                return entry
             if key[0] in self._counted:
                 if entry is None:
                     self._c.misses += 1
@@ -214,24 +276,53 @@ class Store:
                     self._c.hits += 1
             if entry is not None:
                 self._policy.accessed(key)
+                self._touch_locked(key)
             return entry
 
     def contains(self, key: StoreKey) -> bool:
-        """Whether ``key`` is stored (no statistics, no recency update)."""
+        """Whether ``key`` is visible (no statistics, no recency update)."""
         with self._lock:
-            return key in self._entries
+            return self._visible_locked(key) is not None
 
     def delete(self, key: StoreKey) -> Entry | None:
+        """Remove ``key``; returns the entry if it was visible (a hidden one goes silently)."""
         with self._lock:
-            old = self._remove_locked(key)
-            if old is not None:
+            current = self._visible_locked(key)
+            self._remove_locked(key)
+            if current is not None:
                 self._c.deletes += 1
-            return old
+            return current
+
+    def demote(self, keys: Iterable[StoreKey]) -> int:
+        """Demote the visible entries of ``keys``; returns how many were."""
+        n = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.demoted:
+                    continue
+                self._entries[key] = dataclasses.replace(entry, demoted=True)
+                self._c.by_kind[key[0]] -= 1
+                self._demoted[key] = None
+                n += 1
+        return n
+
+    def drop_demoted(self, keys: Iterable[StoreKey]) -> int:
+        """Remove the demoted entries among ``keys``; returns how many (counted as evictions)."""
+        n = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None and entry.demoted:
+                    self._remove_locked(key)
+                    n += 1
+            self._c.evictions += n
+        return n
 
     def purge(self, drop: Callable[[StoreKey], bool]) -> int:
         """Remove every entry whose key ``drop`` selects; returns how many.
 
-        Counted as evictions (the node uses it for entries it stopped owning).
+        Counted as evictions.
         """
         with self._lock:
             victims = [k for k in self._entries if drop(k)]
@@ -239,6 +330,11 @@ class Store:
                 self._remove_locked(k)
             self._c.evictions += len(victims)
         return len(victims)
+
+    def absorb(self, version: int) -> None:
+        """Move the version clock past ``version`` (a version heard of elsewhere)."""
+        with self._lock:
+            self._clock.absorb(version)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -253,23 +349,66 @@ class Store:
                 puts=self._c.puts,
                 deletes=self._c.deletes,
                 policy=self._policy.name,
+                demoted=len(self._demoted),
+                invalidated=self._c.invalidated,
             )
 
     def keys(self) -> list[StoreKey]:
+        """Every stored key, demoted ones included."""
         with self._lock:
             return list(self._entries)
 
+    def hottest(self) -> list[Entry]:
+        """Every stored entry, demoted ones included, most recently used first."""
+        with self._lock:
+            order = sorted(self._used_at.items(), key=lambda kv: kv[1], reverse=True)
+            return [self._entries[k] for k, _ in order]
+
     # -- internals (lock held) ------------------------------------------------
+    def _visible_locked(self, key: StoreKey, *, demoted_ok: bool = False) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._stale is not None and self._stale(entry):
+            self._remove_locked(key)
+            self._c.invalidated += 1
+            return None
+        if entry.demoted and not demoted_ok:
+            return None
+        return entry
+
+    def _insert_locked(self, entry: Entry) -> None:
+        key = entry.key
+        self._entries[key] = entry
+        self._used += entry.cost
+        if entry.demoted:
+            self._demoted[key] = None
+        else:
+            self._c.by_kind[key[0]] = self._c.by_kind.get(key[0], 0) + 1
+        self._policy.inserted(key)
+        self._touch_locked(key)
+
+    def _touch_locked(self, key: StoreKey) -> None:
+        self._uses += 1
+        self._used_at[key] = self._uses
+
     def _remove_locked(self, key: Hashable) -> Entry | None:
         old = self._entries.pop(key, None)  # type: ignore[call-overload]
         if old is not None:
             self._used -= old.cost
-            self._c.by_kind[old.key[0]] -= 1
+            if old.demoted:
+                del self._demoted[old.key]
+            else:
+                self._c.by_kind[old.key[0]] -= 1
+            del self._used_at[old.key]
             self._policy.removed(key)
         return old
 
     def _evict_one_locked(self) -> bool:
-        victim = self._policy.victim()
+        # Demoted entries first: they only serve handoffs, which are rare.
+        victim = next(iter(self._demoted), None)
+        if victim is None:
+            victim = self._policy.victim()
         if victim is None:
             return False
         self._remove_locked(victim)

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from tensorcache.errors import CapacityExceeded
+from tensorcache.errors import CapacityExceeded, VersionConflict
 from tensorcache.node import store as store_module
 from tensorcache.node.policy import LFUPolicy
 from tensorcache.node.store import (
@@ -566,3 +566,179 @@ def test_random_ops_never_exceed_the_budget(policy, seed):
     # the sequence exercised every path
     assert min(expect.values()) > 0
     assert min(branches[b] for b in ("too-big", "blocked", "replace")) > 0, branches
+
+
+# -- versions, stamps, demotion, stale entries -----------------------------------
+
+
+def commit_one(store: Store, new: NewEntry) -> tuple[int, object]:
+    [(version, old)] = store.commit(store.reserve(new.cost), [new])
+    return version, old
+
+
+def test_version_clock_absorb_moves_the_next_tick_past_it():
+    clock = VersionClock()
+    far = clock.tick() + 10**12
+    clock.absorb(far)
+    assert clock.tick() == far + 1
+    clock.absorb(5)  # an older version changes nothing
+    assert clock.tick() == far + 2
+
+
+def test_explicit_version_is_stored_exactly_and_absorbed():
+    store = Store(10_000)
+    far = time.time_ns() // 1000 + 10**12
+    version, old = commit_one(store, NewEntry((TENSOR, "k"), None, (b"x",), 100, version=far))
+    assert (version, old) == (far, None)
+    assert store.get((TENSOR, "k")).version == far
+    v2, old = put(store, "k", 100)  # the next assigned version is above it
+    assert v2 == far + 1
+    assert old.version == far
+
+
+def test_explicit_version_older_than_the_stored_one_keeps_the_newer():
+    store = Store(10_000)
+    v1, _ = put(store, "k", 100)
+    version, old = commit_one(store, NewEntry((TENSOR, "k"), "older", (b"x",), 200, version=v1 - 5))
+    assert version == v1  # the kept one: differs from the item's version
+    assert old is None
+    entry = store.get((TENSOR, "k"))
+    assert entry.version == v1 and entry.cost == 100
+    s = store.stats()
+    assert s.bytes_used == 100 and s.bytes_reserved == 0 and s.puts == 1
+
+
+def test_explicit_version_equal_or_newer_replaces():
+    store = Store(10_000)
+    v1, _ = put(store, "k", 100)
+    version, old = commit_one(store, NewEntry((TENSOR, "k"), "same", (b"x",), 150, version=v1))
+    assert version == v1 and old.version == v1
+    version, old = commit_one(store, NewEntry((TENSOR, "k"), "new", (b"x",), 120, version=v1 + 9))
+    assert version == v1 + 9 and old.meta == "same"
+    assert store.stats().bytes_used == 120
+
+
+def test_stamp_is_kept_with_the_entry():
+    store = Store(10_000)
+    commit_one(store, NewEntry((TENSOR, "k"), None, (b"x",), 100, stamp=77))
+    assert store.get((TENSOR, "k")).stamp == 77
+
+
+def test_known_version_is_the_current_version_of_an_absent_key_and_a_floor():
+    store = Store(10_000)
+    far = time.time_ns() // 1000 + 10**12
+    absent_here = NewEntry((TENSOR, "k"), None, (b"x",), 100, if_version=0, known_version=far)
+    with pytest.raises(VersionConflict, match=str(far)):
+        commit_one(store, absent_here)
+    assert store.keys() == []
+    cond = NewEntry((TENSOR, "k"), None, (b"x",), 100, if_version=far, known_version=far)
+    version, _ = commit_one(store, cond)
+    assert version == far + 1
+    # Once the key is here, the store's own version rules.
+    nxt = NewEntry((TENSOR, "k"), None, (b"x",), 100, if_version=far + 1, known_version=far)
+    assert commit_one(store, nxt)[0] == far + 2
+
+
+def test_demoted_entries_are_hidden_but_readable_by_handoffs():
+    store = Store(10_000)
+    v1, _ = put(store, "a", 100)
+    put(store, "b", 100)
+    assert store.demote([(TENSOR, "a"), (TENSOR, "missing")]) == 1
+    assert store.demote([(TENSOR, "a")]) == 0  # already demoted
+    assert store.get((TENSOR, "a")) is None
+    assert not store.contains((TENSOR, "a"))
+    entry = store.get((TENSOR, "a"), demoted_ok=True)
+    assert entry is not None and entry.demoted and entry.version == v1
+    s = store.stats()
+    assert s.demoted == 1
+    assert s.entries_by_kind == {TENSOR: 1}  # only visible entries
+    assert s.bytes_used == 200  # still held
+    assert (s.hits, s.misses) == (0, 1)  # handoff reads are not counted
+    assert sorted(store.keys()) == [(TENSOR, "a"), (TENSOR, "b")]
+
+
+def test_a_demoted_entry_counts_as_absent_for_conditional_and_versioned_writes():
+    store = Store(10_000)
+    v1, _ = put(store, "a", 100)
+    store.demote([(TENSOR, "a")])
+    version, old = commit_one(store, NewEntry((TENSOR, "a"), None, (b"x",), 100, if_version=0))
+    assert version > v1
+    assert old is None  # a hidden entry is not reported as replaced (its stripes may live)
+    s = store.stats()
+    assert (s.demoted, s.entries_by_kind, s.bytes_used) == (0, {TENSOR: 1}, 100)
+    store.demote([(TENSOR, "a")])
+    older = NewEntry((TENSOR, "a"), "older", (b"x",), 100, version=v1)
+    assert commit_one(store, older)[0] == v1  # replaced the demoted newer one
+    assert store.get((TENSOR, "a")).meta == "older"
+
+
+def test_delete_of_a_demoted_entry_removes_it_silently():
+    store = Store(10_000)
+    put(store, "a", 100)
+    store.demote([(TENSOR, "a")])
+    assert store.delete((TENSOR, "a")) is None
+    s = store.stats()
+    assert (s.demoted, s.bytes_used, s.deletes) == (0, 0, 0)
+    assert store.keys() == []
+
+
+def test_drop_demoted_removes_only_demoted_entries():
+    store = Store(10_000)
+    put(store, "a", 100)
+    put(store, "b", 100)
+    store.demote([(TENSOR, "a")])
+    assert store.drop_demoted([(TENSOR, "a"), (TENSOR, "b"), (TENSOR, "zz")]) == 1
+    assert store.keys() == [(TENSOR, "b")]
+    s = store.stats()
+    assert (s.demoted, s.evictions, s.bytes_used) == (0, 1, 100)
+
+
+def test_eviction_takes_demoted_entries_first():
+    store = Store(3 * 1000)
+    put(store, "old", 1000)
+    put(store, "mid", 1000)
+    put(store, "new", 1000)
+    store.demote([(TENSOR, "new")])
+    put(store, "more", 1000)
+    assert sorted(name for _, name in store.keys()) == ["mid", "more", "old"]  # noqa: SIM118
+    s = store.stats()
+    assert (s.evictions, s.demoted) == (1, 0)
+
+
+def test_stale_rule_hides_and_drops_entries_when_met():
+    dead: set[str] = set()
+    store = Store(10_000, stale=lambda e: e.key[1] in dead)
+    put(store, "a", 100)
+    put(store, "b", 100)
+    dead.add("a")
+    assert sorted(store.keys()) == [(TENSOR, "a"), (TENSOR, "b")]  # lazily
+    assert store.get((TENSOR, "a")) is None
+    assert store.keys() == [(TENSOR, "b")]
+    s = store.stats()
+    assert (s.invalidated, s.bytes_used, s.misses) == (1, 100, 1)
+    # if_version sees it as absent, whichever way it is met
+    put(store, "c", 100)
+    dead.add("c")
+    version, old = commit_one(store, NewEntry((TENSOR, "c"), None, (b"x",), 100, if_version=0))
+    assert old is None
+    dead.discard("c")
+    assert store.get((TENSOR, "c")).version == version
+    assert store.stats().invalidated == 2
+
+
+def test_hottest_lists_entries_most_recently_used_first():
+    store = Store(10_000)
+    for key in ("a", "b", "c", "d"):
+        put(store, key, 100)
+    store.get((TENSOR, "b"))
+    store.demote([(TENSOR, "c")])
+    store.get((TENSOR, "c"), demoted_ok=True)  # a handoff read is not a use
+    assert [e.key[1] for e in store.hottest()] == ["b", "d", "c", "a"]
+    assert [e.demoted for e in store.hottest()] == [False, False, True, False]
+
+
+def test_store_absorb_moves_the_clock():
+    store = Store(10_000)
+    far = time.time_ns() // 1000 + 10**12
+    store.absorb(far)
+    assert put(store, "k", 100)[0] == far + 1

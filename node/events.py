@@ -1,0 +1,138 @@
+"""Key events for watch-mode near-caches: what this node committed or deleted.
+
+Every tensor commit (version) and delete (version 0) is queued; one thread
+sends what accumulated to the router (``Router.Publish``) every few
+milliseconds, and the router fans the events out to watchers. The queue is
+bounded: when the router is slow or away, the oldest events are dropped (and
+counted, and logged): a watcher that misses events is told to reset by the
+router, not by us. A router that does not know Publish (UNIMPLEMENTED) turns
+publishing off quietly for a while (nobody can be watching it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+import grpc
+
+from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tensorcache.node")
+
+FLUSH_INTERVAL_S = 0.005
+MAX_QUEUED = 100_000
+MAX_BATCH = 10_000
+PUBLISH_TIMEOUT_S = 2.0
+UNIMPLEMENTED_RETRY_S = 30.0  # ask a router without Publish again after this
+LOG_EVERY_S = 10.0  # at most one warning per this many seconds per cause
+
+
+class EventSink(Protocol):
+    def publish(self, key: str, version: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoEvents:
+    """A node without a router publishes nothing."""
+
+    def publish(self, key: str, version: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class EventPublisher:
+    def __init__(
+        self,
+        router: str,
+        node: str,
+        *,
+        interval_s: float = FLUSH_INTERVAL_S,
+        max_queued: int = MAX_QUEUED,
+    ) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        self._node = node
+        self._max_queued = max_queued
+        self._router = router
+        self._interval_s = interval_s
+        self._queue: deque[pb.KeyEvent] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(router, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RouterStub(self._channel)
+        self._off_until = 0.0
+        self._logged: dict[str, float] = {}
+        self.published = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._loop, name="key-events", daemon=True)
+        self._thread.start()
+
+    def publish(self, key: str, version: int) -> None:
+        with self._lock:
+            if len(self._queue) >= self._max_queued:
+                self._queue.popleft()
+                self.dropped += 1
+                self._warn("overflow", "key event queue full: dropping the oldest events")
+            self._queue.append(pb.KeyEvent(key=key.encode(), version=version))
+        self._wake.set()
+
+    def _warn(self, cause: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(cause, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[cause] = now
+            log.warning(msg, *args)
+
+    def _take(self) -> list[pb.KeyEvent]:
+        with self._lock:
+            n = min(len(self._queue), MAX_BATCH)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stop.wait(self._interval_s):  # let a burst accumulate
+                break
+            while True:
+                batch = self._take()
+                if not batch:
+                    break
+                self._send(batch)
+
+    def _send(self, batch: list[pb.KeyEvent]) -> None:
+        if time.monotonic() < self._off_until:
+            return  # the router has no Publish: nobody is watching
+        try:
+            self._stub.Publish(
+                pb.PublishRequest(node=self._node, events=batch), timeout=PUBLISH_TIMEOUT_S
+            )
+            self.published += len(batch)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self._off_until = time.monotonic() + UNIMPLEMENTED_RETRY_S
+                return
+            self.dropped += len(batch)
+            self._warn("router", "publishing key events to %s failed: %s", self._router, code)
+        except Exception:  # never let the thread die silently
+            self.dropped += len(batch)
+            log.exception("publishing key events failed")
+
+    def close(self) -> None:
+        """Flush what is queued (bounded by one publish timeout), then stop."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=PUBLISH_TIMEOUT_S + 1)
+        batch = self._take()
+        if batch:
+            self._send(batch)
+        self._channel.close()

@@ -1,0 +1,248 @@
+"""Warm handoff: a miss at a key's new owner is answered by its previous owner.
+
+After a ring change a key's new owner holds nothing for it; the members of
+its previous replica set still do (as a demoted entry, or as owners still).
+Within the handoff window (node/rings.py) a miss here asks them, first that
+has it, with ``GetRequest.handoff``, stores what it gets with its version and
+stamp intact (an explicit-version commit, so a newer put made meanwhile
+wins), and serves it. The same question, metadata only, gives a first write
+of a key here the version the key already has elsewhere, so versions keep
+increasing across the change (docs/consistency.md, "Versions").
+
+A handoff must never bring back what this node has since overwritten or
+deleted: keys written or deleted here within the window are *settled* and
+never handed off. A delete settles its keys under the lock a handoff commit
+holds, so a handoff in flight cannot land after the delete. (Overwrites need
+no such care: the overwrite's version is newer, and the commit keeps it.)
+Every failure of a previous owner is a miss, never an error to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from tensorcache.errors import CapacityExceeded, TensorCacheError
+from tensorcache.node.payload import split_payload
+from tensorcache.node.peers import Peers
+from tensorcache.node.rings import RingView
+from tensorcache.node.store import Entry, NewEntry, Store, StoreKey, entry_cost
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import RingMember
+
+log = logging.getLogger("tensorcache.node")
+
+# Per call to a previous owner: a handoff delays the get that missed, so a
+# dead owner must cost little; a live one answers in milliseconds.
+HANDOFF_TIMEOUT_S = 2.0
+# Keys settled (written or deleted here) remembered within the window. Past
+# this many, handoffs stop until the window ends: a miss is always safe.
+MAX_SETTLED = 1_000_000
+
+Found = tuple[pb.EntryGot, tuple[bytes, ...]]
+
+
+def split_entries(
+    reply: pb.GetReply, messages: list[bytes], *, head_only: bool
+) -> list[Found | None]:
+    """Pair each entry of a Get reply with its payload (None: not found, or bad bytes)."""
+    if head_only:
+        return [(g, ()) if g.found else None for g in reply.entries]
+    sizes = [g.meta.nbytes if g.found and not g.meta.stripes else 0 for g in reply.entries]
+    chunks, crcs = split_payload(messages, sizes)
+    out: list[Found | None] = []
+    for got, c, crc, size in zip(reply.entries, chunks, crcs, sizes, strict=True):
+        if not got.found:
+            out.append(None)
+        elif size and crc != got.meta.crc32c:
+            log.warning("handoff: checksum mismatch for %r; ignored", got.key[:64])
+            out.append(None)
+        else:
+            out.append((got, tuple(bytes(x) for x in c)))
+    return out
+
+
+class Handoff:
+    def __init__(
+        self,
+        store: Store,
+        rings: RingView,
+        peers: Peers,
+        *,
+        timeout_s: float = HANDOFF_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._rings = rings
+        self._peers = peers
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._settled: dict[StoreKey, float] = {}
+        self._blind_until = 0.0  # too many settled keys: no handoffs until then
+        self._lock = threading.Lock()
+        self.handoffs = 0
+
+    # -- settled keys -----------------------------------------------------------
+    def settle(self, keys: Iterable[StoreKey]) -> None:
+        """``keys`` were written here: a handoff must not replace them."""
+        if not self._rings.in_window():
+            if self._settled:  # the window closed: forget
+                with self._lock:
+                    self._settled.clear()
+            return
+        with self._lock:
+            self._settle_locked(keys)
+
+    @contextmanager
+    def settling(self, keys: Iterable[StoreKey]) -> Iterator[None]:
+        """Run a delete of ``keys`` with no handoff commit interleaved."""
+        with self._lock:
+            if self._rings.in_window():
+                self._settle_locked(keys)
+            yield
+
+    def _settle_locked(self, keys: Iterable[StoreKey]) -> None:
+        now = self._clock()
+        window = self._rings.window_s
+        for key in keys:
+            if len(self._settled) >= MAX_SETTLED:
+                self._settled = {k: t for k, t in self._settled.items() if now - t < window}
+                if len(self._settled) >= MAX_SETTLED:
+                    log.warning(
+                        "%d keys written since the last ring change: handoffs off for %.0fs",
+                        len(self._settled),
+                        window,
+                    )
+                    self._settled.clear()
+                    self._blind_until = now + window
+                    return
+            self._settled[key] = now
+
+    def _settled_locked(self, key: StoreKey, now: float) -> bool:
+        at = self._settled.get(key)
+        return at is not None and now - at < self._rings.window_s
+
+    def _candidates(self, keys: Iterable[StoreKey]) -> dict[StoreKey, list[RingMember]]:
+        now = self._clock()
+        out: dict[StoreKey, list[RingMember]] = {}
+        if now < self._blind_until:
+            return out
+        for key in keys:
+            owners = self._rings.previous_owners(key[1])
+            if owners:
+                out[key] = owners
+        if out:
+            with self._lock:
+                for key in [k for k in out if self._settled_locked(k, now)]:
+                    del out[key]
+        return out
+
+    # -- asking previous owners ---------------------------------------------------
+    def _ask(
+        self, wanted: dict[StoreKey, list[RingMember]], *, head_only: bool, every: bool
+    ) -> dict[StoreKey, list[Found]]:
+        """Ask previous owners, by rank, for ``wanted`` keys.
+
+        ``every``: ask each owner of a key (metadata: versions); otherwise stop
+        at the first that has it.
+        """
+        found: dict[StoreKey, list[Found]] = {}
+        pending = dict(wanted)
+        rank = 0
+        while pending:
+            by_owner: dict[str, list[StoreKey]] = {}
+            for key, owners in pending.items():
+                if rank < len(owners):
+                    by_owner.setdefault(owners[rank].address, []).append(key)
+            if not by_owner:
+                break
+            for address, keys in by_owner.items():
+                req = pb.GetRequest(
+                    epoch=0,
+                    handoff=True,
+                    head_only=head_only,
+                    keys=[pb.EntryKey(key=k[1].encode(), kind=k[0]) for k in keys],
+                )
+                try:
+                    reply, messages = self._peers.get(address, req, self._timeout_s)
+                    answers = split_entries(reply, messages, head_only=head_only)
+                except TensorCacheError as exc:
+                    log.info("handoff: previous owner %s did not answer: %s", address, exc)
+                    continue
+                if len(answers) != len(keys):
+                    log.warning(
+                        "handoff: %s answered %d of %d keys", address, len(answers), len(keys)
+                    )
+                    continue
+                for key, answer in zip(keys, answers, strict=True):
+                    if answer is not None:
+                        found.setdefault(key, []).append(answer)
+                        if not every:
+                            pending.pop(key, None)
+            rank += 1
+        return found
+
+    def fetch(self, keys: Iterable[StoreKey]) -> dict[StoreKey, Entry]:
+        """Fetch missed ``keys`` from their previous owners, store and return them.
+
+        Not published as key events: a handoff moves a value, it does not change it.
+        """
+        wanted = self._candidates(keys)
+        if not wanted:
+            return {}
+        got = self._ask(wanted, head_only=False, every=False)
+        items: list[NewEntry] = []
+        for key, answers in got.items():
+            meta, chunks = answers[0][0], answers[0][1]
+            if self._rings.invalidated(key[1], meta.stamp) and key[0] == pb.TENSOR:
+                continue
+            nbytes = sum(len(c) for c in chunks)
+            cost = entry_cost(key[1], nbytes, meta.meta.ByteSize())
+            items.append(
+                NewEntry(key, meta.meta, chunks, cost, version=meta.version, stamp=meta.stamp)
+            )
+        if not items:
+            return {}
+        try:
+            reservation = self._store.reserve(sum(it.cost for it in items))
+        except CapacityExceeded as exc:
+            log.warning("handoff: no room for %d entries: %s", len(items), exc)
+            return {}
+        try:
+            with self._lock:
+                now = self._clock()
+                items = [it for it in items if not self._settled_locked(it.key, now)]
+                results = self._store.commit(reservation, items)
+        finally:
+            self._store.release(reservation)
+        out: dict[StoreKey, Entry] = {}
+        stored = sum(version == it.version for it, (version, _) in zip(items, results, strict=True))
+        with self._lock:
+            self.handoffs += stored
+        for it in items:
+            entry = self._store.get(it.key, demoted_ok=True)
+            if entry is not None:
+                out[it.key] = entry
+        if out:
+            log.debug("handoff: %d entries from previous owners", len(out))
+        return out
+
+    def known_versions(self, keys: Iterable[StoreKey]) -> dict[StoreKey, int]:
+        """The versions previous owners hold for ``keys`` (absent: none known).
+
+        Every version heard of moves this node's clock past it, invalidated
+        ones included; those count as absent for conditional writes.
+        """
+        wanted = self._candidates(keys)
+        if not wanted:
+            return {}
+        out: dict[StoreKey, int] = {}
+        for key, answers in self._ask(wanted, head_only=True, every=True).items():
+            best = max(answers, key=lambda a: a[0].version)[0]
+            self._store.absorb(best.version)
+            if not (key[0] == pb.TENSOR and self._rings.invalidated(key[1], best.stamp)):
+                out[key] = best.version
+        return out

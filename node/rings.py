@@ -1,0 +1,134 @@
+"""The node's view of placement: its current ring and the one before it.
+
+A node needs two rings. The current one says which keys it owns (the others
+it demotes) and which namespace invalidations are in force. The previous one
+says who held a key before the last membership change, so a miss can be
+answered by a warm handoff from there (docs/consistency.md, "Warm
+rebalance"). Both are immutable snapshots; a change swaps one reference to a
+``Rings`` pair, so a reader takes the pair once and sees a consistent view.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tensorcache.node.store import Entry
+from tensorcache.router.ring import Ring, RingMember
+
+# How long after a ring change a miss asks the previous owners. Long enough
+# for clients to warm the new owners by reading (a model's weights are read
+# within seconds of a rollout); short enough that the bookkeeping of keys
+# written or deleted meanwhile (which must not be overwritten by a handoff)
+# stays small.
+HANDOFF_WINDOW_S = 120.0
+TENSOR = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rings:
+    current: Ring | None
+    previous: Ring | None
+    changed_at: float  # monotonic time the current ring was installed
+
+
+class RingView:
+    """The rings of node ``name``; installs only ever move forward in epoch."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        window_s: float = HANDOFF_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {window_s}")
+        self.name = name
+        self.window_s = window_s
+        self._clock = clock
+        self._rings = Rings(None, None, 0.0)
+
+    @property
+    def rings(self) -> Rings:
+        return self._rings
+
+    @property
+    def current(self) -> Ring | None:
+        return self._rings.current
+
+    def install(self, ring: Ring) -> bool:
+        """Make ``ring`` current unless it is not newer; returns whether it was installed.
+
+        Callers serialize installs (the membership agent holds a lock).
+        """
+        old = self._rings
+        if old.current is not None and ring.epoch <= old.current.epoch:
+            return False
+        self._rings = Rings(ring, old.current, self._clock())
+        return True
+
+    def member(self) -> bool:
+        """Whether this node is in its current ring (False before it knows one)."""
+        ring = self._rings.current
+        return ring is not None and self.name in ring
+
+    def owns(self, key: str, ring: Ring | None = None) -> bool:
+        """Whether this node is in ``key``'s replica set (of ``ring``, default current).
+
+        A node outside its ring (standalone, joining, leaving) owns everything
+        it holds: it has no better place to send a key.
+        """
+        ring = ring if ring is not None else self._rings.current
+        if ring is None or self.name not in ring:
+            return True
+        return any(m.name == self.name for m in ring.replica_set(key))
+
+    def stale(self, entry: Entry) -> bool:
+        """Namespace invalidation: a tensor committed before an invalidation of its prefix."""
+        ring = self._rings.current
+        return (
+            ring is not None
+            and entry.key[0] == TENSOR
+            and bool(ring.invalidations)
+            and ring.invalidated_before(entry.key[1]) > entry.stamp
+        )
+
+    def invalidated(self, key: str, stamp: int) -> bool:
+        ring = self._rings.current
+        return (
+            ring is not None and bool(ring.invalidations) and (ring.invalidated_before(key) > stamp)
+        )
+
+    def in_window(self) -> bool:
+        rings = self._rings
+        return rings.previous is not None and self._clock() - rings.changed_at < self.window_s
+
+    def previous_owners(self, key: str) -> list[RingMember]:
+        """Who held ``key`` before the last change, if a miss here should ask them.
+
+        Non-empty only within the handoff window, when this node is in the
+        key's current replica set, and for the members of the previous replica
+        set other than this node.
+        """
+        rings = self._rings
+        if rings.previous is None or rings.current is None or not rings.previous.members:
+            return []
+        if self._clock() - rings.changed_at >= self.window_s:
+            return []
+        if self.name not in rings.current or not self.owns(key, rings.current):
+            return []
+        return [m for m in rings.previous.replica_set(key) if m.name != self.name]
+
+    def peers(self) -> list[RingMember]:
+        """Every other member of the current and previous rings (fencing targets)."""
+        rings = self._rings
+        seen: dict[str, RingMember] = {}
+        for ring in (rings.current, rings.previous):
+            if ring is None:
+                continue
+            for m in ring.members:
+                if m.name != self.name and m.name not in seen:
+                    seen[m.name] = m
+        return list(seen.values())

@@ -1,0 +1,399 @@
+"""Node rules across ring changes, on in-process nodes wired by an in-process Peers.
+
+Demotion, warm handoff, settled keys, versions across a move, namespace
+invalidation, fencing, key events and drain: docs/consistency.md, with no
+sockets (``LocalPeers`` calls the other node's NodeOps directly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+from tensorcache import codec
+from tensorcache.errors import StaleEpoch, Unavailable, VersionConflict
+from tensorcache.node.ops import EpochView, NodeOps
+from tensorcache.node.payload import split_payload
+from tensorcache.node.rings import RingView
+from tensorcache.node.store import Store
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.router.ring import Ring, RingMember
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LocalPeers:
+    """``Peers`` that call the target node's NodeOps in-process."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeOps] = {}
+        self.down: set[str] = set()
+        self.fences: list[tuple[str, int]] = []
+        self.gets: list[tuple[str, pb.GetRequest]] = []
+
+    def _node(self, address: str) -> NodeOps:
+        if address in self.down:
+            raise Unavailable(f"node {address} is down")
+        return self.nodes[address]
+
+    def get(self, address: str, request: pb.GetRequest, timeout: float):
+        self.gets.append((address, request))
+        reply, payload, _ = self._node(address).get(request)
+        messages = [] if request.head_only else [bytes(c) for e in payload for c in e.chunks]
+        return reply, messages
+
+    def put(self, address: str, request: pb.PutRequest, payload: Iterable[bytes], timeout: float):
+        ops = self._node(address)
+        plan = ops.plan_put(request)
+        try:
+            chunks, crcs = split_payload(payload, plan.sizes)
+            return ops.finish_put(plan, chunks, crcs)
+        finally:
+            ops.abort_put(plan)
+
+    def fence(self, address: str, epoch: int, timeout: float) -> int:
+        self.fences.append((address, epoch))
+        return self._node(address).fence(pb.FenceRequest(epoch=epoch)).epoch
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def publish(self, key: str, version: int) -> None:
+        self.seen.append((key, version))
+
+    def close(self) -> None:
+        pass
+
+
+class Cluster:
+    def __init__(self, *names: str) -> None:
+        self.peers = LocalPeers()
+        self.clock = Clock()
+        self.events: dict[str, Events] = {}
+        self.synced: list[tuple[str, int]] = []
+        self.epoch = 100
+        for name in names:
+            self.node(name)
+
+    def node(self, name: str) -> NodeOps:
+        rings = RingView(name, clock=self.clock)
+        self.events[name] = Events()
+        ops = NodeOps(
+            Store(1 << 24, stale=rings.stale),
+            name,
+            name,
+            EpochView(),
+            rings=rings,
+            peers=self.peers,
+            events=self.events[name],
+            sync=lambda epoch, n=name: self.synced.append((n, epoch)),
+        )
+        self.peers.nodes[name] = ops
+        return ops
+
+    def ring(self, *names: str, invalidations: dict[str, int] | None = None) -> Ring:
+        self.epoch += 1
+        members = [RingMember(n, n, 1) for n in names]
+        return Ring(self.epoch, members, weight_unit=1, invalidations=invalidations)
+
+    def install(self, ring: Ring, *names: str) -> None:
+        """What the agent does: install the ring, then publish its epoch."""
+        for name in names or list(self.peers.nodes):
+            ops = self.peers.nodes[name]
+            ops.install_ring(ring)
+            ops.epochs.update(ring.epoch)
+
+    def __getitem__(self, name: str) -> NodeOps:
+        return self.peers.nodes[name]
+
+
+def put(ops: NodeOps, key: str, payload: bytes, **entry: int) -> pb.PutResult:
+    meta = pb.TensorMeta(
+        dtype="|u1",
+        shape=[len(payload)],
+        order="C",
+        nbytes=len(payload),
+        crc32c=codec.crc32c(payload),
+    )
+    req = pb.PutRequest(
+        epoch=ops.epochs.epoch, entries=[pb.EntryPut(key=key.encode(), meta=meta, **entry)]
+    )
+    plan = ops.plan_put(req)
+    try:
+        return ops.finish_put(plan, [(payload,)], [codec.crc32c(payload)]).results[0]
+    finally:
+        ops.abort_put(plan)
+
+
+def get(ops: NodeOps, key: str, *, handoff: bool = False) -> tuple[pb.EntryGot, bytes]:
+    req = pb.GetRequest(
+        epoch=ops.epochs.epoch, keys=[pb.EntryKey(key=key.encode())], handoff=handoff
+    )
+    reply, payload, _ = ops.get(req)
+    return reply.entries[0], b"".join(bytes(c) for e in payload for c in e.chunks)
+
+
+def delete(ops: NodeOps, key: str) -> bool:
+    req = pb.DeleteRequest(epoch=ops.epochs.epoch, keys=[pb.EntryKey(key=key.encode())])
+    return ops.delete(req).results[0].found
+
+
+def moved_keys(before: Ring, after: Ring, frm: str, to: str, n: int = 5) -> list[str]:
+    out = [
+        f"k{i}"
+        for i in range(2000)
+        if before.owner(f"k{i}").name == frm and after.owner(f"k{i}").name == to
+    ]
+    assert len(out) >= n
+    return out[:n]
+
+
+@pytest.fixture
+def joined() -> tuple[Cluster, Ring, Ring]:
+    """a and b hold keys; then c joins."""
+    cl = Cluster("a", "b", "c")
+    r1 = cl.ring("a", "b")
+    cl.install(r1)
+    r2 = cl.ring("a", "b", "c")
+    return cl, r1, r2
+
+
+def test_a_join_demotes_moved_entries_and_a_miss_hands_them_off(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    v1 = put(cl["a"], key, b"hello").version
+    cl.install(r2)
+    assert cl["a"].stat().demoted == 1
+    assert cl["a"].stat().keys == 0
+    got, _ = get(cl["a"], key)
+    assert not got.found  # demoted: no longer served to clients
+    got, data = get(cl["a"], key, handoff=True)
+    assert got.found and data == b"hello"  # but still to handoffs
+
+    got, data = get(cl["c"], key)
+    assert got.found and data == b"hello"
+    assert got.version == v1
+    assert got.stamp == r1.epoch
+    assert cl["c"].stat().handoffs == 1
+    cl.peers.gets.clear()
+    got, _ = get(cl["c"], key)
+    assert got.found and not cl.peers.gets  # stored: the next get is local
+    assert cl["c"].stat().handoffs == 1
+
+
+def test_no_handoff_after_the_window_or_for_keys_not_owned(joined):
+    cl, r1, r2 = joined
+    moved = moved_keys(r1, r2, "a", "c", n=2)
+    for key in moved:
+        put(cl["a"], key, b"v")
+    cl.install(r2)
+    assert not get(cl["b"], moved[0])[0].found  # b does not own it: no handoff
+    cl.clock.now += cl["c"].rings.window_s
+    assert not get(cl["c"], moved[1])[0].found
+    assert cl["c"].stat().handoffs == 0
+
+
+def test_an_unreachable_previous_owner_is_a_miss(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    put(cl["a"], key, b"v")
+    cl.install(r2)
+    cl.peers.down.add("a")
+    got, _ = get(cl["c"], key)
+    assert not got.found
+
+
+def test_a_delete_in_the_window_is_never_undone_by_a_handoff(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    put(cl["a"], key, b"old")
+    cl.install(r2)
+    assert not delete(cl["c"], key)
+    assert not get(cl["c"], key)[0].found
+    assert cl["c"].stat().handoffs == 0
+
+
+def test_first_write_at_a_new_owner_continues_the_key_s_versions(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    far = 2**60  # an old owner whose clock ran far ahead
+    assert put(cl["a"], key, b"old", version=far).version == far
+    cl.install(r2)
+    with pytest.raises(VersionConflict, match=str(far)):
+        put(cl["c"], key, b"new", if_version=0)  # the key exists, elsewhere
+    v2 = put(cl["c"], key, b"new", if_version=far).version
+    assert v2 > far
+    got, data = get(cl["c"], key)
+    assert (got.version, data) == (v2, b"new")
+    assert cl["c"].stat().handoffs == 0  # a handoff never replaces a newer write
+
+
+def test_a_handoff_keeps_a_newer_value_written_meanwhile(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    v1 = put(cl["a"], key, b"old").version
+    cl.install(r2)
+    v2 = put(cl["c"], key, b"new").version
+    assert v2 > v1
+    # A replica/handoff write of the old version: kept_newer, no change.
+    result = put(cl["c"], key, b"old", version=v1)
+    assert result.kept_newer and result.version == v2
+    assert get(cl["c"], key)[1] == b"new"
+
+
+def test_a_key_that_comes_back_drops_its_demoted_copy(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    put(cl["a"], key, b"v1")
+    cl.install(r2)
+    v2 = put(cl["c"], key, b"v2").version  # written at c while a held v1 demoted
+    r3 = cl.ring("a", "b")  # c leaves (no drain): a owns the key again
+    cl.install(r3, "a", "b")
+    assert cl["a"].stat().demoted == 0
+    got, data = get(cl["a"], key)  # never v1: handed off from c, or a miss
+    assert got.found and (got.version, data) == (v2, b"v2")
+
+
+def test_namespace_invalidation_hides_older_entries(joined):
+    cl, r1, _ = joined
+    owner = cl[r1.owner("model/w").name]
+    put(owner, "model/w", b"old")
+    put(owner, "other", b"keep")
+    r2 = cl.ring("a", "b", invalidations={"model/": cl.epoch + 1})
+    cl.install(r2)
+    assert not get(owner, "model/w")[0].found
+    assert owner.stat().invalidated == 1
+    assert get(owner, "other")[0].found
+    put(owner, "model/w", b"new", if_version=0)  # invalidated: absent
+    assert get(owner, "model/w")[1] == b"new"  # stamped at the new epoch
+
+
+def test_first_write_of_an_epoch_fences_the_other_members_once(joined):
+    cl, _, r2 = joined
+    cl.install(r2)
+    cl.peers.fences.clear()
+    cl.peers.down.add("b")  # unreachable: presumed dead, the write goes on
+    put(cl["a"], "x", b"1")
+    assert sorted(cl.peers.fences) == [("b", r2.epoch), ("c", r2.epoch)]
+    put(cl["a"], "y", b"2")
+    assert len(cl.peers.fences) == 2
+    assert cl["a"].fencer.fenced == r2.epoch
+
+
+def test_fence_asks_the_router_only_when_behind(joined):
+    cl, r1, _ = joined
+    cl.synced.clear()
+    assert cl["b"].fence(pb.FenceRequest(epoch=r1.epoch)).epoch == r1.epoch
+    assert cl.synced == []
+    cl["b"].fence(pb.FenceRequest(epoch=r1.epoch + 5))
+    assert cl.synced == [("b", r1.epoch + 5)]
+
+
+def test_handoff_requests_skip_the_epoch_check(joined):
+    cl, r1, r2 = joined
+    cl.install(r2)
+    req = pb.GetRequest(epoch=r1.epoch, keys=[pb.EntryKey(key=b"k")])
+    with pytest.raises(StaleEpoch):
+        cl["a"].get(req)
+    req.handoff = True
+    reply, _, _ = cl["a"].get(req)
+    assert not reply.entries[0].found
+
+
+def test_commits_and_deletes_are_published_as_key_events(joined):
+    cl, _, _ = joined
+    v1 = put(cl["a"], "t", b"1").version
+    put(cl["a"], "t", b"0", version=v1 - 1)  # kept the newer one: no event
+    delete(cl["a"], "t")
+    assert cl.events["a"].seen == [("t", v1), ("t", 0)]
+
+
+def test_drain_hands_entries_to_their_new_owners(joined):
+    cl, r1, _ = joined
+    keys = [f"d{i}" for i in range(50)]
+    written = {}
+    for key in keys:
+        node = cl[r1.owner(key).name]
+        written[key] = put(node, key, key.encode())
+    leaving = cl["a"]
+    mine = [k for k in keys if r1.owner(k).name == "a"]
+    r2 = cl.ring("b", "c")
+    cl.install(r2)
+    assert leaving.drain(r2, timeout_s=10) == len(mine)
+    assert leaving.stat().drained == len(mine)
+    for key in mine:
+        got, data = get(cl[r2.owner(key).name], key)
+        assert got.found and data == key.encode()
+        assert (got.version, got.stamp) == (written[key].version, r1.epoch)
+
+
+def test_drain_goes_on_past_a_dead_target(joined):
+    cl, r1, _ = joined
+    keys = [f"d{i}" for i in range(60)]
+    for key in keys:
+        put(cl[r1.owner(key).name], key, b"x")
+    r2 = cl.ring("b", "c")
+    cl.install(r2)
+    cl.peers.down.add("b")
+    to_c = [k for k in keys if r1.owner(k).name == "a" and r2.owner(k).name == "c"]
+    assert cl["a"].drain(r2, timeout_s=10) == len(to_c)
+
+
+def test_a_delete_during_a_handoff_in_flight_wins(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    put(cl["a"], key, b"old")
+    cl.install(r2)
+    real_get = cl.peers.get
+
+    def get_then_delete(address, request, timeout):
+        answer = real_get(address, request, timeout)
+        delete(cl["c"], key)  # lands while the handoff is on its way back
+        return answer
+
+    cl.peers.get = get_then_delete
+    assert not get(cl["c"], key)[0].found
+    cl.peers.get = real_get
+    assert not get(cl["c"], key)[0].found
+    assert cl["c"].stat().handoffs == 0
+
+
+def test_fill_finds_a_key_its_previous_owner_holds(joined):
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    put(cl["a"], key, b"v")
+    cl.install(r2)
+    reply = cl["c"].fill(pb.FillRequest(epoch=r2.epoch, key=key.encode(), holder="h", ttl_ms=1000))
+    assert reply.found and not reply.granted
+    assert get(cl["c"], key)[0].found
+
+
+def test_drain_sends_the_most_recently_used_entries_first(joined):
+    cl, r1, _ = joined
+    mine = [f"d{i}" for i in range(200) if r1.owner(f"d{i}").name == "a"][:5]
+    for key in mine:
+        put(cl["a"], key, b"x")
+    get(cl["a"], mine[0])  # the hottest now
+    sent: list[bytes] = []
+    real_put = cl.peers.put
+
+    def recording_put(address, request, payload, timeout):
+        sent.extend(e.key for e in request.entries)
+        return real_put(address, request, payload, timeout)
+
+    cl.peers.put = recording_put
+    r2 = cl.ring("b")  # one target: one ordered stream
+    cl.install(r2)
+    assert cl["a"].drain(r2, timeout_s=10) == len(mine)
+    assert [k.decode() for k in sent] == [mine[0], *reversed(mine[1:])]

@@ -1,0 +1,97 @@
+"""The node's ring view: ownership, the previous ring, the handoff window, stale entries."""
+
+from __future__ import annotations
+
+import pytest
+
+from tensorcache.node.rings import RingView
+from tensorcache.node.store import Entry
+from tensorcache.router.ring import Ring, RingMember
+
+pytestmark = pytest.mark.unit
+
+
+def ring(epoch: int, *names: str, replicas: int = 1, **kw) -> Ring:
+    members = [RingMember(n, f"addr-{n}", 1) for n in names]
+    return Ring(epoch, members, weight_unit=1, replicas=replicas, **kw)
+
+
+class Clock:
+    now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(key: str, stamp: int, kind: int = 0) -> Entry:
+    return Entry((kind, key), None, (), 1, 1, stamp)
+
+
+def test_installs_only_move_forward():
+    view = RingView("a")
+    assert view.current is None and not view.member()
+    assert view.install(ring(5, "a", "b"))
+    assert not view.install(ring(5, "a"))
+    assert not view.install(ring(4, "a"))
+    assert view.current.epoch == 5 and view.member()
+    assert view.install(ring(6, "b"))
+    assert view.rings.previous.epoch == 5
+    assert not view.member()
+
+
+def test_a_node_outside_its_ring_owns_everything():
+    view = RingView("z")
+    assert view.owns("k")  # no ring yet
+    view.install(ring(1, "a", "b"))
+    assert view.owns("k")
+
+
+def test_owns_follows_the_replica_set():
+    r = ring(1, "a", "b", "c", replicas=2)
+    view = RingView("a")
+    view.install(r)
+    for i in range(200):
+        key = f"k{i}"
+        assert view.owns(key) == ("a" in {m.name for m in r.replica_set(key)})
+
+
+def test_previous_owners_only_within_the_window_and_for_owned_keys():
+    clock = Clock()
+    view = RingView("c", window_s=10, clock=clock)
+    before, after = ring(1, "a", "b"), ring(2, "a", "b", "c")
+    view.install(before)
+    view.install(after)
+    moved = next(f"k{i}" for i in range(1000) if after.owner(f"k{i}").name == "c")
+    kept = next(f"k{i}" for i in range(1000) if after.owner(f"k{i}").name != "c")
+    assert [m.name for m in view.previous_owners(moved)] == [before.owner(moved).name]
+    assert view.previous_owners(kept) == []  # not ours: not our miss to fill
+    assert view.in_window()
+    clock.now += 10
+    assert not view.in_window()
+    assert view.previous_owners(moved) == []
+
+
+def test_previous_owners_exclude_this_node():
+    view = RingView("a")
+    view.install(ring(1, "a"))
+    view.install(ring(2, "a", "b"))
+    key = next(f"k{i}" for i in range(1000) if view.current.owner(f"k{i}").name == "a")
+    assert view.previous_owners(key) == []
+
+
+def test_stale_applies_to_tensors_stamped_before_an_invalidation():
+    view = RingView("a")
+    view.install(ring(10, "a", invalidations={"m/": 8}))
+    assert view.stale(entry("m/w", 7))
+    assert not view.stale(entry("m/w", 8))
+    assert not view.stale(entry("other", 1))
+    assert not view.stale(entry("m/w\x00stripe", 1, kind=1))  # shards follow their manifest
+    assert view.invalidated("m/x", 3) and not view.invalidated("m/x", 9)
+
+
+def test_peers_are_the_other_members_of_both_rings_current_address_first():
+    view = RingView("a")
+    view.install(ring(1, "a", "b", "old"))
+    moved = Ring(2, [RingMember("a", "x", 1), RingMember("b", "b-new", 1)], weight_unit=1)
+    view.install(moved)
+    assert {(m.name, m.address) for m in view.peers()} == {("b", "b-new"), ("old", "addr-old")}
