@@ -4,10 +4,16 @@
 ``EmbeddedMembership`` here keeps members in the router's memory: nodes
 register, heartbeat, and leave after missing heartbeats for ``ttl_s``.
 
-Epochs increase with every change. The embedded epoch is seeded from the
-wall clock in microseconds, so a restarted router continues *above* the
-epochs nodes and clients saw before (a reset to 1 would make every request
-look stale forever, or every node look behind).
+A view is one ring epoch: the members *and* the namespace invalidations in
+force at that epoch (``invalidate(prefix)`` records ``(prefix, E)`` as part
+of a new epoch E; docs/consistency.md). Epochs increase with every change of
+either. The embedded epoch is seeded from the wall clock in microseconds, so
+a restarted router continues *above* the epochs nodes and clients saw
+before (a reset to 1 would make every request look stale forever, or every
+node look behind). Its invalidations live in memory and die with it: a
+restarted embedded router has an empty table, and every value stamped
+before the restart carries a smaller epoch than anything it will record, so
+forgetting old records loses nothing that a new invalidation needs.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from tensorcache.router.ring import RingMember
 
@@ -28,6 +34,20 @@ log = logging.getLogger("tensorcache.router")
 class MembershipView:
     epoch: int
     members: tuple[RingMember, ...]
+    #: (prefix, epoch) of every namespace invalidation in force, by prefix.
+    invalidations: tuple[tuple[str, int], ...] = ()
+
+    def invalidation_table(self) -> dict[str, int]:
+        return dict(self.invalidations)
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipStatus:
+    """Health of the membership store, for Router.Status and grpc health."""
+
+    state: Literal["ok", "degraded"]
+    detail: str = ""  # why degraded ("" when ok)
+    where: str = field(default="embedded")  # "embedded" or the etcd URL
 
 
 class Membership(Protocol):
@@ -37,8 +57,41 @@ class Membership(Protocol):
         ...
 
     def deregister(self, name: str) -> int: ...
-    def view(self) -> MembershipView: ...
+    def invalidate(self, prefix: str) -> int:
+        """Record a namespace invalidation; returns its epoch once this router's view has it."""
+        ...
+
+    def view(self) -> MembershipView:
+        """The current view; never does I/O."""
+        ...
+
+    def wait_view(self, newer_than: int, timeout: float) -> MembershipView:
+        """The view once its epoch exceeds ``newer_than``, or the current one after ``timeout``."""
+        ...
+
+    def status(self) -> MembershipStatus: ...
     def close(self) -> None: ...
+
+
+class ViewCell:
+    """The one published view, and a condition to wait for a newer one."""
+
+    def __init__(self, view: MembershipView) -> None:
+        self._view = view
+        self._cond = threading.Condition()
+
+    def get(self) -> MembershipView:
+        return self._view
+
+    def set(self, view: MembershipView) -> None:
+        with self._cond:
+            self._view = view
+            self._cond.notify_all()
+
+    def wait(self, newer_than: int, timeout: float) -> MembershipView:
+        with self._cond:
+            self._cond.wait_for(lambda: self._view.epoch > newer_than, timeout)
+            return self._view
 
 
 @dataclass(slots=True)
@@ -62,8 +115,9 @@ class EmbeddedMembership:
         self.ttl_s = ttl_s
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
+        self._invalidations: dict[str, int] = {}
         self._epoch = time.time_ns() // 1000
-        self._view = MembershipView(self._epoch, ())
+        self._cell = ViewCell(MembershipView(self._epoch, ()))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -81,7 +135,9 @@ class EmbeddedMembership:
         members = tuple(
             sorted((lease.member for lease in self._leases.values()), key=lambda m: m.name)
         )
-        self._view = MembershipView(self._epoch, members)
+        self._cell.set(
+            MembershipView(self._epoch, members, tuple(sorted(self._invalidations.items())))
+        )
 
     def _expire_locked(self) -> None:
         now = self._clock()
@@ -122,10 +178,26 @@ class EmbeddedMembership:
                 self._changed_locked()
             return self._epoch
 
+    def invalidate(self, prefix: str) -> int:
+        with self._lock:
+            self._expire_locked()
+            # The record carries the epoch it creates: the next one.
+            self._invalidations[prefix] = self._epoch + 1
+            self._changed_locked()
+            log.info("invalidated prefix %r at epoch %d", prefix, self._epoch)
+            return self._epoch
+
     def view(self) -> MembershipView:
         with self._lock:
             self._expire_locked()
-            return self._view
+            return self._cell.get()
+
+    def wait_view(self, newer_than: int, timeout: float) -> MembershipView:
+        self.view()  # expire first: a lapsed lease is a change worth waking for
+        return self._cell.wait(newer_than, timeout)
+
+    def status(self) -> MembershipStatus:
+        return MembershipStatus("ok", "", "embedded")
 
     def _sweep_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):

@@ -10,10 +10,13 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
-from tensorcache.router.membership import EmbeddedMembership, Membership
+from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
+from tensorcache.router.follower import ViewFollower
+from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
 from tensorcache.router.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router.service import RouterService
 from tensorcache.sizes import parse_size
@@ -21,6 +24,7 @@ from tensorcache.sizes import parse_size
 log = logging.getLogger("tensorcache.router")
 
 DEFAULT_STRIPE_SIZE = 8 * 1024 * 1024
+SERVICE = "tensorcache.v1.Router"
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,20 @@ class RouterConfig:
     #: etcd client URL (http://host:port): keep membership there, so several
     #: routers can serve at once and a restart loses nothing. None: in memory.
     etcd: str | None = None
+    #: Seconds an etcd call may take before it fails with UNAVAILABLE.
+    etcd_timeout_s: float = 5.0
+    #: Copies of each entry, on distinct nodes (published in every ring snapshot).
+    replicas: int = 1
+    #: Router.Watch streams served at once (each holds a server thread).
+    max_watchers: int = DEFAULT_MAX_WATCHERS
 
     def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.etcd_timeout_s <= 0:
+            raise ValueError(f"etcd_timeout_s must be > 0, got {self.etcd_timeout_s}")
+        if self.max_watchers < 0:
+            raise ValueError(f"max_watchers must be >= 0, got {self.max_watchers}")
         if self.stripe_size < 4096:
             raise ValueError(f"stripe_size must be >= 4096 bytes, got {self.stripe_size}")
         if not 0 < self.heartbeat_interval_s < self.ttl_s:
@@ -55,13 +71,58 @@ def _membership(config: RouterConfig) -> Membership:
     # Imported here so the embedded router does not need aetcd installed to start.
     from tensorcache.router.etcd_membership import EtcdMembership
 
-    return EtcdMembership(config.etcd, config.ttl_s)
+    return EtcdMembership(config.etcd, config.ttl_s, timeout_s=config.etcd_timeout_s)
 
 
-def create_server(config: RouterConfig) -> tuple[grpc.Server, int, Membership]:
-    """Build and start a router; returns (server, bound port, membership)."""
+class _Health:
+    """grpc health of the Router service follows the membership's state.
+
+    "" (the process) stays SERVING while the router runs: it still serves
+    the last ring when etcd is down, so liveness and readiness probes should
+    ask for "". The "tensorcache.v1.Router" service is NOT_SERVING while
+    membership is degraded (node joins and invalidations fail), for alerts.
+    """
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
+        self._servicer = servicer
+        self._state = "ok"
+
+    def __call__(self, status: MembershipStatus) -> None:
+        if status.state == self._state:
+            return
+        self._state = status.state
+        serving = health_pb2.HealthCheckResponse.SERVING
+        self._servicer.set(
+            SERVICE, serving if status.state == "ok" else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+
+@dataclass
+class RunningRouter:
+    """A started router: its server, bound port and the parts to shut down."""
+
+    server: grpc.Server
+    port: int
+    membership: Membership
+    hub: EventHub
+    follower: ViewFollower
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End watch streams cleanly, stop serving, then let go of membership."""
+        self.hub.close()
+        self.server.stop(grace=grace).wait()
+        self.follower.stop()
+        self.membership.close()
+
+
+def create_server(config: RouterConfig) -> RunningRouter:
+    """Build and start a router."""
     membership = _membership(config)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=SERVER_OPTIONS)
+    hub = EventHub(max_watchers=config.max_watchers)
+    # Each watch stream holds a thread for its lifetime; unary calls get their own 16.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16 + config.max_watchers), options=SERVER_OPTIONS
+    )
     pb_grpc.add_RouterServicer_to_server(
         RouterService(
             membership,
@@ -70,13 +131,21 @@ def create_server(config: RouterConfig) -> tuple[grpc.Server, int, Membership]:
             weight_unit=config.weight_unit,
             heartbeat_interval_s=config.heartbeat_interval_s,
             ttl_s=config.ttl_s,
+            replicas=config.replicas,
+            hub=hub,
         ),
         server,
     )
-    add_health(server, "tensorcache.v1.Router")
-    port = bind(server, config.host, config.port)
+    health_servicer = add_health(server, SERVICE)
+    follower = ViewFollower(membership, hub, _Health(health_servicer)).start()
+    try:
+        port = bind(server, config.host, config.port)
+    except BaseException:
+        follower.stop()
+        membership.close()
+        raise
     server.start()
-    return server, port, membership
+    return RunningRouter(server, port, membership, hub, follower)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +160,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="keep membership in etcd at URL, e.g. http://127.0.0.1:2379 (default: in memory)",
     )
+    p.add_argument(
+        "--etcd-timeout", type=float, default=5.0, help="fail etcd calls after (default 5s)"
+    )
+    p.add_argument(
+        "--replicas", type=int, default=1, help="copies of each entry on distinct nodes (default 1)"
+    )
+    p.add_argument(
+        "--max-watchers",
+        type=int,
+        default=DEFAULT_MAX_WATCHERS,
+        help=f"watch streams served at once (default {DEFAULT_MAX_WATCHERS})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,14 +182,16 @@ def run(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         ttl_s=args.ttl,
         etcd=args.etcd,
+        etcd_timeout_s=args.etcd_timeout,
+        replicas=args.replicas,
+        max_watchers=args.max_watchers,
     )
-    server, port, membership = create_server(config)
+    router = create_server(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"tensorcache router listening on {config.host}:{port}", flush=True)
+    print(f"tensorcache router listening on {config.host}:{router.port}", flush=True)
     while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us
         pass
-    server.stop(grace=2).wait()
-    membership.close()
+    router.stop(grace=2)
     return 0

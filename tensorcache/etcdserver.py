@@ -4,6 +4,12 @@ It listens on free loopback ports, keeps its data in a temporary directory,
 and is ready when its ``/health`` endpoint says so (polled, never assumed
 after a sleep). Picking a port by binding and closing a socket can race
 with another process; a start that fails is retried on fresh ports.
+
+``stop_process()`` and ``restart()`` take etcd down and bring it back on the
+same URL and data directory (the control-plane fault tests): the revision,
+keys and leases survive, as they would for a restarted etcd in production.
+``pause()`` and ``resume()`` freeze and thaw it (a hung etcd: connections
+stay open, nothing answers).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -60,6 +67,8 @@ class EtcdServer:
         self.attempts = attempts
         self.url = ""
         self._popen: subprocess.Popen[bytes] | None = None
+        self._data_dir: Path | None = None
+        self._ports: tuple[int, int] = (0, 0)  # (client, peer) of the running etcd
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -73,15 +82,47 @@ class EtcdServer:
         error = ""
         for attempt in range(self.attempts):
             try:
-                self._start_once(Path(self._tmp.name) / f"data-{attempt}")
+                data_dir = Path(self._tmp.name) / f"data-{attempt}"
+                self._start_once(data_dir, free_port(self.host), free_port(self.host))
                 return self
             except RuntimeError as exc:
                 error = str(exc)
         self.stop()
         raise RuntimeError(f"etcd did not start after {self.attempts} attempts: {error}")
 
-    def _start_once(self, data_dir: Path) -> None:
-        client, peer = free_port(self.host), free_port(self.host)
+    @property
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def stop_process(self, *, kill: bool = False) -> None:
+        """Stop etcd (SIGTERM, or SIGKILL with ``kill``) but keep its URL and data."""
+        if self._popen is not None and kill and self._popen.poll() is None:
+            self._popen.kill()
+        self._kill()
+
+    def pause(self) -> None:
+        """Freeze etcd (SIGSTOP): it keeps its connections and answers nothing, like a hung host."""
+        if not self.running:
+            raise RuntimeError("etcd is not running")
+        assert self._popen is not None
+        self._popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo ``pause`` (SIGCONT)."""
+        if not self.running:
+            raise RuntimeError("etcd is not running")
+        assert self._popen is not None
+        self._popen.send_signal(signal.SIGCONT)
+
+    def restart(self) -> EtcdServer:
+        """Start etcd again on the same URL and data directory (stopping it first if up)."""
+        if self._data_dir is None:
+            raise RuntimeError("etcd was never started")
+        self._kill()
+        self._start_once(self._data_dir, *self._ports)
+        return self
+
+    def _start_once(self, data_dir: Path, client: int, peer: int) -> None:
         client_url, peer_url = f"http://{self.host}:{client}", f"http://{self.host}:{peer}"
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
@@ -106,6 +147,7 @@ class EtcdServer:
                 break
             if self._healthy(client_url):
                 self.url = client_url
+                self._data_dir, self._ports = data_dir, (client, peer)
                 return
             time.sleep(0.05)
         self._kill()
@@ -124,6 +166,7 @@ class EtcdServer:
         if self._popen is None:
             return
         if self._popen.poll() is None:
+            self._popen.send_signal(signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
             self._popen.terminate()
             try:
                 self._popen.wait(10)

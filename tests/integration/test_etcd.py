@@ -215,3 +215,28 @@ def test_client_through_other_router(procs: Procs) -> None:
             assert got is not None
             np.testing.assert_array_equal(got, value)
             assert got.dtype == value.dtype
+
+
+def table(snap: pb.RingSnapshot) -> dict[str, int]:
+    return {i.prefix: i.epoch for i in snap.invalidations}
+
+
+def test_invalidation_through_one_router_reaches_the_other_at_the_same_epoch(
+    procs: Procs,
+) -> None:
+    _, a = procs.router("router-a")
+    _, b = procs.router("router-b")
+    three_nodes(procs, a)
+    poll(lambda: agreed(a, b, want=NAMES), timeout=20, what="A and B to list 3 nodes")
+    with grpc.insecure_channel(a, options=CHANNEL_OPTIONS) as ch:
+        stub = pb_grpc.RouterStub(ch)
+        gen = stub.Invalidate(pb.InvalidateRequest(prefix="models/"), timeout=10).generation
+        status = stub.Status(pb.RouterStatusRequest(), timeout=10)
+    assert table(ring(a)) == {"models/": gen}  # A's view holds it once the call returns
+    assert (status.state, status.membership, status.members) == ("ok", procs.etcd_url, 3)
+    snap = poll(
+        lambda: (s := agreed(a, b, want=NAMES)) is not None and s.epoch >= gen and s,
+        timeout=10,
+        what="B to reach the invalidation's epoch",
+    )
+    assert table(snap) == table(ring(b)) == {"models/": gen}

@@ -89,6 +89,59 @@ def test_owners_clockwise_by_hand(key, n, owners):
     assert [m.name for m in three_ring().owners(key, n)] == owners
 
 
+def replica_ring(replicas: int, points: dict[str, int] = THREE) -> Ring:
+    names = sorted({name.rsplit("-", 1)[0] for name in points})
+    vnodes = len(points) // len(names)
+    return Ring(
+        1,
+        [member(n) for n in names],
+        vnodes=vnodes,
+        weight_unit=GiB,
+        hash_fn=positions(points),
+        replicas=replicas,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "replicas", "names"),
+    [
+        ("50", 1, ["a"]),
+        ("150", 2, ["b", "c"]),
+        ("250", 2, ["c", "a"]),  # wraps past the last point
+        ("350", 3, ["a", "b", "c"]),
+        ("150", 5, ["b", "c", "a"]),  # more replicas than members: every member once
+    ],
+)
+def test_replica_set_by_hand(key, replicas, names):
+    ring = replica_ring(replicas)
+    got = ring.replica_set(key)
+    assert [m.name for m in got] == names
+    assert got[0] == ring.owner(key)
+
+
+def test_replica_set_skips_repeated_points_of_one_member():
+    # clockwise: a@100 b@120 a@150 b@200 c@300 c@400
+    points = {"a-0": 100, "a-1": 150, "b-0": 200, "b-1": 120, "c-0": 300, "c-1": 400}
+    ring = replica_ring(2, points)
+    assert [m.name for m in ring.replica_set("130")] == ["a", "b"]
+    assert [m.name for m in ring.replica_set("250")] == ["c", "a"]  # c@300, c@400, a@100
+    assert [m.name for m in ring.replica_set("110")] == ["b", "a"]
+
+
+def test_replicas_must_be_positive():
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        Ring(1, [member("a")], replicas=0)
+
+
+def test_invalidated_before_takes_the_newest_covering_prefix():
+    ring = Ring(9, [member("a")], invalidations={"": 3, "m/": 7, "m/a/": 5, "x": 8})
+    assert ring.invalidated_before("m/a/w") == 7  # "", "m/" and "m/a/" cover it; 7 is newest
+    assert ring.invalidated_before("m/b") == 7
+    assert ring.invalidated_before("xyz") == 8
+    assert ring.invalidated_before("q") == 3  # "" covers every key
+    assert Ring(9, [member("a")]).invalidated_before("q") == 0
+
+
 def test_owners_capped_at_member_count():
     ring = three_ring()
     assert [m.name for m in ring.owners("150", 10)] == ["b", "c", "a"]

@@ -1,0 +1,189 @@
+"""The key-event hub behind Router.Publish and Router.Watch.
+
+Watch-mode near-caches serve hits without asking a node, so they must hear
+of every change: nodes publish the keys they commit or delete, the router
+learns of namespace invalidations from its own view, and this hub fans both
+out to every watcher. Plain threading, no gRPC: the servicer adapts.
+
+Each watcher has its own bounded queue. A watcher that falls behind does
+not slow the others or grow without bound: when its queue would pass
+``max_queue`` items, the queue is dropped and the watcher's next batch says
+``reset`` (forget everything cached; the servicer re-sends the epoch and
+the whole invalidation table). A batch with nothing in it is a keepalive:
+``next_batch`` returns one after ``keepalive_s`` of quiet, so a client can
+tell a quiet stream from a dead one. Closing the hub ends every watcher's
+stream (``next_batch`` returns None).
+
+Items are ``(key: bytes, version: int)`` for key events (version 0: deleted)
+and ``(prefix: str, epoch: int)`` for invalidations; they keep their order in
+a queue, and a batch splits them by type.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tensorcache.errors import CapacityExceeded, Unavailable
+
+KeyEvent = tuple[bytes, int]
+Invalidation = tuple[str, int]
+
+DEFAULT_MAX_QUEUE = 65536
+DEFAULT_MAX_WATCHERS = 128
+DEFAULT_COALESCE_S = 0.002
+DEFAULT_KEEPALIVE_S = 0.5
+DEFAULT_MAX_BATCH = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    keys: tuple[KeyEvent, ...] = ()
+    invalidations: tuple[Invalidation, ...] = ()
+    #: Events were dropped (or the stream starts): forget everything cached.
+    reset: bool = False
+
+
+class Watcher:
+    """One watcher's queue; filled by the hub, drained by one stream."""
+
+    def __init__(self, max_queue: int) -> None:
+        self._max_queue = max_queue
+        self._queue: deque[KeyEvent | Invalidation] = deque()
+        self._cond = threading.Condition()
+        self._overflowed = False
+        self._woken = False  # the epoch moved: send a message even if empty
+        self._closed = False
+        #: Times this watcher's queue overflowed and was dropped.
+        self.resets = 0
+
+    def push(self, items: list[KeyEvent | Invalidation], *, wake: bool = False) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if not self._overflowed:
+                if len(self._queue) + len(items) > self._max_queue:
+                    self._queue.clear()
+                    self._overflowed = True
+                    self.resets += 1
+                else:
+                    self._queue.extend(items)
+            self._woken = self._woken or wake
+            self._cond.notify_all()
+
+    def _ready(self) -> bool:
+        return self._closed or self._overflowed or self._woken or bool(self._queue)
+
+    def next_batch(
+        self,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        *,
+        coalesce_s: float = DEFAULT_COALESCE_S,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> Batch | None:
+        """The next message's worth: events, a reset, or an empty keepalive.
+
+        Waits up to ``keepalive_s`` for something; once something came, waits
+        ``coalesce_s`` more so a burst goes out as one message of at most
+        ``max_batch`` items. None: the watcher was closed.
+        """
+        with self._cond:
+            if not self._cond.wait_for(self._ready, keepalive_s):
+                return Batch()
+            if coalesce_s > 0 and not (self._closed or self._overflowed):
+                self._cond.wait_for(lambda: self._closed, coalesce_s)
+            if self._closed:
+                return None
+            self._woken = False
+            if self._overflowed:
+                self._overflowed = False
+                return Batch(reset=True)
+            keys: list[KeyEvent] = []
+            invalidations: list[Invalidation] = []
+            for _ in range(min(max_batch, len(self._queue))):
+                item = self._queue.popleft()
+                if isinstance(item[0], bytes):
+                    keys.append(item)  # type: ignore[arg-type]
+                else:
+                    invalidations.append(item)  # type: ignore[arg-type]
+            return Batch(tuple(keys), tuple(invalidations))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class EventHub:
+    """Fans key events and invalidations out to every watcher."""
+
+    def __init__(
+        self, *, max_queue: int = DEFAULT_MAX_QUEUE, max_watchers: int = DEFAULT_MAX_WATCHERS
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_watchers < 0:
+            raise ValueError(f"max_watchers must be >= 0, got {max_watchers}")
+        self.max_queue = max_queue
+        self.max_watchers = max_watchers
+        self._watchers: set[Watcher] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        #: Key events accepted from nodes.
+        self.published = 0
+
+    def subscribe(self) -> Watcher:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the router is shutting down")
+            if len(self._watchers) >= self.max_watchers:
+                raise CapacityExceeded(
+                    f"this router serves at most {self.max_watchers} watchers; "
+                    "use strict near-caches or another router"
+                )
+            watcher = Watcher(self.max_queue)
+            self._watchers.add(watcher)
+            return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        watcher.close()
+        with self._lock:
+            self._watchers.discard(watcher)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._watchers)
+
+    def _fan_out(self, items: list[KeyEvent | Invalidation], wake: bool) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+            if not wake:
+                self.published += len(items)
+        for watcher in watchers:
+            watcher.push(items, wake=wake)
+
+    def publish(self, events: Iterable[KeyEvent]) -> None:
+        """Key events from a node, in the order it committed them."""
+        items: list[KeyEvent | Invalidation] = list(events)
+        if items:
+            self._fan_out(items, wake=False)
+
+    def epoch_changed(self, new_invalidations: Iterable[Invalidation] = ()) -> None:
+        """The router's view moved on; every watcher gets a message (with these records)."""
+        self._fan_out(list(new_invalidations), wake=True)
+
+    def close(self) -> None:
+        """End every stream: each watcher's ``next_batch`` returns None."""
+        with self._lock:
+            self._closed = True
+            watchers = list(self._watchers)
+            self._watchers.clear()
+        for watcher in watchers:
+            watcher.close()
