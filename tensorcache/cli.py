@@ -22,6 +22,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         stripe_size=args.stripe_size,
         log_dir=args.log_dir,
         etcd=args.etcd,
+        replicas=args.replicas,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -32,7 +33,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         for name, proc in cluster.nodes.items():
             print(f"  {name:<10} {proc.address:<22} pid {proc.pid}", flush=True)
         print(f"logs in {cluster.log_dir}; Ctrl-C stops every process", flush=True)
-        print(f"membership {cluster.membership}", flush=True)
+        print(f"membership {cluster.membership}; replicas {cluster.replicas}", flush=True)
         while not stop.wait(0.5):
             dead = [n for n, p in cluster.nodes.items() if not p.alive()]
             if cluster.router is not None and not cluster.router.alive():
@@ -102,9 +103,30 @@ def stat_table(stats: list) -> str:  # list[NodeStats]
     )
 
 
+def router_status_line(address: str, timeout: float) -> str:
+    """One line on the router's health (Router.Status); says so if it cannot tell."""
+    import grpc
+
+    from tensorcache.grpcutil import CHANNEL_OPTIONS
+    from tensorcache.proto import tensorcache_pb2 as pb
+    from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+            st = pb_grpc.RouterStub(ch).Status(pb.RouterStatusRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        return f"router {address}  state unknown ({exc.code().name}: {exc.details()})"
+    line = (
+        f"router {address}  state {st.state}  membership {st.membership}  "
+        f"replicas {st.replicas or 1}  epoch {st.epoch}  members {st.members}"
+    )
+    return f"{line}\n  {st.detail}" if st.detail else line
+
+
 def _cmd_stat(args: argparse.Namespace) -> int:
     import tensorcache
 
+    print(router_status_line(args.router, args.timeout))
     with tensorcache.connect(args.router, timeout_s=args.timeout) as c:
         stats = c.stats()
         print(f"router {args.router}  epoch {c.epoch}  nodes {len(stats)}")
@@ -145,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=7070, help="router port (default 7070)")
     up.add_argument("--stripe-size", default="8MiB", help="stripe tensors above (default 8MiB)")
     up.add_argument("--log-dir", default=None, help="keep process logs here")
+    up.add_argument(
+        "--replicas", type=int, default=1, help="copies of each entry on distinct nodes (default 1)"
+    )
     up.add_argument(
         "--etcd",
         default="auto",

@@ -6,6 +6,12 @@ listens on a free port (port 0) and announces its address on its first
 stdout line; readiness is then *polled* (the router's ring lists every
 node), never assumed after a sleep. Children arm PR_SET_PDEATHSIG (parentdeath) so they
 die with the launcher even if it is killed with SIGKILL (no orphans).
+
+Faults, for the tests and the consistency checker: ``stop_node``/``start_node``
+(any signal; the node comes back with its name, capacity and policy),
+``restart_router`` (same port), ``stop_etcd``/``start_etcd``/``restart_etcd``
+(the private etcd, same URL and data directory), ``pause_etcd``/``resume_etcd``
+(a hung etcd).
 """
 
 from __future__ import annotations
@@ -86,6 +92,20 @@ def _spawn(args: list[str], name: str, log_dir: Path, env: dict[str, str], timeo
     return Proc(name, popen, address, log_path)
 
 
+def _stop(proc: Proc, sig: signal.Signals, timeout: float) -> int:
+    """Send ``sig`` and wait for the exit (SIGKILL after ``timeout``); returns the exit code."""
+    if proc.alive():
+        proc.popen.send_signal(sig)
+    try:
+        code = proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.popen.kill()
+        code = proc.popen.wait()
+    if proc.popen.stdout:
+        proc.popen.stdout.close()
+    return code
+
+
 class LocalCluster:
     """Router + nodes as child processes; a context manager that cleans up."""
 
@@ -103,12 +123,20 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
         etcd: str | None = None,
+        replicas: int = 1,
+        router_args: list[str] | None = None,
     ) -> None:
         """``etcd``: None or "none" keeps membership in the router (embedded);
         "auto" starts a private etcd when the binary is installed (else
-        embedded); a URL uses that etcd."""
+        embedded); a URL uses that etcd. ``replicas``: copies of each entry
+        (the router publishes it in every ring). ``router_args``: more
+        ``tensorcache router`` options (e.g. ``["--etcd-timeout", "2"]``)."""
         if nodes < 0:
             raise ValueError(f"nodes must be >= 0, got {nodes}")
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.replicas = replicas
+        self.router_args = list(router_args or [])
         self.n_nodes = nodes
         self.capacity = parse_size(capacity)
         self.policy = policy
@@ -132,6 +160,8 @@ class LocalCluster:
         self.etcd_url = ""  # resolved at start; "" = embedded membership
         self._etcd_server: EtcdServer | None = None
         self._next = 0
+        # How each node was started, so start_node() can bring a stopped one back.
+        self._node_args: dict[str, tuple[int, str]] = {}
 
     @property
     def router_address(self) -> str:
@@ -166,25 +196,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             self._resolve_etcd()
-            etcd_args = ["--etcd", self.etcd_url] if self.etcd_url else []
-            self.router = _spawn(
-                [
-                    "router",
-                    "--port",
-                    str(self.port),
-                    "--stripe-size",
-                    str(self.stripe_size),
-                    "--heartbeat-interval",
-                    str(self.heartbeat_interval),
-                    "--ttl",
-                    str(self.ttl),
-                    *etcd_args,
-                ],
-                "router",
-                self.log_dir,
-                self.env,
-                self.startup_timeout,
-            )
+            self.start_router(self.port)
             for _ in range(self.n_nodes):
                 self.add_node(wait=False)
             self.wait_members(set(self.nodes), self.startup_timeout)
@@ -192,6 +204,81 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    # ------------------------------------------------------------------ the router
+    def start_router(self, port: int | None = None) -> Proc:
+        """Start the router (``port``: None = the port it had before, 0 = any free one)."""
+        if self.router is not None and self.router.alive():
+            raise RuntimeError("the router is running; stop_router() first")
+        if port is None:
+            if self.router is None:
+                raise RuntimeError("the router never ran: give a port")
+            port = int(self.router.address.rsplit(":", 1)[1])
+        etcd_args = ["--etcd", self.etcd_url] if self.etcd_url else []
+        self.router = _spawn(
+            [
+                "router",
+                "--port",
+                str(port),
+                "--stripe-size",
+                str(self.stripe_size),
+                "--heartbeat-interval",
+                str(self.heartbeat_interval),
+                "--ttl",
+                str(self.ttl),
+                "--replicas",
+                str(self.replicas),
+                *etcd_args,
+                *self.router_args,
+            ],
+            "router",
+            self.log_dir,
+            self.env,
+            self.startup_timeout,
+        )
+        return self.router
+
+    def stop_router(self, *, kill: bool = False, timeout: float = 15.0) -> int:
+        """SIGTERM (or SIGKILL) the router; returns its exit code. Nodes keep running."""
+        if self.router is None:
+            raise RuntimeError("cluster not started")
+        return _stop(self.router, signal.SIGKILL if kill else signal.SIGTERM, timeout)
+
+    def restart_router(self, *, kill: bool = False, timeout: float = 15.0) -> Proc:
+        """Stop the router and start a new one on the same port.
+
+        With embedded membership the new router starts with an empty ring
+        and learns every node from its next heartbeat (known=False, so the
+        node registers again); with etcd it reads the ring from etcd.
+        """
+        self.stop_router(kill=kill, timeout=timeout)
+        return self.start_router()
+
+    # ------------------------------------------------------------------ etcd
+    def _private_etcd(self) -> EtcdServer:
+        if self._etcd_server is None:
+            raise RuntimeError("no private etcd: start the cluster with etcd='auto'")
+        return self._etcd_server
+
+    def stop_etcd(self, *, kill: bool = False) -> None:
+        """Stop the private etcd, keeping its URL and data (start_etcd() brings it back)."""
+        self._private_etcd().stop_process(kill=kill)
+
+    def start_etcd(self) -> None:
+        """Start the private etcd again on the same client URL and data dir; polls /health."""
+        self._private_etcd().restart()
+
+    def pause_etcd(self) -> None:
+        """Freeze the private etcd (SIGSTOP): connected, answering nothing."""
+        self._private_etcd().pause()
+
+    def resume_etcd(self) -> None:
+        self._private_etcd().resume()
+
+    def restart_etcd(self, *, kill: bool = False) -> None:
+        """Stop the private etcd and start it again on the same client URL and data dir."""
+        self.stop_etcd(kill=kill)
+        self.start_etcd()
 
     def add_node(
         self,
@@ -206,6 +293,9 @@ class LocalCluster:
             name = f"node-{self._next}"
             self._next += 1
         cap = parse_size(capacity) if capacity is not None else self.capacity
+        policy = policy or self.policy
+        if name in self.nodes and self.nodes[name].alive():
+            raise RuntimeError(f"{name} is already running")
         proc = _spawn(
             [
                 "node",
@@ -218,7 +308,7 @@ class LocalCluster:
                 "--capacity",
                 str(cap),
                 "--policy",
-                policy or self.policy,
+                policy,
             ],
             name,
             self.log_dir,
@@ -226,6 +316,7 @@ class LocalCluster:
             self.startup_timeout,
         )
         self.nodes[name] = proc
+        self._node_args[name] = (cap, policy)
         if wait:
             self.wait_members(set(self.nodes), self.startup_timeout)
         return proc
@@ -249,15 +340,31 @@ class LocalCluster:
                 )
             time.sleep(0.05)
 
-    def stop_node(self, name: str, *, kill: bool = False, timeout: float = 15.0) -> int:
-        """SIGTERM (graceful: leaves the ring first) or SIGKILL one node; returns its exit code."""
+    def stop_node(
+        self,
+        name: str,
+        *,
+        kill: bool = False,
+        timeout: float = 15.0,
+        sig: signal.Signals | None = None,
+    ) -> int:
+        """Stop one node and return its exit code.
+
+        SIGTERM by default (graceful: it leaves the ring and drains first),
+        SIGKILL with ``kill``, or any ``sig`` that ends the process; SIGKILL
+        after ``timeout``. ``start_node(name)`` brings it back.
+        """
         proc = self.nodes.pop(name)
-        proc.popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            return proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            return proc.popen.wait()
+        if sig is None:
+            sig = signal.SIGKILL if kill else signal.SIGTERM
+        return _stop(proc, sig, timeout)
+
+    def start_node(self, name: str, *, wait: bool = True) -> Proc:
+        """Start a node stopped by ``stop_node`` again: same name, capacity and policy."""
+        if name not in self._node_args:
+            raise KeyError(f"no node {name!r} was ever started in this cluster")
+        capacity, policy = self._node_args[name]
+        return self.add_node(name, capacity=capacity, policy=policy, wait=wait)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop nodes (they leave the ring first), then the router.

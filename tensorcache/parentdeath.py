@@ -8,6 +8,13 @@ can hang the child there forever (seen: a test spawning a node hung in
 ``TENSORCACHE_PARENT_PID``; the child arms the signal and then checks that
 its parent is still that process, which closes the race of a launcher that
 died before the signal was armed.
+
+The kernel ties PR_SET_PDEATHSIG to the *thread* that forked the child,
+not to the process: a child started from a short-lived thread (a test's
+fault-injection thread, a pool worker) is killed when that thread ends,
+although its launcher lives on. So launchers start children through
+``popen``, which runs every ``Popen`` on one daemon thread that lives as
+long as the process.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 ENV = "TENSORCACHE_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
@@ -42,3 +52,11 @@ def from_env() -> None:
     arm()
     if os.getppid() != int(parent):  # the launcher was gone before we armed
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+_spawner = ThreadPoolExecutor(1, thread_name_prefix="tensorcache-spawner")
+
+
+def popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen`` from the process-lifetime spawner thread (see above)."""
+    return _spawner.submit(subprocess.Popen, args, **kwargs).result()
