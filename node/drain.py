@@ -45,7 +45,9 @@ def _batches(entries: list[Entry]) -> Iterator[list[Entry]]:
         yield batch
 
 
-def _push(peers: Peers, address: str, entries: list[Entry], deadline: float) -> int:
+def push(
+    peers: Peers, address: str, entries: list[Entry], deadline: float, *, what: str = "drain"
+) -> int:
     """Push ``entries`` to one node in batches until done or ``deadline``; returns how many."""
     done = 0
     for batch in _batches(entries):
@@ -69,10 +71,10 @@ def _push(peers: Peers, address: str, entries: list[Entry], deadline: float) -> 
         try:
             reply = peers.put(address, req, payload, min(CALL_TIMEOUT_S, left))
         except CapacityExceeded as exc:
-            log.warning("drain: %s has no room for %d entries: %s", address, len(batch), exc)
+            log.warning("%s: %s has no room for %d entries: %s", what, address, len(batch), exc)
             continue
         except TensorCacheError as exc:
-            log.warning("drain: %s failed, giving up on it: %s", address, exc)
+            log.warning("%s: %s failed, giving up on it: %s", what, address, exc)
             break
         done += len(reply.results)
     return done
@@ -92,7 +94,7 @@ def drain(entries: list[Entry], ring: Ring, me: str, peers: Peers, timeout_s: fl
 
     def run(address: str, queue: list[Entry]) -> None:
         try:
-            counts[address] = _push(peers, address, queue, deadline)
+            counts[address] = push(peers, address, queue, deadline)
         except Exception:  # a bug must not keep the process from exiting
             log.exception("drain to %s failed", address)
 

@@ -125,6 +125,11 @@ class Handoff:
         at = self._settled.get(key)
         return at is not None and now - at < self._rings.window_s
 
+    def settled(self, key: StoreKey) -> bool:
+        """Whether ``key`` was written or deleted here since the last ring change."""
+        with self._lock:
+            return self._settled_locked(key, self._clock())
+
     def _candidates(self, keys: Iterable[StoreKey]) -> dict[StoreKey, list[RingMember]]:
         now = self._clock()
         out: dict[StoreKey, list[RingMember]] = {}

@@ -30,7 +30,7 @@ from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
 from tensorcache.localread import address_of
-from tensorcache.node import drain
+from tensorcache.node import drain, rereplicate
 from tensorcache.node.events import EventSink, NoEvents
 from tensorcache.node.fence import Fencer
 from tensorcache.node.fill import FillLeases
@@ -130,6 +130,12 @@ class PutPlan:
         return sum(self.sizes)
 
 
+def _kept(store: Store, key: StoreKey) -> tuple[int, None]:
+    """The result of an ignored pushed copy: what this node keeps (0: nothing)."""
+    entry = store.get(key, demoted_ok=True)
+    return (entry.version if entry is not None else 0, None)
+
+
 class NodeOps:
     def __init__(
         self,
@@ -142,6 +148,7 @@ class NodeOps:
         peers: Peers | None = None,
         events: EventSink | None = None,
         sync: Callable[[int], None] | None = None,
+        rereplicate_timeout_s: float = rereplicate.TIMEOUT_S,
     ) -> None:
         """``rings`` must be the view whose ``stale`` rule the store was built with.
 
@@ -158,13 +165,33 @@ class NodeOps:
         self.events = events if events is not None else NoEvents()
         self.handoff = Handoff(store, self.rings, self.peers)
         self.fencer = Fencer(self.rings, self.peers)
+        self.rereplicator = rereplicate.Rereplicator(
+            name,
+            self.peers,
+            lambda: [e for e in self.store.hottest() if not self.rings.stale(e)],
+            timeout_s=rereplicate_timeout_s,
+        )
         self._sync = sync
+        self._sync_lock = threading.Lock()
         self.drained = 0
 
     def check_epoch(self, epoch: int) -> None:
-        # 0 means "not placed with a ring" (admin tools); a newer client epoch
-        # means this node has not heard of it yet, which is harmless.
+        """Refuse a request placed with an older ring; catch up with a newer one.
+
+        0 means "not placed with a ring" (admin tools). A client epoch newer
+        than ours means the router changed the ring and we have not heard yet:
+        answering under our older ring would be wrong in ways that matter (a
+        node that just (re)joined would miss keys its previous owners still
+        hold, because it does not yet know it owns them), so we fetch the new
+        ring first, once for all requests that wait on it (bounded by the
+        agent's sync timeout; past it we answer with what we have).
+        """
         current = self.epochs.epoch
+        if epoch > current and self._sync is not None:
+            with self._sync_lock:
+                if epoch > self.epochs.epoch:
+                    self._sync(epoch)
+            current = self.epochs.epoch
         if epoch and epoch < current:
             raise StaleEpoch(
                 f"stale epoch {epoch}: node {self.name} is at epoch {current}; refresh the ring",
@@ -179,10 +206,12 @@ class NodeOps:
         while it was elsewhere, the key may have been written there. A node
         outside the ring (joining, leaving) keeps everything as it is.
         """
+        old = self.rings.current
         if not self.rings.install(ring):
             return False
         if self.name not in ring:
             return True
+        self.rereplicator.ring_changed(old, ring)
         keys = self.store.keys()
         owned = [k for k in keys if self.rings.owns(k[1], ring)]
         dropped = self.store.drop_demoted(owned)
@@ -257,6 +286,13 @@ class NodeOps:
             if lacking:
                 known = self.handoff.known_versions(lacking)
         stamp = max(self.epochs.epoch, plan.req.epoch)
+        # A pushed copy (handoff-style write: version and stamp given) of a key
+        # written or deleted here since the ring changed is stale: ignore it.
+        ignored = {
+            k
+            for k, e in zip(plan.keys, entries, strict=True)
+            if e.version and e.stamp and self.handoff.settled(k)
+        }
         items = [
             NewEntry(
                 k,
@@ -269,8 +305,10 @@ class NodeOps:
                 known_version=known.get(k, 0),
             )
             for k, e, c, cost in zip(plan.keys, entries, chunks, plan.costs, strict=True)
+            if k not in ignored
         ]
-        results = self.store.commit(plan.reservation, items)
+        committed = iter(self.store.commit(plan.reservation, items))
+        results = [_kept(self.store, k) if k in ignored else next(committed) for k in plan.keys]
         self._demote_moved(plan.keys, plan.ring_epoch)
         self.handoff.settle(plan.keys)
         reply = pb.PutReply(epoch=self.epochs.epoch)

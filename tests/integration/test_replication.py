@@ -128,3 +128,25 @@ def test_put_with_a_dead_replica_completes_on_the_new_replica_set(make_cluster):
         assert _stored_keys(c) == 40
         for i in range(20):
             np.testing.assert_array_equal(c.get(f"dead/{i}"), _value(i))
+
+
+def test_a_restarted_node_is_refilled_so_a_second_kill_loses_nothing(make_cluster):
+    """Churn: kill -9 + restart one node (it comes back empty under its old name),
+    then kill -9 another. Without re-replication the keys the two shared would
+    have had one copy left, on the node killed second."""
+    cluster = make_cluster(4, replicas=2, ttl=2.0)
+    keys = {f"churn/{i}": _value(i) for i in range(120)}
+    with tensorcache.connect(cluster.router_address) as c:
+        c.put_many(keys)
+        first, second = sorted(cluster.nodes)[:2]
+        cluster.stop_node(first, kill=True)
+        cluster.start_node(first)  # empty, same name: the ring's names are unchanged
+        cluster.wait_members(set(cluster.nodes), timeout=30)
+
+        def refilled() -> bool:
+            return _stored_keys(c) >= 2 * len(keys)
+
+        poll(refilled, timeout=60, what="peers pushing copies to the restarted node")
+        cluster.stop_node(second, kill=True)
+        for key, value in keys.items():
+            np.testing.assert_array_equal(c.get(key), value)

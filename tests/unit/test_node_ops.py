@@ -98,6 +98,7 @@ class Cluster:
             peers=self.peers,
             events=self.events[name],
             sync=lambda epoch, n=name: self.synced.append((n, epoch)),
+            rereplicate_timeout_s=0,  # background pushes: tested on their own below
         )
         self.peers.nodes[name] = ops
         return ops
@@ -397,3 +398,34 @@ def test_drain_sends_the_most_recently_used_entries_first(joined):
     cl.install(r2)
     assert cl["a"].drain(r2, timeout_s=10) == len(mine)
     assert [k.decode() for k in sent] == [mine[0], *reversed(mine[1:])]
+
+
+# ------------------------------------------------------------------ re-replication
+def _ring(epoch: int, *members: tuple[str, str], replicas: int = 2) -> Ring:
+    return Ring(
+        epoch,
+        [RingMember(n, a, 1 << 30) for n, a in members],
+        replicas=replicas,
+        weight_unit=1 << 30,
+    )
+
+
+def test_rereplication_targets_new_replicas_and_restarted_incarnations():
+    from tensorcache.node import rereplicate
+
+    old = _ring(1, ("a", "a:1"), ("b", "b:1"), ("c", "c:1"))
+    joined = _ring(2, ("a", "a:1"), ("b", "b:1"), ("c", "c:1"), ("d", "d:1"))
+    restarted = _ring(3, ("a", "a:1"), ("b", "b:2"), ("c", "c:1"))  # b came back empty
+    keys = [f"k{i}" for i in range(300)]
+    for key in keys:
+        mine = "a" in {m.name for m in old.replica_set(key)}
+        got = rereplicate.targets(key, old, joined, "a")
+        if not mine:
+            assert got == []  # not a replica before: not ours to spread
+            continue
+        before = {m.name for m in old.replica_set(key)}
+        assert {m.name for m in got} == {m.name for m in joined.replica_set(key)} - before
+        again = rereplicate.targets(key, old, restarted, "a")
+        want = {m.name for m in restarted.replica_set(key)} - {"a"}
+        assert {m.name for m in again} == (want & {"b"})  # only the empty incarnation
+    assert any(rereplicate.targets(k, old, joined, "a") for k in keys)  # d gets copies
