@@ -66,7 +66,7 @@ class Proc:
 def _spawn(args: list[str], name: str, log_dir: Path, env: dict[str, str], timeout: float) -> Proc:
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
-        popen = subprocess.Popen(
+        popen = parentdeath.popen(
             [sys.executable, "-m", "tensorcache", *args],
             stdout=subprocess.PIPE,
             stderr=log,

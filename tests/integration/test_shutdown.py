@@ -53,3 +53,21 @@ def test_sigterm_handled_on_any_thread_stops_the_process(make_cluster, role):
         proc.popen.send_signal(signal.SIGTERM)  # process-directed: wakes the main thread
         proc.popen.wait(timeout=30)
     assert code == 0, f"{role} still running 10s after SIGTERM"
+
+
+def test_a_node_started_from_a_short_lived_thread_outlives_it(make_cluster):
+    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits; the
+    launcher forks from one process-lifetime thread so this cannot kill children."""
+    import threading
+
+    import tensorcache
+
+    cluster = make_cluster(1)
+    t = threading.Thread(target=cluster.add_node, args=("late",))
+    t.start()
+    t.join()
+    cluster.wait_members({"node-0", "late"}, timeout=30)
+    with tensorcache.connect(cluster.router_address) as c:
+        stats = {s.name: s for s in c.stats()}
+    assert stats["late"].reachable
+    assert cluster.nodes["late"].alive()
