@@ -79,7 +79,7 @@ class NodeStats:
     fills: int = 0
     fill_waits: int = 0
     handoffs: int = 0  # entries fetched from a previous owner on a miss (warm rebalance)
-    drained: int = 0  # entries this node handed to new owners while draining
+    drained: int = 0  # entries this node pushed to new owners (SIGTERM drain, re-replication)
     demoted: int = 0  # entries held but no longer owned (kept as handoff sources)
     invalidated: int = 0  # entries dropped by namespace invalidation
     policy: str = ""

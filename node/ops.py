@@ -427,7 +427,7 @@ class NodeOps:
             fills=self.fills.grants,
             fill_waits=self.fills.waits,
             handoffs=self.handoff.handoffs,
-            drained=self.drained,
+            drained=self.drained + self.rereplicator.pushed,
             demoted=s.demoted,
             invalidated=s.invalidated,
         )

@@ -58,6 +58,10 @@ class NodeConfig:
     #: On SIGTERM, after leaving the ring: seconds to spend handing entries
     #: to their new owners (0: none, they are lost as in a crash).
     drain_timeout_s: float = 10.0
+    #: After each ring change: seconds to spend pushing entries to the new
+    #: members of their replica sets (node/rereplicate.py; 0: none, new
+    #: owners then warm only by handoff on a miss).
+    rereplicate_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -74,6 +78,10 @@ class NodeConfig:
             raise ValueError(f"workers must be >= 4, got {self.workers}")
         if not 0 <= self.drain_timeout_s <= 3600:
             raise ValueError(f"drain_timeout_s must be 0..3600, got {self.drain_timeout_s}")
+        if not 0 <= self.rereplicate_timeout_s <= 3600:
+            raise ValueError(
+                f"rereplicate_timeout_s must be 0..3600, got {self.rereplicate_timeout_s}"
+            )
 
 
 class NodeServer:
@@ -104,6 +112,7 @@ class NodeServer:
             peers=self.peers,
             events=events,
             sync=self._sync,
+            rereplicate_timeout_s=config.rereplicate_timeout_s,
         )
         self._server.add_generic_rpc_handlers((NodeService(self.ops).handler(),))
         add_health(self._server, SERVICE)
@@ -191,6 +200,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to hand entries to their new owners on SIGTERM (default 10; 0: none)",
     )
     p.add_argument(
+        "--rereplicate-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to push entries to new replica members after a ring change "
+        "(default 60; 0: none, new owners warm by handoff on a miss only)",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -209,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         data_port=None if args.data_port < 0 else args.data_port,
         local_readers=not args.no_local_readers,
         drain_timeout_s=args.drain_timeout,
+        rereplicate_timeout_s=args.rereplicate_timeout,
     )
     node = NodeServer(config).start()
     stop = threading.Event()

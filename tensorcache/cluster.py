@@ -125,6 +125,7 @@ class LocalCluster:
         etcd: str | None = None,
         replicas: int = 1,
         router_args: list[str] | None = None,
+        node_args: list[str] | None = None,
     ) -> None:
         """``etcd``: None or "none" keeps membership in the router (embedded);
         "auto" starts a private etcd when the binary is installed (else
@@ -137,6 +138,7 @@ class LocalCluster:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.replicas = replicas
         self.router_args = list(router_args or [])
+        self.node_args = list(node_args or [])  # more `tensorcache node` flags, every node
         self.n_nodes = nodes
         self.capacity = parse_size(capacity)
         self.policy = policy
@@ -309,6 +311,7 @@ class LocalCluster:
                 str(cap),
                 "--policy",
                 policy,
+                *self.node_args,
             ],
             name,
             self.log_dir,

@@ -150,3 +150,43 @@ def test_a_restarted_node_is_refilled_so_a_second_kill_loses_nothing(make_cluste
         cluster.stop_node(second, kill=True)
         for key, value in keys.items():
             np.testing.assert_array_equal(c.get(key), value)
+
+
+@pytest.mark.parametrize("opts", [{}, {"transport": "grpc"}], ids=["data", "grpc"])
+def test_a_get_fails_over_mid_stream(make_cluster, opts):
+    """Large striped tensors read in a loop while the node serving them is killed:
+    a stream cut short is finished from another replica, never returned torn."""
+    cluster = make_cluster(3, replicas=2, ttl=2.0)
+    big = np.random.default_rng(7).integers(0, 2**31, 16 * 1024 * 1024, dtype=np.int32)  # 64 MiB
+    failures: list[str] = []
+    gets = [0]
+    with tensorcache.connect(
+        cluster.router_address, stripe_size="16MiB", local_fastpath=False, **opts
+    ) as c:
+        c.put("mid/big", big)
+        stop = threading.Event()
+
+        def reader() -> None:
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and gets[0] < 200 and time.monotonic() < deadline:
+                try:
+                    got = c.get("mid/big")
+                except tensorcache.TensorCacheError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if got is None or not np.array_equal(got, big):
+                    failures.append("miss" if got is None else "torn")
+                gets[0] += 1
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            poll(lambda: gets[0] >= 2, timeout=60, what="reads under way")
+            cluster.stop_node(sorted(cluster.nodes)[0], kill=True)
+            before = gets[0]
+            poll(lambda: gets[0] >= before + 5, timeout=60, what="reads after the kill")
+        finally:
+            stop.set()
+            t.join(timeout=120)
+        assert failures == []
+        assert c.metrics().get("failovers", 0) >= 1
