@@ -11,8 +11,8 @@ rebalance"). Both are immutable snapshots; a change swaps one reference to a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from tensorcache.node.store import Entry
 from tensorcache.router.ring import Ring, RingMember
@@ -31,6 +31,11 @@ class Rings:
     current: Ring | None
     previous: Ring | None
     changed_at: float  # monotonic time the current ring was installed
+    # Every invalidation this node has seen (prefix -> newest epoch), not only
+    # the current ring's: an embedded router forgets its table when it
+    # restarts, and an operator may delete old records from etcd, but an
+    # entry hidden once must stay hidden.
+    invalidations: Mapping[str, int] = field(default_factory=dict)
 
 
 class RingView:
@@ -66,7 +71,11 @@ class RingView:
         old = self._rings
         if old.current is not None and ring.epoch <= old.current.epoch:
             return False
-        self._rings = Rings(ring, old.current, self._clock())
+        merged = dict(old.invalidations)
+        for prefix, epoch in ring.invalidations.items():
+            if epoch > merged.get(prefix, 0):
+                merged[prefix] = epoch
+        self._rings = Rings(ring, old.current, self._clock(), merged)
         return True
 
     def member(self) -> bool:
@@ -87,19 +96,13 @@ class RingView:
 
     def stale(self, entry: Entry) -> bool:
         """Namespace invalidation: a tensor committed before an invalidation of its prefix."""
-        ring = self._rings.current
-        return (
-            ring is not None
-            and entry.key[0] == TENSOR
-            and bool(ring.invalidations)
-            and ring.invalidated_before(entry.key[1]) > entry.stamp
-        )
+        return entry.key[0] == TENSOR and self.invalidated(entry.key[1], entry.stamp)
 
     def invalidated(self, key: str, stamp: int) -> bool:
-        ring = self._rings.current
-        return (
-            ring is not None and bool(ring.invalidations) and (ring.invalidated_before(key) > stamp)
-        )
+        table = self._rings.invalidations
+        if not table:
+            return False
+        return any(epoch > stamp and key.startswith(p) for p, epoch in table.items())
 
     def in_window(self) -> bool:
         rings = self._rings

@@ -95,3 +95,17 @@ def test_peers_are_the_other_members_of_both_rings_current_address_first():
     moved = Ring(2, [RingMember("a", "x", 1), RingMember("b", "b-new", 1)], weight_unit=1)
     view.install(moved)
     assert {(m.name, m.address) for m in view.peers()} == {("b", "b-new"), ("old", "addr-old")}
+
+
+def test_an_invalidation_stays_in_force_after_the_router_forgets_it():
+    # An embedded router restarted (or a record deleted from etcd): the new
+    # ring has no table, but what was hidden once stays hidden.
+    view = RingView("a")
+    view.install(ring(10, "a", invalidations={"m/": 10}))
+    assert view.stale(entry("m/x", 9))
+    view.install(ring(20, "a"))
+    assert view.stale(entry("m/x", 9))
+    assert not view.stale(entry("m/x", 15))
+    view.install(ring(30, "a", invalidations={"m/": 25}))
+    assert view.stale(entry("m/x", 15))
+    assert not view.stale(entry("other", 1))
