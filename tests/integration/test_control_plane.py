@@ -178,6 +178,8 @@ def test_etcd_outage_keeps_the_data_path_and_recovers_by_itself(
             err = rpc_error(call)
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err
             assert "etcd" in (err.details() or "")
+        with pytest.raises(tensorcache.Unavailable, match="etcd"):  # the client says so too
+            client.invalidate("during/", timeout_s=CALL_TIMEOUT)
 
         stat = subprocess.run(
             [sys.executable, "-m", "tensorcache", "stat", "--router", c.router_address],
