@@ -40,6 +40,7 @@ import numpy as np
 from tensorcache import codec, localread
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.datachannel import DataPool
+from tensorcache.client.fence import fence_all
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.placement import Placement
 from tensorcache.client.transport import (
@@ -60,7 +61,7 @@ from tensorcache.errors import (
 )
 from tensorcache.keys import encode_key, shard_key
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.router.ring import RingMember
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.client")
@@ -382,44 +383,13 @@ class Client:
             where = f"invalidate {prefix!r} at router {self._router.address}"
             raise from_rpc_error(exc, where) from exc
         generation = reply.generation
-        self._fence_all(generation, timeout, f"invalidate {prefix!r}")
+        fence_all(
+            self._placement, self._conns, self._pool, generation, timeout, f"invalidate {prefix!r}"
+        )
         if self._near is not None:
             self._near.drop_prefix(prefix)
         self._count("invalidations")
         return generation
-
-    def _fence_all(self, epoch: int, timeout: float, what: str) -> Ring:
-        """Bring every node of the ring (as of ``epoch`` or later) up to ``epoch``."""
-        deadline = time.monotonic() + timeout
-        ring = self._placement.current()
-        while ring.epoch < epoch:
-            ring = self._placement.refresh(ring, epoch)
-            if ring.epoch >= epoch:
-                break
-            if time.monotonic() > deadline:
-                raise Unavailable(
-                    f"{what}: router {self._router.address} still at epoch {ring.epoch} < {epoch}"
-                )
-            time.sleep(0.02)
-
-        def fence(member: RingMember) -> int | None:
-            try:
-                reply: pb.FenceReply = self._conns.get(member.address).fence(
-                    pb.FenceRequest(epoch=epoch), timeout=max(0.1, deadline - time.monotonic())
-                )
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
-                    log.info("%s: node %s unreachable, presumed dead", what, member.name)
-                    return None
-                raise from_rpc_error(exc, f"{what}: fence node {member.address}") from exc
-            return reply.epoch
-
-        for member, got in zip(ring.members, self._pool.map(fence, ring.members), strict=True):
-            if got is not None and got < epoch:
-                raise Unavailable(
-                    f"{what}: node {member.name} is at epoch {got}, could not reach {epoch}"
-                )
-        return ring
 
     def _replicas(self) -> int:
         """Copies the cluster keeps of each entry (RingSnapshot.replicas)."""
