@@ -46,6 +46,7 @@ class EventWatcher:
         self._live_s = live_s
         self._listener = listener  # (event, arrival monotonic_ns): for measurements
         self._last = 0.0  # monotonic time of the last message; 0: not connected
+        self._complete = False  # the last message's WatchEvent.complete
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
         self._lock = threading.Lock()
@@ -57,8 +58,9 @@ class EventWatcher:
 
     @property
     def live(self) -> bool:
+        """A message arrived lately and the router hears from every node."""
         last = self._last
-        return last > 0 and time.monotonic() - last < self._live_s
+        return self._complete and last > 0 and time.monotonic() - last < self._live_s
 
     def wait_live(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -102,6 +104,7 @@ class EventWatcher:
         for ke in event.keys:
             self._near.key_event(ke.key.decode("utf-8", "replace"), ke.version)
         self.events += len(event.keys)
+        self._complete = event.complete
         self._last = time.monotonic()
         if self._listener is not None:
             self._listener(event, arrived)

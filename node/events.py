@@ -32,6 +32,9 @@ FLUSH_INTERVAL_S = 0.0
 MAX_QUEUED = 100_000
 MAX_BATCH = 10_000
 PUBLISH_TIMEOUT_S = 2.0
+# An empty Publish at least this often: the router's watchers are told the
+# stream is complete only while it hears from every node (router/events.py).
+KEEPALIVE_S = 1.0
 UNIMPLEMENTED_RETRY_S = 30.0  # ask a router without Publish again after this
 LOG_EVERY_S = 10.0  # at most one warning per this many seconds per cause
 
@@ -76,6 +79,8 @@ class EventPublisher:
         self._logged: dict[str, float] = {}
         self.published = 0
         self.dropped = 0
+        self._lost = False  # events dropped since the last successful publish
+        self._last_sent = 0.0
         self._thread = threading.Thread(target=self._loop, name="key-events", daemon=True)
         self._thread.start()
 
@@ -84,6 +89,7 @@ class EventPublisher:
             if len(self._queue) >= self._max_queued:
                 self._queue.popleft()
                 self.dropped += 1
+                self._lost = True
                 self._warn("overflow", "key event queue full: dropping the oldest events")
             self._queue.append(pb.KeyEvent(key=key.encode(), version=version))
         self._wake.set()
@@ -101,33 +107,43 @@ class EventPublisher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(1.0)
+            self._wake.wait(KEEPALIVE_S / 2)
             self._wake.clear()
-            if self._stop.wait(self._interval_s):  # let a burst accumulate
+            if self._interval_s and self._stop.wait(self._interval_s):  # gather a burst
                 break
+            sent = False
             while True:
                 batch = self._take()
                 if not batch:
                     break
                 self._send(batch)
+                sent = True
+            if not sent and time.monotonic() - self._last_sent >= KEEPALIVE_S:
+                self._send([])  # keepalive
 
     def _send(self, batch: list[pb.KeyEvent]) -> None:
         if time.monotonic() < self._off_until:
             return  # the router has no Publish: nobody is watching
+        lost = self._lost
+        self._lost = False
         try:
             self._stub.Publish(
-                pb.PublishRequest(node=self._node, events=batch), timeout=PUBLISH_TIMEOUT_S
+                pb.PublishRequest(node=self._node, events=batch, lost=lost),
+                timeout=PUBLISH_TIMEOUT_S,
             )
             self.published += len(batch)
+            self._last_sent = time.monotonic()
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 self._off_until = time.monotonic() + UNIMPLEMENTED_RETRY_S
                 return
             self.dropped += len(batch)
+            self._lost = True  # the router resets its watchers when we are back
             self._warn("router", "publishing key events to %s failed: %s", self._router, code)
         except Exception:  # never let the thread die silently
             self.dropped += len(batch)
+            self._lost = True
             log.exception("publishing key events failed")
 
     def close(self) -> None:

@@ -327,12 +327,14 @@ class KeyEvent(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("node", "events")
+    __slots__ = ("node", "events", "lost")
     NODE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
     node: str
     events: _containers.RepeatedCompositeFieldContainer[KeyEvent]
-    def __init__(self, node: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ...) -> None: ...
+    lost: bool
+    def __init__(self, node: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ..., lost: _Optional[bool] = ...) -> None: ...
 
 class PublishReply(_message.Message):
     __slots__ = ()
@@ -343,16 +345,18 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("epoch", "keys", "invalidations", "reset")
+    __slots__ = ("epoch", "keys", "invalidations", "reset", "complete")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     INVALIDATIONS_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     keys: _containers.RepeatedCompositeFieldContainer[KeyEvent]
     invalidations: _containers.RepeatedCompositeFieldContainer[Invalidation]
     reset: bool
-    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
+    complete: bool
+    def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ..., reset: _Optional[bool] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class RouterStatusRequest(_message.Message):
     __slots__ = ()

@@ -22,6 +22,7 @@ a queue, and a batch splits them by type.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ DEFAULT_MAX_WATCHERS = 128
 DEFAULT_COALESCE_S = 0.0005
 DEFAULT_KEEPALIVE_S = 0.5
 DEFAULT_MAX_BATCH = 4096
+# A ring member not heard from (Publish or keepalive) for this long makes the
+# router's event stream incomplete; nodes keep alive every second.
+SILENCE_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,13 @@ class Watcher:
                 else:
                     self._queue.extend(items)
             self._woken = self._woken or wake
+            self._cond.notify_all()
+
+    def reset(self) -> None:
+        """Drop what is queued; the next batch says ``reset``."""
+        with self._cond:
+            self._queue.clear()
+            self._overflowed = True
             self._cond.notify_all()
 
     def _ready(self) -> bool:
@@ -138,6 +149,8 @@ class EventHub:
         self._closed = False
         #: Key events accepted from nodes.
         self.published = 0
+        self._heard: dict[str, float] = {}  # node -> monotonic time of its last Publish
+        self._asked: dict[str, float] = {}  # node -> when ``complete`` first asked for it
 
     def subscribe(self) -> Watcher:
         with self._lock:
@@ -169,11 +182,43 @@ class EventHub:
         for watcher in watchers:
             watcher.push(items, wake=wake)
 
-    def publish(self, events: Iterable[KeyEvent]) -> None:
-        """Key events from a node, in the order it committed them."""
+    def publish(self, events: Iterable[KeyEvent], *, node: str = "", lost: bool = False) -> None:
+        """Key events from ``node``, in the order it committed them (none: a keepalive).
+
+        ``lost``: the node dropped events since its last publish; every
+        watcher is reset, since nobody can tell which keys they were.
+        """
+        if node:
+            with self._lock:
+                self._heard[node] = time.monotonic()
         items: list[KeyEvent | Invalidation] = list(events)
         if items:
             self._fan_out(items, wake=False)
+        if lost:
+            self.reset_all()
+
+    def reset_all(self) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.reset()
+
+    def complete(self, nodes: Iterable[str], silence_s: float = SILENCE_S) -> bool:
+        """Whether every one of ``nodes`` published within ``silence_s``.
+
+        A node first asked about less than ``silence_s`` ago gets that long to
+        be heard (it just joined, or this router just started).
+        """
+        now = time.monotonic()
+        with self._lock:
+            for node in nodes:
+                heard = self._heard.get(node)
+                if heard is not None and now - heard < silence_s:
+                    continue
+                asked = self._asked.setdefault(node, now)
+                if now - asked >= silence_s:
+                    return False
+        return True
 
     def epoch_changed(self, new_invalidations: Iterable[Invalidation] = ()) -> None:
         """The router's view moved on; every watcher gets a message (with these records)."""

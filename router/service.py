@@ -138,7 +138,11 @@ class RouterService(pb_grpc.RouterServicer):
                     )
         except InvalidArgument as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._hub.publish((event.key, event.version) for event in request.events)
+        self._hub.publish(
+            ((event.key, event.version) for event in request.events),
+            node=request.node,
+            lost=request.lost,
+        )
         return pb.PublishReply()
 
     def Watch(
@@ -155,26 +159,37 @@ class RouterService(pb_grpc.RouterServicer):
         try:
             # Subscribed first, then read the view: a record that lands in
             # between comes twice (harmless), never not at all.
-            yield self._reset()
+            complete = self._complete()
+            yield self._reset(complete)
             while context.is_active():
                 batch = watcher.next_batch(self._keepalive_s)
                 if batch is None:
                     return
-                if batch.reset:
-                    yield self._reset()
+                was, complete = complete, self._complete()
+                if batch.reset or (complete and not was):
+                    # Events may have been missed while incomplete: start over.
+                    yield self._reset(complete)
                     continue
                 yield pb.WatchEvent(
                     epoch=self._membership.view().epoch,
                     keys=[pb.KeyEvent(key=key, version=version) for key, version in batch.keys],
                     invalidations=_invalidations(batch.invalidations),
+                    complete=complete,
                 )
         finally:
             self._hub.unsubscribe(watcher)
 
-    def _reset(self) -> pb.WatchEvent:
+    def _complete(self) -> bool:
+        """Whether this router hears every node of its ring (WatchEvent.complete)."""
+        return self._hub.complete(m.name for m in self._membership.view().members)
+
+    def _reset(self, complete: bool) -> pb.WatchEvent:
         view: MembershipView = self._membership.view()
         return pb.WatchEvent(
-            epoch=view.epoch, invalidations=_invalidations(view.invalidations), reset=True
+            epoch=view.epoch,
+            invalidations=_invalidations(view.invalidations),
+            reset=True,
+            complete=complete,
         )
 
     def Status(

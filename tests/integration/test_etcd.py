@@ -240,3 +240,40 @@ def test_invalidation_through_one_router_reaches_the_other_at_the_same_epoch(
         what="B to reach the invalidation's epoch",
     )
     assert table(snap) == table(ring(b)) == {"models/": gen}
+
+
+def test_watch_mode_falls_back_to_strict_on_a_router_its_nodes_do_not_publish_to(procs):
+    """Nodes publish key events to the router they registered with. A watch-mode
+    client of another router would miss them, so that router reports its stream
+    incomplete and the client revalidates every hit (strict) instead of serving
+    stale copies; on the nodes' own router the stream is complete."""
+    import numpy as np
+
+    import tensorcache
+
+    _, a = procs.router("router-a")
+    _, b = procs.router("router-b")
+    procs.node("n0", a)
+    procs.node("n1", a)
+    poll(lambda: len(ring(b).members) == 2, what="router b to see both nodes")
+    v1, v2 = np.arange(1000, dtype=np.int64), np.arange(1000, dtype=np.int64) * 2
+    with (
+        tensorcache.connect(b, near_cache="16MiB", near_cache_mode="watch") as on_b,
+        tensorcache.connect(a, near_cache="16MiB", near_cache_mode="watch") as on_a,
+        tensorcache.connect(a) as writer,
+    ):
+        poll(lambda: on_a._watch.live, timeout=30, what="router a's stream complete")
+        # Router b hears from no node: after its grace period it says incomplete.
+        poll(
+            lambda: on_b._watch._last > 0 and not on_b._watch._complete,
+            timeout=30,
+            what="router b's stream incomplete",
+        )
+        writer.put("w/k", v1)
+        np.testing.assert_array_equal(on_b.get("w/k"), v1)  # fills b's near-cache
+        np.testing.assert_array_equal(on_a.get("w/k"), v1)
+        writer.put("w/k", v2)
+        # Strict on b: the very next get sees v2, no push needed.
+        np.testing.assert_array_equal(on_b.get("w/k"), v2)
+        assert on_b.metrics()["near_stale"] >= 1
+        poll(lambda: np.array_equal(on_a.get("w/k"), v2), timeout=10, what="push to a's client")

@@ -111,3 +111,25 @@ def test_bad_settings() -> None:
         EventHub(max_queue=0)
     with pytest.raises(ValueError):
         EventHub(max_watchers=-1)
+
+
+def test_a_node_that_lost_events_resets_every_watcher() -> None:
+    hub = EventHub()
+    a, b = hub.subscribe(), hub.subscribe()
+    hub.publish([(b"k", 1)], node="n1")
+    hub.publish([(b"k", 2)], node="n1", lost=True)  # it dropped some before this
+    for w in (a, b):
+        assert w.next_batch(**NOW) == Batch(reset=True)
+        assert w.next_batch(**NOW) == Batch()  # nothing stale left queued
+
+
+def test_complete_only_while_every_node_is_heard_from() -> None:
+    hub = EventHub()
+    # Never heard of yet: a grace period as long as the silence limit.
+    assert hub.complete(["n1", "n2"], silence_s=60)
+    assert not hub.complete(["n1", "n2"], silence_s=0)
+    hub.publish([], node="n1")  # a keepalive
+    hub.publish([(b"k", 1)], node="n2")
+    assert hub.complete(["n1", "n2"], silence_s=60)
+    assert not hub.complete(["n1", "n2", "elsewhere"], silence_s=0)
+    assert hub.complete([], silence_s=0)
