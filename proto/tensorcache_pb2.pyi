@@ -327,14 +327,16 @@ class KeyEvent(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("node", "events", "lost")
+    __slots__ = ("node", "events", "lost", "relayed")
     NODE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_FIELD_NUMBER: _ClassVar[int]
     node: str
     events: _containers.RepeatedCompositeFieldContainer[KeyEvent]
     lost: bool
-    def __init__(self, node: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ..., lost: _Optional[bool] = ...) -> None: ...
+    relayed: bool
+    def __init__(self, node: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KeyEvent, _Mapping]]] = ..., lost: _Optional[bool] = ..., relayed: _Optional[bool] = ...) -> None: ...
 
 class PublishReply(_message.Message):
     __slots__ = ()

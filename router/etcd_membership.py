@@ -175,6 +175,10 @@ class EtcdMembership:
         self._members_prefix = f"{prefix}members/".encode()
         self._inv_prefix = f"{prefix}invalidations/".encode()
         self._epoch_key = f"{prefix}ring-epoch".encode()
+        # Routers announce themselves beside (not under) the watched prefix,
+        # so their comings and goings are never membership changes.
+        self._routers_prefix = f"{prefix.rstrip('/')}-routers/".encode()
+        self._announced: tuple[str, int] | None = None  # (address, lease id)
         self._watch_prefix = prefix.encode()
         #: Times the watch loop failed and reconnected (each one is logged).
         self.watch_failures = 0
@@ -310,6 +314,29 @@ class EtcdMembership:
     async def _invalidate(self, prefix: str) -> int:
         put = await self._client.put(self._inv_prefix + encode_prefix(prefix), prefix.encode())
         return int(put.header.revision)
+
+    # ------------------------------------------------------------------ routers
+    def keep_announced(self, address: str) -> None:
+        """Keep ``routers/<address>`` alive on a lease (put it again if it ran out)."""
+        self._submit(self._keep_announced(address), "announce router")
+
+    async def _keep_announced(self, address: str) -> None:
+        if self._announced is not None and self._announced[0] == address:
+            reply = await self._client.refresh_lease(self._announced[1])
+            if reply is not None and reply.TTL > 0:
+                return
+        lease = await self._client.lease(self._lease_ttl)
+        await self._client.put(self._routers_prefix + address.encode(), b"", lease=lease.id)
+        self._announced = (address, lease.id)
+
+    def routers(self) -> list[str]:
+        """Addresses of the routers announced in etcd (this one included)."""
+        return self._submit(self._routers(), "list routers")
+
+    async def _routers(self) -> list[str]:
+        got = await self._client.get_prefix(self._routers_prefix)
+        n = len(self._routers_prefix)
+        return [kv.key[n:].decode(errors="replace") for kv in got]
 
     def view(self) -> MembershipView:
         return self._cell.get()

@@ -151,6 +151,7 @@ class EventHub:
         self.published = 0
         self._heard: dict[str, float] = {}  # node -> monotonic time of its last Publish
         self._asked: dict[str, float] = {}  # node -> when ``complete`` first asked for it
+        self._started = time.monotonic()
 
     def subscribe(self) -> Watcher:
         with self._lock:
@@ -207,16 +208,19 @@ class EventHub:
         """Whether every one of ``nodes`` published within ``silence_s``.
 
         A node first asked about less than ``silence_s`` ago gets that long to
-        be heard (it just joined, or this router just started).
+        be heard (it just joined the ring), but only on a router that has run
+        that long itself: a router that just started has heard nobody yet and
+        must not claim it misses nothing (its peers may not relay to it yet).
         """
         now = time.monotonic()
+        young = now - self._started < silence_s
         with self._lock:
             for node in nodes:
                 heard = self._heard.get(node)
                 if heard is not None and now - heard < silence_s:
                     continue
                 asked = self._asked.setdefault(node, now)
-                if now - asked >= silence_s:
+                if young or now - asked >= silence_s:
                     return False
         return True
 

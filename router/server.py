@@ -8,6 +8,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -17,6 +18,7 @@ from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
+from tensorcache.router.relay import Relay
 from tensorcache.router.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router.service import RouterService
 from tensorcache.sizes import parse_size
@@ -49,6 +51,9 @@ class RouterConfig:
     replicas: int = 1
     #: Router.Watch streams served at once (each holds a server thread).
     max_watchers: int = DEFAULT_MAX_WATCHERS
+    #: host other routers reach this one at (default: ``host``); with etcd,
+    #: routers relay nodes' key events to each other (router/relay.py).
+    advertise: str | None = None
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -106,9 +111,12 @@ class RunningRouter:
     membership: Membership
     hub: EventHub
     follower: ViewFollower
+    relay: Relay | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         """End watch streams cleanly, stop serving, then let go of membership."""
+        if self.relay is not None:
+            self.relay.close()
         self.hub.close()
         self.server.stop(grace=grace).wait()
         self.follower.stop()
@@ -119,23 +127,22 @@ def create_server(config: RouterConfig) -> RunningRouter:
     """Build and start a router."""
     membership = _membership(config)
     hub = EventHub(max_watchers=config.max_watchers)
+
     # Each watch stream holds a thread for its lifetime; unary calls get their own 16.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16 + config.max_watchers), options=SERVER_OPTIONS
     )
-    pb_grpc.add_RouterServicer_to_server(
-        RouterService(
-            membership,
-            stripe_size=config.stripe_size,
-            vnodes=config.vnodes,
-            weight_unit=config.weight_unit,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            ttl_s=config.ttl_s,
-            replicas=config.replicas,
-            hub=hub,
-        ),
-        server,
+    servicer = RouterService(
+        membership,
+        stripe_size=config.stripe_size,
+        vnodes=config.vnodes,
+        weight_unit=config.weight_unit,
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        ttl_s=config.ttl_s,
+        replicas=config.replicas,
+        hub=hub,
     )
+    pb_grpc.add_RouterServicer_to_server(servicer, server)
     health_servicer = add_health(server, SERVICE)
     follower = ViewFollower(membership, hub, _Health(health_servicer)).start()
     try:
@@ -145,7 +152,13 @@ def create_server(config: RouterConfig) -> RunningRouter:
         membership.close()
         raise
     server.start()
-    return RunningRouter(server, port, membership, hub, follower)
+    relay: Relay | None = None
+    if config.etcd is not None:  # membership is an EtcdMembership (imported lazily)
+        me = f"{config.advertise or config.host}:{port}"
+        etcd: Any = membership
+        relay = Relay(me, etcd.routers, lambda: etcd.keep_announced(me))
+        servicer.relay = relay  # known only now that the port is bound
+    return RunningRouter(server, port, membership, hub, follower, relay)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,6 +180,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--replicas", type=int, default=1, help="copies of each entry on distinct nodes (default 1)"
     )
     p.add_argument(
+        "--advertise",
+        default=None,
+        help="host other routers reach this one at (default --host); with --etcd, routers "
+        "relay key events to each other",
+    )
+    p.add_argument(
         "--max-watchers",
         type=int,
         default=DEFAULT_MAX_WATCHERS,
@@ -185,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         etcd_timeout_s=args.etcd_timeout,
         replicas=args.replicas,
         max_watchers=args.max_watchers,
+        advertise=args.advertise,
     )
     router = create_server(config)
     stop = threading.Event()

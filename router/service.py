@@ -19,6 +19,7 @@ from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.router import members
 from tensorcache.router.events import DEFAULT_KEEPALIVE_S, EventHub
 from tensorcache.router.membership import Membership, MembershipView
+from tensorcache.router.relay import Relay
 
 T = TypeVar("T")
 
@@ -68,6 +69,8 @@ class RouterService(pb_grpc.RouterServicer):
         self._ttl_s = ttl_s
         self._replicas = replicas
         self._hub = hub if hub is not None else EventHub()
+        #: Forwards nodes' key events to other routers (etcd mode; set once bound).
+        self.relay: Relay | None = None
         self._keepalive_s = keepalive_s
 
     def GetRing(self, request: pb.GetRingRequest, context: grpc.ServicerContext) -> pb.RingSnapshot:
@@ -143,6 +146,8 @@ class RouterService(pb_grpc.RouterServicer):
             node=request.node,
             lost=request.lost,
         )
+        if self.relay is not None and not request.relayed:
+            self.relay.forward(request)
         return pb.PublishReply()
 
     def Watch(
