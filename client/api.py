@@ -312,7 +312,7 @@ class Client:
         """The current version of ``key``, or None if absent (no bytes move)."""
         encode_key(key)
         items = [_Get(key, pb.TENSOR)]
-        self._scatter(items, self._head_call, failover=True)
+        self._read(items, self._head_call)
         return items[0].version if items[0].found else None
 
     def get(
@@ -390,6 +390,30 @@ class Client:
             self._near.drop_prefix(prefix)
         self._count("invalidations")
         return generation
+
+    def _read(
+        self, items: list[_Get], call: Callable[[RingMember, int, list[_Get]], None] | None = None
+    ) -> None:
+        """Get ``items`` from their primaries (failing over when unreachable).
+
+        With R >= 2 a miss at the primary is confirmed at the next replica: a
+        primary that has just joined or restarted may not hold its copy yet
+        (re-replication and handoff fill it within milliseconds, but a read
+        can come first). The replica holds every completed put too (writes go
+        to all replicas), so its answer is as fresh as the primary's. Costs
+        one more round trip per miss, only with replication.
+        """
+        call = call or self._get_call
+        self._scatter(items, call, failover=True)
+        if self._replicas() < 2:
+            return
+        missed = [it for it in items if not it.found and it.replica == 0]
+        if missed:
+            for it in missed:
+                it.replica = 1
+            self._scatter(missed, call)
+            found = sum(it.found for it in missed)
+            self._count("misses_confirmed", len(missed), replica_hits=found)
 
     def _replicas(self) -> int:
         """Copies the cluster keeps of each entry (RingSnapshot.replicas)."""
@@ -487,7 +511,7 @@ class Client:
         # read the manifest again (bounded) before calling it a miss.
         for _ in range(3):
             items = [_Get(k, pb.TENSOR, out=outs.get(k) if outs else None) for k in pending]
-            self._scatter(items, self._get_call, failover=True)
+            self._read(items)
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
                 if it.found and it not in striped:
@@ -890,7 +914,7 @@ class Client:
                     put_id=t.meta.put_id,
                 )
                 parts.append((t, part))
-        self._scatter([p for _, p in parts], self._get_call, failover=True)
+        self._read([p for _, p in parts])
         good: dict[int, bool] = {id(t): True for t in tensors}
         for t, p in parts:
             ok = (
