@@ -26,6 +26,21 @@ HANDOFF_WINDOW_S = 120.0
 TENSOR = 0
 
 
+def _incarnations(members: tuple[RingMember, ...]) -> set[tuple[str, str]]:
+    """Members as (name, address): a node restarted under its name is a new one (empty)."""
+    return {(m.name, m.address) for m in members}
+
+
+def _same_placement(a: Ring, b: Ring) -> bool:
+    """Whether every key has the same replica set in both rings."""
+    return (a.replicas, a.vnodes, a.weight_unit, a.members) == (
+        b.replicas,
+        b.vnodes,
+        b.weight_unit,
+        b.members,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Rings:
     current: Ring | None
@@ -75,7 +90,12 @@ class RingView:
         for prefix, epoch in ring.invalidations.items():
             if epoch > merged.get(prefix, 0):
                 merged[prefix] = epoch
-        self._rings = Rings(ring, old.current, self._clock(), merged)
+        if old.current is not None and _same_placement(old.current, ring):
+            # Only the invalidation table changed: nothing moved, so the
+            # previous ring (and its handoff window) stays what it was.
+            self._rings = Rings(ring, old.previous, old.changed_at, merged)
+        else:
+            self._rings = Rings(ring, old.current, self._clock(), merged)
         return True
 
     def member(self) -> bool:
@@ -122,7 +142,10 @@ class RingView:
             return []
         if self.name not in rings.current or not self.owns(key, rings.current):
             return []
-        return [m for m in rings.previous.replica_set(key) if m.name != self.name]
+        before = rings.previous.replica_set(key)
+        if _incarnations(before) == _incarnations(rings.current.replica_set(key)):
+            return []  # the key's replicas did not change: every one got every write
+        return [m for m in before if m.name != self.name]
 
     def peers(self) -> list[RingMember]:
         """Every other member of the current and previous rings (fencing targets)."""

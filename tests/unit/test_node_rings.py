@@ -109,3 +109,32 @@ def test_an_invalidation_stays_in_force_after_the_router_forgets_it():
     view.install(ring(30, "a", invalidations={"m/": 25}))
     assert view.stale(entry("m/x", 15))
     assert not view.stale(entry("other", 1))
+
+
+def test_an_invalidation_alone_moves_nothing_and_keeps_the_handoff_window():
+    clock = Clock()
+    view = RingView("a", clock=clock)
+    view.install(ring(1, "a", "b", replicas=2))
+    view.install(ring(2, "a", "b", "c", replicas=2))  # c joined: keys moved
+    changed_at = view.rings.changed_at
+    clock.now += 10
+    view.install(ring(3, "a", "b", "c", replicas=2, invalidations={"m/": 3}))
+    assert view.rings.previous.epoch == 1  # still the ring before the join
+    assert view.rings.changed_at == changed_at
+    assert view.invalidated("m/x", 2)
+
+
+def test_no_handoff_for_a_key_whose_replicas_did_not_change():
+    view = RingView("a", clock=Clock())
+    view.install(ring(1, "a", "b", "c", replicas=2))
+    view.install(ring(2, "a", "b", "c", "d", replicas=2))
+    keys = [f"k{i}" for i in range(200)]
+    for key in keys:
+        before = {m.name for m in ring(1, "a", "b", "c", replicas=2).replica_set(key)}
+        now = {m.name for m in view.current.replica_set(key)}
+        asked = view.previous_owners(key)
+        if "a" not in now or before == now:
+            assert asked == []
+        else:
+            assert {m.name for m in asked} == before - {"a"}
+    assert any(view.previous_owners(k) for k in keys)
