@@ -8,6 +8,7 @@ pytest's tmp dir so a failing run can be read afterwards.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 import tensorcache
 from tensorcache.cluster import LocalCluster
+from tensorcache.etcdserver import find_etcd
 
 from .helpers import TRANSPORTS
 
@@ -70,3 +72,15 @@ def transport(request: pytest.FixtureRequest) -> dict[str, object]:
 def prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix unique to the running test (its name, parameters included)."""
     return re.sub(r"\s+", "_", request.node.name) + "/"
+
+
+@pytest.fixture(scope="session")
+def etcd_binary() -> str:
+    """The etcd binary. Missing: skip, except under CI (``CI`` set), where the
+    etcd tests must run, so it fails."""
+    binary = find_etcd()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but no etcd binary was found: the etcd tests must run in CI")
+        pytest.skip("no etcd binary (install etcd, or put it on PATH)")
+    return binary

@@ -39,7 +39,6 @@ import pytest
 
 import tensorcache
 from tensorcache.cluster import LocalCluster
-from tensorcache.etcdserver import find_etcd
 
 from . import checker_history as history
 from . import checker_worker as worker
@@ -61,16 +60,6 @@ NEAR_CACHE = "16MiB"  # readers other than the invalidating one use a near-cache
 NEAR_CACHE_MODE = os.environ.get("CHECKER_NEAR_CACHE_MODE", "strict")
 WAIT_S = 30.0  # bound on any one wait for the cluster (ring change, worker exit slack)
 WORKER_SCRIPT = Path(worker.__file__)
-
-
-@pytest.fixture(scope="module")
-def etcd_binary() -> str:
-    binary = find_etcd()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no etcd binary was found: the checker must run in CI")
-        pytest.skip("no etcd binary (install etcd, or put it on PATH)")
-    return binary
 
 
 @pytest.fixture

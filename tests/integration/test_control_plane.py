@@ -11,7 +11,6 @@ restarted on the same URL and data directory, router and nodes from
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -26,7 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tensorcache
 from tensorcache.cluster import LocalCluster
-from tensorcache.etcdserver import find_etcd
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
@@ -41,16 +39,6 @@ ETCD_TIMEOUT = 2.0  # the router's etcd call timeout: how fast "fail fast" is
 CALL_TIMEOUT = 30.0  # far above it: a hang shows as DEADLINE_EXCEEDED, not UNAVAILABLE
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture(scope="module")
-def etcd_binary() -> str:
-    binary = find_etcd()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no etcd binary was found: these tests must run in CI")
-        pytest.skip("no etcd binary (install etcd, or put it on PATH)")
-    return binary
 
 
 @pytest.fixture

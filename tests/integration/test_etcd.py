@@ -8,7 +8,6 @@ from etcd. Waits poll with a deadline; nothing sleeps a fixed time.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.etcdserver import EtcdServer, find_etcd, free_port
+from tensorcache.etcdserver import EtcdServer, free_port
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
@@ -33,16 +32,6 @@ pytestmark = pytest.mark.integration
 TTL = 2.0
 HEARTBEAT = 0.5
 NAMES = {"n0", "n1", "n2"}
-
-
-@pytest.fixture(scope="module")
-def etcd_binary() -> str:
-    binary = find_etcd()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no etcd binary was found: these tests must run in CI")
-        pytest.skip("no etcd binary (install etcd, or put it on PATH)")
-    return binary
 
 
 @pytest.fixture

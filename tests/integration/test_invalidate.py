@@ -7,8 +7,6 @@ import pytest
 
 import tensorcache
 
-from .test_etcd import etcd_binary  # noqa: F401  (fixture: fails, not skips, under CI)
-
 pytestmark = pytest.mark.integration
 
 
