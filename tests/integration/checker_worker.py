@@ -181,23 +181,27 @@ def run_reader(c: tensorcache.Client, log: Log, args: argparse.Namespace) -> int
         except Exception as exc:
             log.write(op="get", key=key, start=start, end=time.monotonic_ns(), error=describe(exc))
         else:
-            end = time.monotonic_ns()
-            if got is None:
-                log.write(op="get", key=key, start=start, end=end, found=False)
-            else:
-                writer, seq = identify(got)
-                log.write(
-                    op="get",
-                    key=key,
-                    start=start,
-                    end=end,
-                    found=True,
-                    writer=writer,
-                    seq=seq,
-                    checksum=checksum(got),
-                )
+            record_get(log, key, start, time.monotonic_ns(), got)
         ops += 1
     return ops
+
+
+def record_get(log: Any, key: str, start: int, end: int, got: np.ndarray | None) -> None:
+    """Log a get that returned: a miss, or the (writer, seq) and checksum of what it read."""
+    if got is None:
+        log.write(op="get", key=key, start=start, end=end, found=False)
+        return
+    writer, seq = identify(got)
+    log.write(
+        op="get",
+        key=key,
+        start=start,
+        end=end,
+        found=True,
+        writer=writer,
+        seq=seq,
+        checksum=checksum(got),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

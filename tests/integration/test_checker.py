@@ -232,21 +232,7 @@ def _final_reads(c: tensorcache.Client, out: Path) -> None:
                     error=worker.describe(exc),
                 )
                 continue
-            end = time.monotonic_ns()
-            if got is None:
-                log.write(op="get", key=key, start=start, end=end, found=False)
-            else:
-                w, seq = worker.identify(got)
-                log.write(
-                    op="get",
-                    key=key,
-                    start=start,
-                    end=end,
-                    found=True,
-                    writer=w,
-                    seq=seq,
-                    checksum=worker.checksum(got),
-                )
+            worker.record_get(log, key, start, time.monotonic_ns(), got)
 
 
 # ------------------------------------------------------------------ the test

@@ -39,17 +39,25 @@ def stats_by_name(cluster) -> dict[str, object]:
     return {name: node_stat(p.address) for name, p in cluster.nodes.items()}
 
 
+def join_one(cl, keys):  # type: ignore[no-untyped-def]
+    """Add a node; wait until every node is at the new epoch.
+
+    Returns (the new node, the ring after, the keys whose owner changed).
+    """
+    before = ring_from_snapshot(cl.ring())
+    new = cl.add_node()
+    after = ring_from_snapshot(cl.ring())
+    wait_nodes_at_epoch(cl, after.epoch)
+    moved = [k for k in keys if before.owner(k).name != after.owner(k).name]
+    return new, after, moved
+
+
 def test_a_join_moves_about_one_nth_of_the_keys(make_cluster, prefix):
     cl = make_cluster(4)
     vals = values(prefix, 2000, size=8)
     with tensorcache.connect(cl.router_address) as c:
         c.put_many(vals)
-        before = ring_from_snapshot(cl.ring())
-        new = cl.add_node()
-        after = ring_from_snapshot(cl.ring())
-        wait_nodes_at_epoch(cl, after.epoch)
-
-        moved = [k for k in vals if before.owner(k).name != after.owner(k).name]
+        new, after, moved = join_one(cl, vals)
         assert all(after.owner(k).name == new.name for k in moved)  # only to the new node
         n = len(after.members)
         assert 0.5 / n <= len(moved) / len(vals) <= 2 / n, len(moved)
@@ -146,11 +154,7 @@ def test_a_miss_at_the_new_owner_is_handed_off_from_the_previous_one(make_cluste
     vals = values(prefix, 600, size=8)
     with tensorcache.connect(cl.router_address) as c:
         c.put_many(vals)
-        before = ring_from_snapshot(cl.ring())
-        new = cl.add_node()
-        after = ring_from_snapshot(cl.ring())
-        wait_nodes_at_epoch(cl, after.epoch)
-        moved = [k for k in vals if before.owner(k).name != after.owner(k).name]
+        new, _, moved = join_one(cl, vals)
         assert moved
         assert stats_by_name(cl)[new.name].keys == 0  # nothing pushed
         got = c.get_many(list(vals))
