@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tensorcache.node.store import Entry
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.router.ring import Ring, RingMember, invalidated_before
 
 # How long after a ring change a miss asks the previous owners. Long enough
 # for clients to warm the new owners by reading (a model's weights are read
@@ -120,9 +120,7 @@ class RingView:
 
     def invalidated(self, key: str, stamp: int) -> bool:
         table = self._rings.invalidations
-        if not table:
-            return False
-        return any(epoch > stamp and key.startswith(p) for p, epoch in table.items())
+        return bool(table) and invalidated_before(table, key) > stamp
 
     def in_window(self) -> bool:
         rings = self._rings

@@ -39,6 +39,19 @@ class RingMember:
     local_token: bytes = b""
 
 
+def invalidated_before(table: Mapping[str, int], key: str) -> int:
+    """The newest epoch in ``table`` (prefix -> epoch) whose prefix covers ``key`` (0: none).
+
+    An entry of ``key`` committed at an epoch below this no longer exists.
+    O(number of invalidated prefixes): a handful per model rollover.
+    """
+    best = 0
+    for prefix, epoch in table.items():
+        if epoch > best and key.startswith(prefix):
+            best = epoch
+    return best
+
+
 class Ring:
     """An immutable consistent-hash placement snapshot."""
 
@@ -129,16 +142,8 @@ class Ring:
         return found
 
     def invalidated_before(self, key: str) -> int:
-        """The newest invalidation epoch covering ``key`` (0: none).
-
-        An entry of ``key`` committed at an epoch below this no longer exists.
-        O(number of invalidated prefixes): a handful per model rollover.
-        """
-        best = 0
-        for prefix, epoch in self.invalidations.items():
-            if epoch > best and key.startswith(prefix):
-                best = epoch
-        return best
+        """The newest invalidation epoch of this ring's table covering ``key`` (0: none)."""
+        return invalidated_before(self.invalidations, key)
 
     def __repr__(self) -> str:
         return f"Ring(epoch={self.epoch}, members={[m.name for m in self.members]})"
