@@ -13,9 +13,10 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from tensorcache import localread
-from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
+from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
 from tensorcache.node.events import EventPublisher, NoEvents
@@ -62,6 +63,9 @@ class NodeConfig:
     #: members of their replica sets (node/rereplicate.py; 0: none, new
     #: owners then warm only by handoff on a miss).
     rereplicate_timeout_s: float = 60.0
+    #: A plaintext port serving only grpc.health.v1, for Kubernetes' probes
+    #: (None: none; health is on the main port in any case).
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -74,6 +78,8 @@ class NodeConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.data_port is not None and not 0 <= self.data_port < 65536:
             raise ValueError(f"data_port must be 0..65535 or None, got {self.data_port}")
+        if self.health_port is not None and not 0 <= self.health_port < 65536:
+            raise ValueError(f"health_port must be 0..65535 or None, got {self.health_port}")
         if self.workers < 4:
             raise ValueError(f"workers must be >= 4, got {self.workers}")
         if not 0 <= self.drain_timeout_s <= 3600:
@@ -115,7 +121,16 @@ class NodeServer:
             rereplicate_timeout_s=config.rereplicate_timeout_s,
         )
         self._server.add_generic_rpc_handlers((NodeService(self.ops).handler(),))
-        add_health(self._server, SERVICE)
+        # Health: "" is SERVING while the process runs (liveness); SERVICE is
+        # readiness: SERVING only while this node is in the ring it holds, so
+        # NOT_SERVING while it joins and from the moment it starts to drain.
+        self._health = add_health(self._server, SERVICE)
+        self._health_lock = threading.Lock()
+        self._draining = False
+        self._health_server: grpc.Server | None = None
+        self.health_port = 0
+        if config.router:
+            self._set_ready(False)
         self._data: DataServer | None = None
         self.data_address = ""
         # A random token at a known address proves co-location to clients.
@@ -141,6 +156,17 @@ class NodeServer:
     def _on_ring(self, ring: Ring) -> None:
         """A new ring: demote what moved away (the agent publishes its epoch after)."""
         self.ops.install_ring(ring)
+        self._set_ready(self.config.name in ring)
+
+    def _set_ready(self, ready: bool) -> None:
+        with self._health_lock:
+            serving = ready and not self._draining
+            self._health.set(
+                SERVICE,
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
 
     def _sync(self, epoch: int) -> None:
         if self._agent is not None:
@@ -148,6 +174,10 @@ class NodeServer:
 
     def start(self) -> NodeServer:
         self._server.start()
+        if self.config.health_port is not None:
+            self._health_server, self.health_port = health_server(
+                self._health, self.config.host, self.config.health_port
+            )
         if self._data is not None:
             self._data.start()
         if self._agent is not None:
@@ -164,6 +194,9 @@ class NodeServer:
         ``grace`` seconds more. The servers keep answering meanwhile (new
         owners may ask this node for handoffs).
         """
+        with self._health_lock:
+            self._draining = True
+        self._set_ready(False)
         if self._agent is not None:
             ring = self._agent.stop(deregister=True)
             if ring is not None and self.config.drain_timeout_s > 0:
@@ -173,6 +206,8 @@ class NodeServer:
             self._data.stop()
         self.ops.close()
         self.peers.close()
+        if self._health_server is not None:  # last: liveness holds until the very end
+            self._health_server.stop(0).wait()
 
 
 def _join(host: str, port: int) -> str:
@@ -207,6 +242,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default 60; 0: none, new owners warm by handoff on a miss only)",
     )
     p.add_argument(
+        "--health-port",
+        type=int,
+        default=-1,
+        help="plaintext port serving only grpc.health.v1, for Kubernetes probes "
+        "(default -1: none; health is also on --port)",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -226,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         local_readers=not args.no_local_readers,
         drain_timeout_s=args.drain_timeout,
         rereplicate_timeout_s=args.rereplicate_timeout,
+        health_port=None if args.health_port < 0 else args.health_port,
     )
     node = NodeServer(config).start()
     stop = threading.Event()

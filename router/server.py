@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind
+from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
@@ -54,6 +54,9 @@ class RouterConfig:
     #: host other routers reach this one at (default: ``host``); with etcd,
     #: routers relay nodes' key events to each other (router/relay.py).
     advertise: str | None = None
+    #: A plaintext port serving only grpc.health.v1, for Kubernetes' probes
+    #: (None: none; health is on the main port in any case).
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -68,6 +71,8 @@ class RouterConfig:
             raise ValueError("need 0 < heartbeat_interval_s < ttl_s")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.health_port is not None and not 0 <= self.health_port < 65536:
+            raise ValueError(f"health_port must be 0..65535 or None, got {self.health_port}")
 
 
 def _membership(config: RouterConfig) -> Membership:
@@ -112,6 +117,8 @@ class RunningRouter:
     hub: EventHub
     follower: ViewFollower
     relay: Relay | None = None
+    health: grpc.Server | None = None
+    health_port: int = 0
 
     def stop(self, grace: float = 2.0) -> None:
         """End watch streams cleanly, stop serving, then let go of membership."""
@@ -121,6 +128,8 @@ class RunningRouter:
         self.server.stop(grace=grace).wait()
         self.follower.stop()
         self.membership.close()
+        if self.health is not None:
+            self.health.stop(0).wait()
 
 
 def create_server(config: RouterConfig) -> RunningRouter:
@@ -158,7 +167,16 @@ def create_server(config: RouterConfig) -> RunningRouter:
         etcd: Any = membership
         relay = Relay(me, etcd.routers, lambda: etcd.keep_announced(me))
         servicer.relay = relay  # known only now that the port is bound
-    return RunningRouter(server, port, membership, hub, follower, relay)
+    running = RunningRouter(server, port, membership, hub, follower, relay)
+    if config.health_port is not None:
+        try:
+            running.health, running.health_port = health_server(
+                health_servicer, config.host, config.health_port
+            )
+        except BaseException:
+            running.stop(grace=0)
+            raise
+    return running
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -191,6 +209,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_WATCHERS,
         help=f"watch streams served at once (default {DEFAULT_MAX_WATCHERS})",
     )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=-1,
+        help="plaintext port serving only grpc.health.v1, for Kubernetes probes "
+        "(default -1: none; health is also on --port)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         max_watchers=args.max_watchers,
         advertise=args.advertise,
+        health_port=None if args.health_port < 0 else args.health_port,
     )
     router = create_server(config)
     stop = threading.Event()

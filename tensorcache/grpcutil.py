@@ -9,6 +9,8 @@ refused by gRPC with RESOURCE_EXHAUSTED before it reaches our code.
 
 from __future__ import annotations
 
+from concurrent import futures
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -36,6 +38,23 @@ def add_health(server: grpc.Server, *services: str) -> health.HealthServicer:
     for name in ("", *services):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
+
+
+def health_server(servicer: health.HealthServicer, host: str, port: int) -> tuple[grpc.Server, int]:
+    """A started plaintext server with only ``servicer`` (grpc.health.v1) on it.
+
+    Kubernetes' gRPC probes cannot speak TLS, so health gets a port of its
+    own that stays plaintext whatever the main port becomes. It shares the
+    main server's servicer: both ports always tell the same status.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"),
+        options=SERVER_OPTIONS,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = bind(server, host, port)
+    server.start()
+    return server, bound
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:
