@@ -287,7 +287,7 @@ class Client:
                 self._count("fill_waits")
                 if time.monotonic() > deadline:
                     raise Unavailable(f"waited {timeout_s:.0f}s for another worker to load {key!r}")
-                time.sleep(min(max(reply.retry_ms / 1000, 0.005), 0.2))
+                time.sleep(min(max(reply.lease_left_ms / 1000, 0.005), 0.2))
 
     def _fill(self, key: str, holder: str, ttl_ms: int, *, release: bool) -> pb.FillReply:
         items = [_Fill(key, holder, ttl_ms, release)]

@@ -44,7 +44,7 @@ from tensorcache.router.ring import Ring
 log = logging.getLogger("tensorcache.node")
 
 MAX_BATCH_ENTRIES = 65536
-MAX_FILL_TTL_MS = 3_600_000
+MAX_FILL_TTL_MS = 60_000  # a fill lease's longest period (it is renewed, so short)
 # Smaller entries go in the payload even to co-located clients: one
 # process_vm_readv call per entry costs more than a share of one socket read.
 LOCAL_MIN = 256 * 1024
@@ -377,6 +377,8 @@ class NodeOps:
         kind, key = _store_key(req.key, pb.TENSOR, "fill")
         if not req.holder or len(req.holder) > 128:
             raise InvalidArgument("fill.holder must be 1..128 characters")
+        if len(req.filler) > 256:
+            raise InvalidArgument("fill.filler must be at most 256 characters")
         if req.release:
             self.fills.release(key, req.holder)
             return pb.FillReply()
@@ -384,8 +386,13 @@ class NodeOps:
             return pb.FillReply(found=True)
         if not 0 < req.ttl_ms <= MAX_FILL_TTL_MS:
             raise InvalidArgument(f"fill.ttl_ms must be 1..{MAX_FILL_TTL_MS}, got {req.ttl_ms}")
-        granted, wait_s = self.fills.acquire(key, req.holder, req.ttl_ms / 1000)
-        return pb.FillReply(granted=granted, retry_ms=int(wait_s * 1000))
+        a = self.fills.acquire(key, req.holder, req.ttl_ms / 1000, req.filler)
+        return pb.FillReply(
+            granted=a.granted,
+            lease_left_ms=max(1, round(a.left_s * 1000)),
+            holder=a.holder,
+            filler=a.filler,
+        )
 
     def delete(self, req: pb.DeleteRequest) -> pb.DeleteReply:
         self.check_epoch(req.epoch)

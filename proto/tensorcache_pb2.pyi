@@ -169,28 +169,34 @@ class DeleteReply(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[DeleteResult, _Mapping]]] = ...) -> None: ...
 
 class FillRequest(_message.Message):
-    __slots__ = ("epoch", "key", "holder", "ttl_ms", "release")
+    __slots__ = ("epoch", "key", "holder", "ttl_ms", "release", "filler")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    FILLER_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     key: bytes
     holder: str
     ttl_ms: int
     release: bool
-    def __init__(self, epoch: _Optional[int] = ..., key: _Optional[bytes] = ..., holder: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
+    filler: str
+    def __init__(self, epoch: _Optional[int] = ..., key: _Optional[bytes] = ..., holder: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., release: _Optional[bool] = ..., filler: _Optional[str] = ...) -> None: ...
 
 class FillReply(_message.Message):
-    __slots__ = ("granted", "found", "retry_ms")
+    __slots__ = ("granted", "found", "lease_left_ms", "holder", "filler")
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
-    RETRY_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_LEFT_MS_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    FILLER_FIELD_NUMBER: _ClassVar[int]
     granted: bool
     found: bool
-    retry_ms: int
-    def __init__(self, granted: _Optional[bool] = ..., found: _Optional[bool] = ..., retry_ms: _Optional[int] = ...) -> None: ...
+    lease_left_ms: int
+    holder: str
+    filler: str
+    def __init__(self, granted: _Optional[bool] = ..., found: _Optional[bool] = ..., lease_left_ms: _Optional[int] = ..., holder: _Optional[str] = ..., filler: _Optional[str] = ...) -> None: ...
 
 class StatRequest(_message.Message):
     __slots__ = ()
