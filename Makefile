@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test unit integration lint bench up proto clean
+.PHONY: venv demo test unit integration lint bench up proto clean image
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: $(STAMP)
 ## A local cluster in the foreground (Ctrl-C stops it).
 up: $(STAMP)
 	$(BIN)/tensorcache up
+
+## Container image for k8s/ (needs docker or podman): make image [IMAGE=registry/name:tag].
+IMAGE     ?= tensorcache:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+image:
+	@test -n "$(CONTAINER)" || { echo "make image: needs docker or podman on PATH" >&2; exit 1; }
+	$(CONTAINER) build -t $(IMAGE) .
 
 ## Regenerate proto/*_pb2*.py from proto/tensorcache.proto.
 proto: $(STAMP)
