@@ -22,7 +22,6 @@ deadlock. gRPC channels do not survive ``fork()``: connect in each process.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import secrets
@@ -41,6 +40,7 @@ from tensorcache import codec, localread
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.datachannel import DataPool
 from tensorcache.client.fence import fence_all
+from tensorcache.client.fill import FillOptions, RpcGrants, read_through, store_if_absent
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.placement import Placement
 from tensorcache.client.transport import (
@@ -116,10 +116,14 @@ class _Get:
 
 @dataclass(eq=False)
 class _Fill:
+    """One Fill RPC (ask, renew or release a fill grant; client/fill.py)."""
+
     key: str
     holder: str
+    filler: str
     ttl_ms: int
     release: bool
+    timeout_s: float
     reply: pb.FillReply | None = None
     nbytes = 0
     replica = 0
@@ -250,47 +254,41 @@ class Client:
         key: str,
         loader: Callable[[], np.ndarray],
         *,
-        fill_ttl_s: float = 60.0,
+        lease_s: float = 2.0,
+        max_load_s: float | None = None,
         timeout_s: float = 600.0,
+        fill_ttl_s: float | None = None,
     ) -> np.ndarray:
         """The tensor under ``key``; on a miss, load it with ``loader()`` and put it.
 
-        One fill per miss across every client of the cluster: the key's owner
-        grants the right to load to one caller at a time (``fill_ttl_s``,
-        renewed by nothing: choose it above the loader's run time); the others
-        wait and then read what it put. If the filler dies, its grant expires
-        and a waiter takes over. A loader that raises gives its grant back and
-        the error propagates. Waiting longer than ``timeout_s`` raises
-        ``Unavailable``.
+        One caller cluster-wide loads; the others wait and read what it put.
+        Its grant is a lease of ``lease_s`` renewed while ``loader`` runs, so a
+        filler that dies or is cut off is replaced within about ``lease_s``; a
+        loader that raises hands it over at once (the error propagates).
+        ``max_load_s``: stop renewing then (a hung loader is replaced; it is
+        not interrupted). Waiters raise ``Unavailable`` naming the filler after
+        ``timeout_s``. ``fill_ttl_s`` is refused. Details: client/fill.py.
         """
+        if fill_ttl_s is not None:
+            raise InvalidArgument(
+                "get_or_load(fill_ttl_s=...) is gone: the fill grant is a lease renewed while "
+                "the loader runs; use lease_s (default 2 s) and, to bound a hung loader, max_load_s"
+            )
         encode_key(key)
-        if not 0 < fill_ttl_s <= 3600:
-            raise InvalidArgument(f"fill_ttl_s must be in (0, 3600], got {fill_ttl_s}")
-        holder = secrets.token_hex(8)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = self.get(key)
-            if value is not None:
-                return value
-            reply = self._fill(key, holder, int(fill_ttl_s * 1000), release=False)
-            if reply.granted:
-                try:
-                    value = loader()
-                    self.put(key, value)  # its commit ends the grant
-                except BaseException:
-                    with contextlib.suppress(TensorCacheError):
-                        self._fill(key, holder, 0, release=True)
-                    raise
-                self._count("loads")
-                return value
-            if not reply.found:
-                self._count("fill_waits")
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"waited {timeout_s:.0f}s for another worker to load {key!r}")
-                time.sleep(min(max(reply.lease_left_ms / 1000, 0.005), 0.2))
+        return read_through(
+            key,
+            lookup=lambda: self.get(key),
+            load=loader,
+            store=store_if_absent(lambda v: self.put(key, v, if_version=0), key, self._count),
+            grants=RpcGrants(self._fill),
+            options=FillOptions(lease_s=lease_s, max_load_s=max_load_s, timeout_s=timeout_s),
+            count=self._count,
+        )
 
-    def _fill(self, key: str, holder: str, ttl_ms: int, *, release: bool) -> pb.FillReply:
-        items = [_Fill(key, holder, ttl_ms, release)]
+    def _fill(
+        self, key: str, holder: str, filler: str, ttl_ms: int, *, release: bool, timeout_s: float
+    ) -> pb.FillReply:
+        items = [_Fill(key, holder, filler, ttl_ms, release, timeout_s)]
         self._scatter(items, self._fill_call)
         assert items[0].reply is not None
         return items[0].reply
@@ -299,11 +297,11 @@ class Client:
         for it in batch:
             request = pb.FillRequest(
                 epoch=epoch, key=it.key.encode(), holder=it.holder, ttl_ms=it.ttl_ms,
-                release=it.release,
+                release=it.release, filler=it.filler,
             )  # fmt: skip
             try:
                 it.reply = self._conns.get(member.address).fill(
-                    request, timeout=self.config.timeout_s
+                    request, timeout=min(self.config.timeout_s, it.timeout_s)
                 )
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc, f"fill on node {member.address}") from exc
@@ -562,6 +560,10 @@ class Client:
                 drained=s.drained,
                 demoted=s.demoted,
                 invalidated=s.invalidated,
+                rereplicated=s.rereplicated,
+                moved=s.moved,
+                discarded=s.discarded,
+                pending=s.pending,
                 policy=s.policy,
                 epoch=s.epoch,
             )

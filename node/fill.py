@@ -64,9 +64,11 @@ class FillLeases:
             if lease is not None and lease.holder != holder and lease.expires > now:
                 self.waits += 1
                 return Answer(False, lease.holder, lease.filler, lease.expires - now)
-            if lease is not None and lease.holder == holder and lease.expires > now:
-                self.renewals += 1
-            elif lease is None or lease.holder != holder:
+            if lease is not None and lease.holder == holder:
+                filler = filler or lease.filler  # a renewal need not repeat it
+                if lease.expires > now:
+                    self.renewals += 1
+            else:
                 self.grants += 1
             if len(self._leases) >= MAX_LEASES:
                 for k in [k for k, v in self._leases.items() if v.expires <= now]:
