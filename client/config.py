@@ -79,9 +79,17 @@ class NodeStats:
     fills: int = 0
     fill_waits: int = 0
     handoffs: int = 0  # entries fetched from a previous owner on a miss (warm rebalance)
-    drained: int = 0  # entries this node pushed to new owners (SIGTERM drain, re-replication)
-    demoted: int = 0  # entries held but no longer owned (kept as handoff sources)
+    drained: int = 0  # copies this node pushed to new owners on SIGTERM (confirmed)
+    demoted: int = 0  # entries held but no longer owned (on their way to the new owners)
     invalidated: int = 0  # entries dropped by namespace invalidation
+    #: Copies pushed to replica-set members that lacked them after ring changes.
+    rereplicated: int = 0
+    #: Demoted entries dropped once every member of their replica set confirmed a copy.
+    moved: int = 0
+    #: Demoted entries dropped because their key came back here (maybe stale).
+    discarded: int = 0
+    #: Copies the last rebalance scan found missing and could not push yet.
+    pending: int = 0
     policy: str = ""
     epoch: int = 0
     reachable: bool = True

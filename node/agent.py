@@ -141,15 +141,37 @@ class MembershipAgent:
         Returns the ring after leaving (installed, its epoch published): where
         this node's entries live now. None if it could not be had.
         """
-        self._stop.set()
-        self._thread.join(timeout=5)
-        ring = None
-        if deregister and self._registered.is_set():
-            try:
-                self._stub.Deregister(pb.DeregisterRequest(name=self._member.name), timeout=2)
-                ring = self._fetch_ring()
-                self._install(ring)
-            except grpc.RpcError as exc:
-                log.warning("could not deregister from %s: %s", self._router, exc)
-        self._channel.close()
+        ring = self.leave() if deregister else self._halt()
+        self.close()
         return ring
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def leave(self) -> Ring | None:
+        """Stop heartbeating and deregister; the channel stays open for ``latest``."""
+        self._halt()
+        if not self._registered.is_set():
+            return None
+        try:
+            self._stub.Deregister(pb.DeregisterRequest(name=self._member.name), timeout=2)
+        except grpc.RpcError as exc:
+            log.warning("could not deregister from %s: %s", self._router, exc)
+            return None
+        return self.latest()
+
+    def latest(self) -> Ring | None:
+        """The router's ring now, installed (a draining node follows others leaving)."""
+        try:
+            ring = self._fetch_ring()
+        except (grpc.RpcError, ValueError) as exc:
+            log.warning("could not fetch the ring from %s: %s", self._router, exc)
+            return None
+        if ring.epoch > self._epochs.epoch:
+            self._install(ring)
+        return ring
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,13 +1,15 @@
 """Warm handoff: a miss at a key's new owner is answered by its previous owner.
 
-After a ring change a key's new owner holds nothing for it; the members of
-its previous replica set still do (as a demoted entry, or as owners still).
-Within the handoff window (node/rings.py) a miss here asks them, first that
-has it, with ``GetRequest.handoff``, stores what it gets with its version and
-stamp intact (an explicit-version commit, so a newer put made meanwhile
-wins), and serves it. The same question, metadata only, gives a first write
-of a key here the version the key already has elsewhere, so versions keep
-increasing across the change (docs/consistency.md, "Versions").
+After a ring change a key's new owner may hold nothing for it yet (the
+holders' pushes, node/rebalance.py, take a moment); the members of its
+replica sets under earlier placements still do (as a demoted entry, or as
+owners still). Within the handoff window (node/rings.py) a miss here asks
+them, newest placement first, first that has it, with
+``GetRequest.handoff``, stores what it gets with its version and stamp
+intact (an explicit-version commit, so a newer put made meanwhile wins), and
+serves it. The same question, metadata only, gives a first write of a key
+here the version the key already has elsewhere, so versions keep increasing
+across the change (docs/consistency.md, "Versions").
 
 A handoff must never bring back what this node has since overwritten or
 deleted: keys written or deleted here within the window are *settled* and
@@ -29,7 +31,7 @@ from tensorcache.errors import CapacityExceeded, TensorCacheError
 from tensorcache.node.payload import split_payload
 from tensorcache.node.peers import Peers
 from tensorcache.node.rings import RingView
-from tensorcache.node.store import Entry, NewEntry, Store, StoreKey, entry_cost
+from tensorcache.node.store import Entry, Holder, NewEntry, Store, StoreKey, entry_cost
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.router.ring import RingMember
 
@@ -74,7 +76,9 @@ class Handoff:
         *,
         timeout_s: float = HANDOFF_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
+        me: Holder | None = None,
     ) -> None:
+        self._me = frozenset((me,)) if me is not None else frozenset()
         self._store = store
         self._rings = rings
         self._peers = peers
@@ -207,7 +211,16 @@ class Handoff:
             nbytes = sum(len(c) for c in chunks)
             cost = entry_cost(key[1], nbytes, meta.meta.ByteSize())
             items.append(
-                NewEntry(key, meta.meta, chunks, cost, version=meta.version, stamp=meta.stamp)
+                NewEntry(
+                    key,
+                    meta.meta,
+                    chunks,
+                    cost,
+                    version=meta.version,
+                    stamp=meta.stamp,
+                    checked=self._rings.placement_epoch,
+                    holders=self._me,
+                )
             )
         if not items:
             return {}

@@ -8,8 +8,10 @@ their own way. Errors are raised from the one exception tree
 
 The consistency rules of docs/consistency.md meet here: entries are stamped
 with the epoch they were committed at and vanish under a namespace
-invalidation (the store's ``stale`` rule, from node/rings.py); entries of keys
-this node stops owning are demoted (install_ring); a miss asks the previous
+invalidation (the store's ``stale`` rule, from node/rings.py); placement is
+judged lazily per entry (node/store.py) and a background scan pushes every
+entry to the members of its replica set that lack it (node/rebalance.py), so
+a ring change costs O(1) here; a miss asks the previous
 owners (node/handoff.py); the first write of an epoch fences the peers
 (node/fence.py); commits and deletes are published as key events
 (node/events.py).
@@ -27,17 +29,25 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from tensorcache import codec
-from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch
+from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch, Unavailable
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
 from tensorcache.localread import address_of
-from tensorcache.node import drain, rereplicate
 from tensorcache.node.events import EventSink, NoEvents
 from tensorcache.node.fence import Fencer
 from tensorcache.node.fill import FillLeases
 from tensorcache.node.handoff import Handoff
 from tensorcache.node.peers import GrpcPeers, Peers
+from tensorcache.node.rebalance import Rebalancer
 from tensorcache.node.rings import RingView
-from tensorcache.node.store import Entry, NewEntry, Reservation, Store, StoreKey, entry_cost
+from tensorcache.node.store import (
+    Entry,
+    Holder,
+    NewEntry,
+    Reservation,
+    Store,
+    StoreKey,
+    entry_cost,
+)
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.router.ring import Ring
 
@@ -123,7 +133,7 @@ class PutPlan:
     sizes: list[int]  # payload bytes per entry (0 for a manifest)
     costs: list[int]
     reservation: Reservation
-    ring_epoch: int  # the node's ring when the put was admitted (0: none)
+    ring: Ring | None  # the node's ring when the put was admitted
 
     @property
     def total(self) -> int:
@@ -148,12 +158,16 @@ class NodeOps:
         peers: Peers | None = None,
         events: EventSink | None = None,
         sync: Callable[[int], None] | None = None,
-        rereplicate_timeout_s: float = rereplicate.TIMEOUT_S,
+        rereplicate: bool = True,
+        incarnation: int = 0,
     ) -> None:
-        """``rings`` must be the view whose ``stale`` rule the store was built with.
+        """``rings`` must be the view whose ``stale`` and placement rules the store uses.
 
         ``sync(epoch)``: bring this node's ring up to ``epoch`` from its router
-        (the Fence RPC); None for a node without a router.
+        (the Fence RPC); None for a node without a router. ``rereplicate``:
+        push entries to replicas that lack them after ring changes (False:
+        handoff on a miss only). ``incarnation``: this process's random id
+        (pb.Member.incarnation), part of who holds a copy.
         """
         self.store = store
         self.fills = FillLeases()
@@ -163,17 +177,15 @@ class NodeOps:
         self.rings = rings if rings is not None else RingView(name)
         self.peers = peers if peers is not None else GrpcPeers()
         self.events = events if events is not None else NoEvents()
-        self.handoff = Handoff(store, self.rings, self.peers)
+        self.me: Holder = (name, address, incarnation)
+        self.handoff = Handoff(store, self.rings, self.peers, me=self.me)
         self.fencer = Fencer(self.rings, self.peers)
-        self.rereplicator = rereplicate.Rereplicator(
-            name,
-            self.peers,
-            lambda: [e for e in self.store.hottest() if not self.rings.stale(e)],
-            timeout_s=rereplicate_timeout_s,
-        )
+        self.rebalancer = Rebalancer(name, store, self.rings, self.peers, enabled=rereplicate)
         self._sync = sync
         self._sync_lock = threading.Lock()
-        self.drained = 0
+        #: Set when a SIGTERM drain begins: pushes from other nodes are refused
+        #: from then on (a copy accepted after our last drain round would be lost).
+        self.leaving = False
 
     def check_epoch(self, epoch: int) -> None:
         """Refuse a request placed with an older ring; catch up with a newer one.
@@ -200,41 +212,38 @@ class NodeOps:
 
     # -- ring changes -------------------------------------------------------------
     def install_ring(self, ring: Ring) -> bool:
-        """Adopt ``ring`` (before its epoch is published); demote what this node no longer owns.
+        """Adopt ``ring`` (before its epoch is published); O(1) in the entries held.
 
-        An entry of a key this node owns again is dropped if it was demoted:
-        while it was elsewhere, the key may have been written there. A node
-        outside the ring (joining, leaving) keeps everything as it is.
+        Entries are judged against it lazily (node/store.py: demoted when met
+        if owned elsewhere now, discarded if their key came back from
+        elsewhere) and by the background scan, which also pushes copies to
+        replicas that lack them (node/rebalance.py). An invalidation-only
+        epoch starts no scan at all: invalidation is checked at read time.
         """
-        old = self.rings.current
+        before = self.rings.placement_epoch
         if not self.rings.install(ring):
             return False
-        if self.name not in ring:
-            return True
-        self.rereplicator.ring_changed(old, ring)
-        keys = self.store.keys()
-        owned = [k for k in keys if self.rings.owns(k[1], ring)]
-        dropped = self.store.drop_demoted(owned)
-        if len(owned) < len(keys):
-            owned_set = set(owned)
-            demoted = self.store.demote(k for k in keys if k not in owned_set)
-        else:
-            demoted = 0
-        if demoted or dropped:
-            log.info(
-                "ring epoch %d: demoted %d entries now owned elsewhere, dropped %d stale ones",
-                ring.epoch,
-                demoted,
-                dropped,
-            )
+        if self.rings.placement_epoch != before:
+            self.rebalancer.ring_changed()
         return True
 
-    def _demote_moved(self, keys: Sequence[StoreKey], admitted_at: int) -> None:
-        """After a commit: demote keys the ring installed meanwhile took away."""
-        ring = self.rings.current
-        if ring is None or ring.epoch == admitted_at or self.name not in ring:
-            return
-        self.store.demote(k for k in keys if not self.rings.owns(k[1], ring))
+    def _placed(self, plan: PutPlan) -> tuple[int, Callable[[str], frozenset[Holder]]]:
+        """Where a put's entries stand: (placement epoch, key -> holders).
+
+        A client's write was placed with the ring it was admitted under, and
+        the client writes every replica of that ring before its put returns:
+        those replicas hold it. A pushed copy (epoch 0) vouches only for this
+        node, judged against the ring of the moment.
+        """
+        ring = plan.ring
+        mine = frozenset((self.me,))
+        if plan.req.epoch == 0 or ring is None or self.name not in ring:
+            return self.rings.placement_epoch, lambda _key: mine
+
+        def holders(key: str) -> frozenset[Holder]:
+            return frozenset(m.incarnation_key for m in ring.replica_set(key)) | mine
+
+        return ring.epoch, holders
 
     # -- put ------------------------------------------------------------------
     def plan_put(self, req: pb.PutRequest) -> PutPlan:
@@ -257,9 +266,11 @@ class NodeOps:
         # After validation, so a stale-epoch refusal implies a header whose
         # sizes can be trusted (the data channel then skips its payload).
         self.check_epoch(req.epoch)
+        if self.leaving and req.epoch == 0 and any(e.version for e in req.entries):
+            raise Unavailable(f"node {self.name} is leaving the ring: push to the new owners")
         ring = self.rings.current
         reservation = self.store.reserve(sum(costs))
-        return PutPlan(req, keys, sizes, costs, reservation, ring.epoch if ring else 0)
+        return PutPlan(req, keys, sizes, costs, reservation, ring)
 
     def finish_put(
         self,
@@ -293,6 +304,7 @@ class NodeOps:
             for k, e in zip(plan.keys, entries, strict=True)
             if e.version and e.stamp and self.handoff.settled(k)
         }
+        checked, holders = self._placed(plan)
         items = [
             NewEntry(
                 k,
@@ -303,13 +315,16 @@ class NodeOps:
                 version=e.version,
                 stamp=e.stamp or stamp,
                 known_version=known.get(k, 0),
+                checked=checked,
+                holders=holders(k[1]),
             )
             for k, e, c, cost in zip(plan.keys, entries, chunks, plan.costs, strict=True)
             if k not in ignored
         ]
         committed = iter(self.store.commit(plan.reservation, items))
         results = [_kept(self.store, k) if k in ignored else next(committed) for k in plan.keys]
-        self._demote_moved(plan.keys, plan.ring_epoch)
+        if checked < self.rings.placement_epoch:
+            self.rebalancer.dirty(plan.keys)  # the ring moved while it streamed in
         self.handoff.settle(plan.keys)
         reply = pb.PutReply(epoch=self.epochs.epoch)
         for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
@@ -434,26 +449,33 @@ class NodeOps:
             fills=self.fills.grants,
             fill_waits=self.fills.waits,
             handoffs=self.handoff.handoffs,
-            drained=self.drained + self.rereplicator.pushed,
+            drained=self.rebalancer.drained,
             demoted=s.demoted,
             invalidated=s.invalidated,
+            rereplicated=self.rebalancer.pushed,
+            moved=s.moved,
+            discarded=s.discarded,
+            pending=self.rebalancer.pending,
         )
 
-    def drain(self, ring: Ring, timeout_s: float) -> int:
-        """Hand this node's entries to their owners in ``ring`` (SIGTERM); returns how many."""
-        entries = [e for e in self.store.hottest() if not e.demoted and not self.rings.stale(e)]
+    def drain(self, fetch_ring: Callable[[], Ring | None], timeout_s: float) -> int:
+        """SIGTERM: hand every entry to its replica set in the ring without this node.
+
+        ``fetch_ring`` gives the router's newest ring (this node has left it).
+        Returns the copies the new owners confirmed (node/rebalance.py).
+        """
         start = time.monotonic()
-        n = drain.drain(entries, ring, self.name, self.peers, timeout_s)
-        self.drained += n
+        held = len(self.store.keys())
+        n = self.rebalancer.drain(fetch_ring, timeout_s)
         log.info(
-            "drained %d entries (%d held) to %d nodes in %.1fs",
+            "drained %d entries to their new owners (copies confirmed; %d held) in %.1fs",
             n,
-            len(entries),
-            len(ring.members),
+            held,
             time.monotonic() - start,
         )
         return n
 
     def close(self) -> None:
+        self.rebalancer.close()
         self.fencer.close()
         self.events.close()

@@ -1,15 +1,24 @@
-"""The node's view of placement: its current ring and the one before it.
+"""The node's view of placement: its current ring and the placements before it.
 
-A node needs two rings. The current one says which keys it owns (the others
-it demotes) and which namespace invalidations are in force. The previous one
-says who held a key before the last membership change, so a miss can be
-answered by a warm handoff from there (docs/consistency.md, "Warm
-rebalance"). Both are immutable snapshots; a change swaps one reference to a
-``Rings`` pair, so a reader takes the pair once and sees a consistent view.
+A node needs more than its current ring. The current one says which keys it
+owns and which namespace invalidations are in force. The rings before it say
+who held a key before the last membership changes, so a miss can be answered
+by a warm handoff from there (docs/consistency.md, "Warm rebalance"), and
+whether an entry held here was owned elsewhere meanwhile (then it may be
+stale: ``placement``). Several changes can follow each other faster than
+entries move (a StatefulSet starting pods one by one, a rolling restart), so
+the view keeps a *history* of placements, not one previous ring: a key put
+at epoch 4 and read at epoch 8 is found wherever epoch 4 put it.
+
+Rings are immutable snapshots; a change swaps one reference to a ``Rings``
+record, so a reader takes it once and sees a consistent view. Installing a
+ring is O(1): nothing here walks the store (node/rebalance.py does, on its
+own thread).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,19 +28,33 @@ from tensorcache.router.ring import Ring, RingMember, invalidated_before
 
 # How long after a ring change a miss asks the previous owners. Long enough
 # for clients to warm the new owners by reading (a model's weights are read
-# within seconds of a rollout); short enough that the bookkeeping of keys
-# written or deleted meanwhile (which must not be overwritten by a handoff)
-# stays small.
+# within seconds of a rollout) and for re-replication to finish; short enough
+# that the bookkeeping of keys written or deleted meanwhile (which must not
+# be overwritten by a handoff) stays small.
 HANDOFF_WINDOW_S = 120.0
+# Placements remembered. Each is one immutable Ring (a few hundred KiB at
+# most); an entry not re-checked for this many changes is judged by the
+# oldest one kept.
+MAX_HISTORY = 64
+# Previous owners a miss asks at most (newest placements first).
+MAX_PREVIOUS_OWNERS = 8
 TENSOR = 0
 
 
-def _incarnations(members: tuple[RingMember, ...]) -> set[tuple[str, str]]:
-    """Members as (name, address): a node restarted under its name is a new one (empty)."""
-    return {(m.name, m.address) for m in members}
+class Placement(enum.StrEnum):
+    """What a node does with an entry after placement changes (``RingView.placement``)."""
+
+    KEEP = "keep"  # owned now and throughout: serve it
+    DEMOTE = "demote"  # owned elsewhere now: hold it for handoffs and push it there
+    DISCARD = "discard"  # owned again after being elsewhere: maybe stale, drop it
 
 
-def _same_placement(a: Ring, b: Ring) -> bool:
+def _incarnations(members: tuple[RingMember, ...]) -> set[tuple[str, str, int]]:
+    """Members as processes: a node restarted under its name is a new one (empty)."""
+    return {m.incarnation_key for m in members}
+
+
+def same_placement(a: Ring, b: Ring) -> bool:
     """Whether every key has the same replica set in both rings."""
     return (a.replicas, a.vnodes, a.weight_unit, a.members) == (
         b.replicas,
@@ -44,13 +67,31 @@ def _same_placement(a: Ring, b: Ring) -> bool:
 @dataclass(frozen=True, slots=True)
 class Rings:
     current: Ring | None
-    previous: Ring | None
-    changed_at: float  # monotonic time the current ring was installed
+    #: Rings at which placement changed, oldest first; the last has the
+    #: current placement (the current ring may be newer: an invalidation).
+    history: tuple[Ring, ...] = ()
+    #: Monotonic time each ring of ``history`` was installed.
+    installed_at: tuple[float, ...] = ()
     # Every invalidation this node has seen (prefix -> newest epoch), not only
     # the current ring's: an embedded router forgets its table when it
     # restarts, and an operator may delete old records from etcd, but an
     # entry hidden once must stay hidden.
     invalidations: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def previous(self) -> Ring | None:
+        """The placement before the current one."""
+        return self.history[-2] if len(self.history) >= 2 else None
+
+    @property
+    def changed_at(self) -> float:
+        """Monotonic time the current placement was installed (0.0: none)."""
+        return self.installed_at[-1] if self.installed_at else 0.0
+
+    @property
+    def placement_epoch(self) -> int:
+        """Epoch of the ring that brought the current placement (0: none)."""
+        return self.history[-1].epoch if self.history else 0
 
 
 class RingView:
@@ -68,7 +109,7 @@ class RingView:
         self.name = name
         self.window_s = window_s
         self._clock = clock
-        self._rings = Rings(None, None, 0.0)
+        self._rings = Rings(None)
 
     @property
     def rings(self) -> Rings:
@@ -81,7 +122,9 @@ class RingView:
     def install(self, ring: Ring) -> bool:
         """Make ``ring`` current unless it is not newer; returns whether it was installed.
 
-        Callers serialize installs (the membership agent holds a lock).
+        O(1) in the number of entries (``placement_epoch`` tells whether
+        placement changed). Callers serialize installs (the
+        membership agent holds a lock).
         """
         old = self._rings
         if old.current is not None and ring.epoch <= old.current.epoch:
@@ -90,13 +133,44 @@ class RingView:
         for prefix, epoch in ring.invalidations.items():
             if epoch > merged.get(prefix, 0):
                 merged[prefix] = epoch
-        if old.current is not None and _same_placement(old.current, ring):
+        if old.history and same_placement(old.history[-1], ring):
             # Only the invalidation table changed: nothing moved, so the
-            # previous ring (and its handoff window) stays what it was.
-            self._rings = Rings(ring, old.previous, old.changed_at, merged)
-        else:
-            self._rings = Rings(ring, old.current, self._clock(), merged)
+            # placements (and the handoff window) stay what they were.
+            self._rings = Rings(ring, old.history, old.installed_at, merged)
+            return True
+        history = (*old.history, ring)[-MAX_HISTORY:]
+        installed_at = (*old.installed_at, self._clock())[-MAX_HISTORY:]
+        self._rings = Rings(ring, history, installed_at, merged)
         return True
+
+    @property
+    def placement_epoch(self) -> int:
+        return self._rings.placement_epoch
+
+    def placement(self, key: str, checked: int, demoted: bool) -> Placement:
+        """Judge an entry of ``key`` last checked at placement epoch ``checked``.
+
+        DEMOTE when this node no longer owns the key; DISCARD when it owns it
+        now but did not at some placement since ``checked`` (or the entry was
+        demoted): while the key lived elsewhere it may have been written or
+        deleted there, and serving this copy could be stale. Rings this node
+        is not in count as owning everything (a joining or leaving node has
+        no better place for what it holds).
+        """
+        history = self._rings.history
+        if not history or self.name not in history[-1]:
+            # No ring yet, or joining/leaving: leave the entry as it is.
+            return Placement.DEMOTE if demoted else Placement.KEEP
+        if not self.owns(key, history[-1]):
+            return Placement.DEMOTE
+        if demoted:
+            return Placement.DISCARD
+        for ring in reversed(history[:-1]):
+            if ring.epoch <= checked:
+                break
+            if not self.owns(key, ring):
+                return Placement.DISCARD
+        return Placement.KEEP
 
     def member(self) -> bool:
         """Whether this node is in its current ring (False before it knows one)."""
@@ -124,32 +198,48 @@ class RingView:
 
     def in_window(self) -> bool:
         rings = self._rings
-        return rings.previous is not None and self._clock() - rings.changed_at < self.window_s
+        return len(rings.history) >= 2 and self._clock() - rings.changed_at < self.window_s
 
     def previous_owners(self, key: str) -> list[RingMember]:
-        """Who held ``key`` before the last change, if a miss here should ask them.
+        """Who held ``key`` under earlier placements, if a miss here should ask them.
 
         Non-empty only within the handoff window, when this node is in the
-        key's current replica set, and for the members of the previous replica
-        set other than this node.
+        key's current replica set and the key's replicas changed: the members
+        of the key's replica sets under every placement installed within the
+        window, newest first, other than this node and the current replicas
+        (every current replica got every write made under the current ring).
         """
         rings = self._rings
-        if rings.previous is None or rings.current is None or not rings.previous.members:
+        current = rings.current
+        if current is None or len(rings.history) < 2 or self.name not in current:
             return []
-        if self._clock() - rings.changed_at >= self.window_s:
+        now = self._clock()
+        if now - rings.changed_at >= self.window_s or not self.owns(key, current):
             return []
-        if self.name not in rings.current or not self.owns(key, rings.current):
-            return []
-        before = rings.previous.replica_set(key)
-        if _incarnations(before) == _incarnations(rings.current.replica_set(key)):
-            return []  # the key's replicas did not change: every one got every write
-        return [m for m in before if m.name != self.name]
+        now_set = _incarnations(current.replica_set(key))
+        out: list[RingMember] = []
+        seen = set(now_set)
+        # The placement before the newest one was current until the newest
+        # was installed: it matters while that is within the window.
+        for i in range(len(rings.history) - 2, -1, -1):
+            if now - rings.installed_at[i + 1] >= self.window_s:
+                break
+            ring = rings.history[i]
+            if not ring.members:
+                continue
+            for m in ring.replica_set(key):
+                if m.incarnation_key not in seen and m.name != self.name:
+                    seen.add(m.incarnation_key)
+                    out.append(m)
+            if len(out) >= MAX_PREVIOUS_OWNERS:
+                break
+        return out[:MAX_PREVIOUS_OWNERS]
 
     def peers(self) -> list[RingMember]:
         """Every other member of the current and previous rings (fencing targets)."""
         rings = self._rings
         seen: dict[str, RingMember] = {}
-        for ring in (rings.current, rings.previous):
+        for ring in (rings.current, rings.previous):  # fencing: the last change
             if ring is None:
                 continue
             for m in ring.members:

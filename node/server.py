@@ -59,9 +59,11 @@ class NodeConfig:
     #: On SIGTERM, after leaving the ring: seconds to spend handing entries
     #: to their new owners (0: none, they are lost as in a crash).
     drain_timeout_s: float = 10.0
-    #: After each ring change: seconds to spend pushing entries to the new
-    #: members of their replica sets (node/rereplicate.py; 0: none, new
-    #: owners then warm only by handoff on a miss).
+    #: After each ring change, push entries to the members of their replica
+    #: sets that lack them (node/rebalance.py). 0 turns that off: new owners
+    #: then warm only by handoff on a miss, and a second change can lose
+    #: keys (kept for tests of handoff alone); any other value turns it on
+    #: (scans are not bounded in time: they yield to the data path instead).
     rereplicate_timeout_s: float = 60.0
     #: A plaintext port serving only grpc.health.v1, for Kubernetes' probes
     #: (None: none; health is on the main port in any case).
@@ -96,7 +98,8 @@ class NodeServer:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.rings = RingView(config.name)
-        self.store = Store(config.capacity, config.policy, stale=self.rings.stale)
+        self.store = Store(config.capacity, config.policy, stale=self.rings.stale, judge=self.rings)
+        self.incarnation = secrets.randbits(63) | 1
         self.epochs = EpochView()
         self.peers = GrpcPeers()
         self._server = grpc.server(
@@ -118,7 +121,8 @@ class NodeServer:
             peers=self.peers,
             events=events,
             sync=self._sync,
-            rereplicate_timeout_s=config.rereplicate_timeout_s,
+            rereplicate=config.rereplicate_timeout_s > 0,
+            incarnation=self.incarnation,
         )
         self._server.add_generic_rpc_handlers((NodeService(self.ops).handler(),))
         # Health: "" is SERVING while the process runs (liveness); SERVICE is
@@ -150,6 +154,7 @@ class NodeServer:
                 local_pid=os.getpid() if local else 0,
                 local_token_addr=localread.address_of(self._local_token) if local else 0,
                 local_token=self._local_token if local else b"",
+                incarnation=self.incarnation,
             )
             self._agent = MembershipAgent(config.router, member, self.epochs, self._on_ring)
 
@@ -197,10 +202,14 @@ class NodeServer:
         with self._health_lock:
             self._draining = True
         self._set_ready(False)
+        # Refuse pushes from now on: one accepted after the last drain round
+        # would leave with us (its sender retries at the key's next owner).
+        self.ops.leaving = True
         if self._agent is not None:
-            ring = self._agent.stop(deregister=True)
+            ring = self._agent.leave()
             if ring is not None and self.config.drain_timeout_s > 0:
-                self.ops.drain(ring, self.config.drain_timeout_s)
+                self.ops.drain(self._agent.latest, self.config.drain_timeout_s)
+            self._agent.close()
         self._server.stop(grace).wait()
         if self._data is not None:
             self._data.stop()
@@ -238,8 +247,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--rereplicate-timeout",
         type=float,
         default=60.0,
-        help="seconds to push entries to new replica members after a ring change "
-        "(default 60; 0: none, new owners warm by handoff on a miss only)",
+        help="0 turns off pushing entries to replica members that lack them after a "
+        "ring change (new owners then warm by handoff on a miss only); any other "
+        "value (default 60) keeps it on",
     )
     p.add_argument(
         "--health-port",

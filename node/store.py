@@ -15,16 +15,23 @@ committed at). An entry is *demoted* when its node stops owning its key: it
 is then invisible to ordinary reads and conditional writes, still readable
 by handoffs and evicted first. An entry the ``stale`` rule selects (a
 namespace invalidation covers it) no longer exists: it is dropped when met.
+
+Placement is judged lazily too (``Judge``): each entry remembers the
+placement epoch it was last checked at, and an entry met with an older one
+is judged then (kept, demoted, or discarded when its key came back from
+elsewhere), so a ring change costs O(1) here and the node's background scan
+(node/rebalance.py) catches up with everything else in small steps. Each
+entry also remembers its *holders*: the members (by incarnation) known to
+hold a copy at least as new, which tells that scan whom to push it to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tensorcache.errors import CapacityExceeded, VersionConflict
 from tensorcache.node.policy import EvictionPolicy, make_policy
@@ -34,10 +41,16 @@ from tensorcache.node.policy import EvictionPolicy, make_policy
 ENTRY_OVERHEAD = 512
 
 StoreKey = tuple[int, str]  # (EntryKind, key)
+Holder = tuple[str, str, int]  # a member's (name, address, incarnation)
+NO_HOLDERS: frozenset[Holder] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Entry:
+    """One stored value. ``key`` to ``stamp`` never change after commit; the
+    bookkeeping fields (``demoted``, ``checked``, ``holders``) are updated in
+    place under the store's lock (readers holding an entry only use its bytes)."""
+
     key: StoreKey
     meta: Any  # opaque to the store (the node keeps a protobuf TensorMeta here)
     chunks: tuple[bytes, ...]
@@ -45,6 +58,17 @@ class Entry:
     cost: int  # bytes charged against the budget
     stamp: int = 0  # the epoch the value was first committed at
     demoted: bool = False  # held for handoffs only: this node no longer owns the key
+    checked: int = 0  # the placement epoch this entry was last judged at
+    holders: frozenset[Holder] = NO_HOLDERS  # who is known to hold a copy this new
+
+
+class Judge(Protocol):
+    """The node's placement rule (node/rings.py ``RingView``), as the store sees it."""
+
+    @property
+    def placement_epoch(self) -> int: ...
+
+    def placement(self, key: str, checked: int, demoted: bool) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +86,8 @@ class NewEntry:
     #: the current version for ``if_version`` when the store has none, and a
     #: floor for the version assigned.
     known_version: int = 0
+    checked: int = 0  # placement epoch the writer placed it under
+    holders: frozenset[Holder] = NO_HOLDERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +104,8 @@ class StoreStats:
     policy: str
     demoted: int = 0  # entries held for handoffs only (not in entries_by_kind)
     invalidated: int = 0  # entries dropped because the stale rule selected them
+    moved: int = 0  # demoted entries dropped once their new owners confirmed a copy
+    discarded: int = 0  # demoted entries dropped because their key came back here
 
 
 def entry_cost(key: str, payload: int, meta_bytes: int) -> int:
@@ -128,6 +156,8 @@ class _Counters:
     puts: int = 0
     deletes: int = 0
     invalidated: int = 0
+    moved: int = 0
+    discarded: int = 0
     by_kind: dict[int, int] = field(default_factory=dict)  # visible entries only
 
 
@@ -135,8 +165,11 @@ class Store:
     """Thread-safe byte-budgeted map of entries with pluggable eviction.
 
     ``stale``: a rule the node sets up once (namespace invalidation); an entry
-    it selects is treated as absent everywhere and dropped when met. It is
-    called with the store's lock held, so it must not call back into the store.
+    it selects is treated as absent everywhere and dropped when met.
+    ``judge``: the placement rule; an entry whose ``checked`` is older than
+    the judge's placement epoch is judged when met (names: node/rings.py
+    ``Placement``: "keep", "demote", "discard"). Both are called with the
+    store's lock held, so they must not call back into the store.
     """
 
     def __init__(
@@ -146,6 +179,7 @@ class Store:
         *,
         counted_kinds: Sequence[int] = (0,),
         stale: Callable[[Entry], bool] | None = None,
+        judge: Judge | None = None,
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
@@ -153,6 +187,8 @@ class Store:
         self._policy = make_policy(policy) if isinstance(policy, str) else policy
         self._counted = frozenset(counted_kinds)  # kinds whose gets count as hits/misses
         self._stale = stale
+        self._judge = judge
+        self._interned: dict[frozenset[Holder], frozenset[Holder]] = {}
         self._entries: dict[StoreKey, Entry] = {}
         # Demoted keys, oldest demotion first: evicted before anything else.
         self._demoted: dict[StoreKey, None] = {}
@@ -250,7 +286,16 @@ class Store:
                     self._clock.absorb(item.known_version)
                     version = self._clock.tick()
                 old = self._remove_locked(item.key)
-                entry = Entry(item.key, item.meta, item.chunks, version, item.cost, item.stamp)
+                entry = Entry(
+                    item.key,
+                    item.meta,
+                    item.chunks,
+                    version,
+                    item.cost,
+                    item.stamp,
+                    checked=item.checked,
+                    holders=self._intern(item.holders),
+                )
                 self._insert_locked(entry)
                 self._c.puts += 1
                 out.append((version, old if old is current else None))
@@ -301,14 +346,12 @@ class Store:
                 entry = self._entries.get(key)
                 if entry is None or entry.demoted:
                     continue
-                self._entries[key] = dataclasses.replace(entry, demoted=True)
-                self._c.by_kind[key[0]] -= 1
-                self._demoted[key] = None
+                self._demote_locked(entry)
                 n += 1
         return n
 
     def drop_demoted(self, keys: Iterable[StoreKey]) -> int:
-        """Remove the demoted entries among ``keys``; returns how many (counted as evictions)."""
+        """Remove the demoted entries among ``keys``; returns how many (counted as discarded)."""
         n = 0
         with self._lock:
             for key in keys:
@@ -316,20 +359,45 @@ class Store:
                 if entry is not None and entry.demoted:
                     self._remove_locked(key)
                     n += 1
-            self._c.evictions += n
+            self._c.discarded += n
         return n
 
-    def purge(self, drop: Callable[[StoreKey], bool]) -> int:
-        """Remove every entry whose key ``drop`` selects; returns how many.
+    def judge(self, keys: Iterable[StoreKey]) -> list[Entry]:
+        """Bring ``keys`` up to date (invalidation, placement); return those still held.
 
-        Counted as evictions.
+        Demoted entries are returned too. The background scan calls this a
+        few hundred keys at a time, so the lock is held briefly.
+        """
+        out: list[Entry] = []
+        with self._lock:
+            for key in keys:
+                entry = self._visible_locked(key, demoted_ok=True)
+                if entry is not None:
+                    out.append(entry)
+        return out
+
+    def add_holders(
+        self, entry: Entry, holders: Iterable[Holder], wanted: frozenset[Holder]
+    ) -> bool:
+        """Record that ``holders`` hold a copy of ``entry`` (as new or newer).
+
+        A demoted entry whose holders now cover ``wanted`` (its key's current
+        replica set) has moved: it is dropped, counted in ``moved``. Returns
+        whether it was. Nothing happens if ``entry`` was replaced meanwhile.
         """
         with self._lock:
-            victims = [k for k in self._entries if drop(k)]
-            for k in victims:
-                self._remove_locked(k)
-            self._c.evictions += len(victims)
-        return len(victims)
+            if self._entries.get(entry.key) is not entry:
+                return False
+            entry.holders = self._intern(entry.holders | frozenset(holders))
+            if entry.demoted and wanted <= entry.holders:
+                self._remove_locked(entry.key)
+                self._c.moved += 1
+                return True
+            return False
+
+    def drop_moved(self, entry: Entry, wanted: frozenset[Holder]) -> bool:
+        """Drop a demoted ``entry`` whose holders cover ``wanted``; returns whether it was."""
+        return self.add_holders(entry, (), wanted)
 
     def absorb(self, version: int) -> None:
         """Move the version clock past ``version`` (a version heard of elsewhere)."""
@@ -351,6 +419,8 @@ class Store:
                 policy=self._policy.name,
                 demoted=len(self._demoted),
                 invalidated=self._c.invalidated,
+                moved=self._c.moved,
+                discarded=self._c.discarded,
             )
 
     def keys(self) -> list[StoreKey]:
@@ -373,9 +443,36 @@ class Store:
             self._remove_locked(key)
             self._c.invalidated += 1
             return None
+        judge = self._judge
+        if judge is not None and entry.checked < judge.placement_epoch:
+            epoch = judge.placement_epoch
+            verdict = judge.placement(key[1], entry.checked, entry.demoted)
+            if verdict == "discard":
+                self._remove_locked(key)
+                self._c.discarded += 1
+                return None
+            if verdict == "demote" and not entry.demoted:
+                self._demote_locked(entry)
+            entry.checked = epoch
         if entry.demoted and not demoted_ok:
             return None
         return entry
+
+    def _intern(self, holders: frozenset[Holder]) -> frozenset[Holder]:
+        """One shared object per distinct holder set (there are few: replica sets)."""
+        if not holders:
+            return NO_HOLDERS
+        got = self._interned.get(holders)
+        if got is None:
+            if len(self._interned) >= 65536:
+                self._interned.clear()
+            got = self._interned[holders] = holders
+        return got
+
+    def _demote_locked(self, entry: Entry) -> None:
+        entry.demoted = True
+        self._c.by_kind[entry.key[0]] -= 1
+        self._demoted[entry.key] = None
 
     def _insert_locked(self, entry: Entry) -> None:
         key = entry.key
@@ -405,10 +502,10 @@ class Store:
         return old
 
     def _evict_one_locked(self) -> bool:
-        # Demoted entries first: they only serve handoffs, which are rare.
-        victim = next(iter(self._demoted), None)
-        if victim is None:
-            victim = self._policy.victim()
+        # Demoted entries take their turn in the policy's order like any
+        # other: one still here has not reached its new owners yet (those
+        # that have are dropped as moved), so it may be the only copy.
+        victim = self._policy.victim()
         if victim is None:
             return False
         self._remove_locked(victim)

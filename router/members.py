@@ -15,6 +15,7 @@ def from_pb(m: pb.Member) -> RingMember:
         local_pid=m.local_pid,
         local_token_addr=m.local_token_addr,
         local_token=m.local_token,
+        incarnation=m.incarnation,
     )
 
 
@@ -27,6 +28,7 @@ def to_pb(m: RingMember) -> pb.Member:
         local_pid=m.local_pid,
         local_token_addr=m.local_token_addr,
         local_token=m.local_token,
+        incarnation=m.incarnation,
     )
 
 

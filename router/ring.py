@@ -37,6 +37,14 @@ class RingMember:
     local_pid: int = 0
     local_token_addr: int = 0
     local_token: bytes = b""
+    # Random per process start: a node restarted under its old name (and,
+    # with a stable DNS name, its old address) is a new, empty member.
+    incarnation: int = 0
+
+    @property
+    def incarnation_key(self) -> tuple[str, str, int]:
+        """Who holds a copy: one process of one member, never a name alone."""
+        return (self.name, self.address, self.incarnation)
 
 
 def invalidated_before(table: Mapping[str, int], key: str) -> int:

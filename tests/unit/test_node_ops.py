@@ -90,7 +90,7 @@ class Cluster:
         rings = RingView(name, clock=self.clock)
         self.events[name] = Events()
         ops = NodeOps(
-            Store(1 << 24, stale=rings.stale),
+            Store(1 << 24, stale=rings.stale, judge=rings),
             name,
             name,
             EpochView(),
@@ -98,7 +98,7 @@ class Cluster:
             peers=self.peers,
             events=self.events[name],
             sync=lambda epoch, n=name: self.synced.append((n, epoch)),
-            rereplicate_timeout_s=0,  # background pushes: tested on their own below
+            rereplicate=False,  # background pushes: tested on their own below
         )
         self.peers.nodes[name] = ops
         return ops
@@ -175,10 +175,9 @@ def test_a_join_demotes_moved_entries_and_a_miss_hands_them_off(joined):
     key = moved_keys(r1, r2, "a", "c")[0]
     v1 = put(cl["a"], key, b"hello").version
     cl.install(r2)
-    assert cl["a"].stat().demoted == 1
-    assert cl["a"].stat().keys == 0
     got, _ = get(cl["a"], key)
-    assert not got.found  # demoted: no longer served to clients
+    assert not got.found  # demoted (judged when met): no longer served to clients
+    assert (cl["a"].stat().demoted, cl["a"].stat().keys) == (1, 0)
     got, data = get(cl["a"], key, handoff=True)
     assert got.found and data == b"hello"  # but still to handoffs
 
@@ -261,9 +260,10 @@ def test_a_key_that_comes_back_drops_its_demoted_copy(joined):
     v2 = put(cl["c"], key, b"v2").version  # written at c while a held v1 demoted
     r3 = cl.ring("a", "b")  # c leaves (no drain): a owns the key again
     cl.install(r3, "a", "b")
-    assert cl["a"].stat().demoted == 0
     got, data = get(cl["a"], key)  # never v1: handed off from c, or a miss
     assert got.found and (got.version, data) == (v2, b"v2")
+    assert (cl["a"].stat().demoted, cl["a"].stat().discarded) == (0, 1)
+    assert cl["a"].stat().evictions == 0  # not the byte budget: its own counter
 
 
 def test_namespace_invalidation_hides_older_entries(joined):
@@ -331,7 +331,7 @@ def test_drain_hands_entries_to_their_new_owners(joined):
     mine = [k for k in keys if r1.owner(k).name == "a"]
     r2 = cl.ring("b", "c")
     cl.install(r2)
-    assert leaving.drain(r2, timeout_s=10) == len(mine)
+    assert leaving.drain(lambda: r2, timeout_s=10) == len(mine)
     assert leaving.stat().drained == len(mine)
     for key in mine:
         got, data = get(cl[r2.owner(key).name], key)
@@ -348,7 +348,7 @@ def test_drain_goes_on_past_a_dead_target(joined):
     cl.install(r2)
     cl.peers.down.add("b")
     to_c = [k for k in keys if r1.owner(k).name == "a" and r2.owner(k).name == "c"]
-    assert cl["a"].drain(r2, timeout_s=10) == len(to_c)
+    assert cl["a"].drain(lambda: r2, timeout_s=1) == len(to_c)
 
 
 def test_a_delete_during_a_handoff_in_flight_wins(joined):
@@ -396,7 +396,7 @@ def test_drain_sends_the_most_recently_used_entries_first(joined):
     cl.peers.put = recording_put
     r2 = cl.ring("b")  # one target: one ordered stream
     cl.install(r2)
-    assert cl["a"].drain(r2, timeout_s=10) == len(mine)
+    assert cl["a"].drain(lambda: r2, timeout_s=10) == len(mine)
     assert [k.decode() for k in sent] == [mine[0], *reversed(mine[1:])]
 
 
@@ -410,22 +410,76 @@ def _ring(epoch: int, *members: tuple[str, str], replicas: int = 2) -> Ring:
     )
 
 
-def test_rereplication_targets_new_replicas_and_restarted_incarnations():
-    from tensorcache.node import rereplicate
-
-    old = _ring(1, ("a", "a:1"), ("b", "b:1"), ("c", "c:1"))
-    joined = _ring(2, ("a", "a:1"), ("b", "b:1"), ("c", "c:1"), ("d", "d:1"))
-    restarted = _ring(3, ("a", "a:1"), ("b", "b:2"), ("c", "c:1"))  # b came back empty
-    keys = [f"k{i}" for i in range(300)]
+def test_a_chain_of_joins_moves_every_key_to_its_newest_owner():
+    """Put at epoch 1 on a alone; b and c join before any scan runs: one scan
+    of a's entries sends each to its owner in the newest ring (#8)."""
+    cl = Cluster("a", "b", "c")
+    r1 = cl.ring("a")
+    cl.install(r1)
+    keys = [f"k{i}" for i in range(60)]
+    versions = {k: put(cl["a"], k, k.encode()).version for k in keys}
+    r2 = cl.ring("a", "b")
+    cl.install(r2)
+    r3 = cl.ring("a", "b", "c")
+    cl.install(r3)
+    away = [k for k in keys if r3.owner(k).name != "a"]
+    assert {r3.owner(k).name for k in away} == {"b", "c"}
+    assert cl["a"].rebalancer.scan_now() == len(away)
+    stat = cl["a"].stat()
+    assert (stat.moved, stat.demoted, stat.keys) == (len(away), 0, len(keys) - len(away))
+    assert stat.rereplicated == len(away) and stat.evictions == 0
+    cl.peers.gets.clear()
     for key in keys:
-        mine = "a" in {m.name for m in old.replica_set(key)}
-        got = rereplicate.targets(key, old, joined, "a")
-        if not mine:
-            assert got == []  # not a replica before: not ours to spread
-            continue
-        before = {m.name for m in old.replica_set(key)}
-        assert {m.name for m in got} == {m.name for m in joined.replica_set(key)} - before
-        again = rereplicate.targets(key, old, restarted, "a")
-        want = {m.name for m in restarted.replica_set(key)} - {"a"}
-        assert {m.name for m in again} == (want & {"b"})  # only the empty incarnation
-    assert any(rereplicate.targets(k, old, joined, "a") for k in keys)  # d gets copies
+        got, data = get(cl[r3.owner(key).name], key)
+        assert got.found and data == key.encode() and got.version == versions[key]
+    assert not cl.peers.gets  # pushed, not handed off on a miss
+    assert cl["a"].rebalancer.scan_now() == 0  # nothing left to do
+
+
+def test_a_scan_refills_new_replicas_and_restarted_incarnations():
+    cl = Cluster("a", "b", "c", "d")
+
+    def ring(*members: tuple[str, int]) -> Ring:
+        cl.epoch += 1
+        return Ring(
+            cl.epoch,
+            [RingMember(n, n, 1, incarnation=i) for n, i in members],
+            weight_unit=1,
+            replicas=2,
+        )
+
+    r1 = ring(("a", 1), ("b", 1), ("c", 1))
+    cl.install(r1)
+    keys = [f"k{i}" for i in range(200)]
+    mine = [k for k in keys if "a" in {m.name for m in r1.replica_set(k)}]
+    for key in mine:  # what a client does at R=2: every replica gets the write
+        version = put(cl["a"], key, b"v").version
+        for m in r1.replica_set(key):
+            if m.name != "a":
+                put(cl[m.name], key, b"v", version=version)
+    assert cl["a"].rebalancer.scan_now() == 0  # every replica holds its copies
+    r2 = ring(("a", 1), ("b", 2), ("c", 1), ("d", 1))  # d joins; b restarted (empty)
+    cl.install(r2)
+    want = [
+        (k, m.name)
+        for k in mine
+        for m in r2.replica_set(k)
+        if m.name != "a"
+        and (m.name in ("b", "d") or "c" not in {x.name for x in r1.replica_set(k)})
+    ]
+    assert any(name == "d" for _, name in want) and any(name == "b" for _, name in want)
+    assert cl["a"].rebalancer.scan_now() == len(want)
+    for key, name in want:
+        assert get(cl[name], key)[0].found
+
+
+def test_a_leaving_node_refuses_pushes(joined):
+    cl, r1, _ = joined
+    cl["c"].leaving = True
+    meta = pb.TensorMeta(dtype="|u1", shape=[1], order="C", nbytes=1, crc32c=codec.crc32c(b"v"))
+    push = pb.PutRequest(
+        epoch=0, entries=[pb.EntryPut(key=b"k", meta=meta, version=5, stamp=r1.epoch)]
+    )
+    with pytest.raises(Unavailable, match="leaving"):
+        cl.peers.put("c", push, [b"v"], 1.0)
+    assert put(cl["c"], "k", b"v").version  # a client's own write is judged by its epoch

@@ -1,0 +1,290 @@
+"""Rebalance: every entry reaches every member of its key's current replica set.
+
+This is what keeps an acknowledged put through any sequence of ring changes
+(docs/consistency.md, "Warm rebalance"). Each entry carries its *holders*:
+the members, by incarnation (name, address, process), known to hold a copy
+at least as new. A client's put records the replica set it was written to;
+a copy pushed here records this node. The rule, after any ring change:
+
+    push each entry held here to the members of its current replica set
+    that are not among its holders; a confirmed push adds the target.
+    A demoted entry (owned elsewhere now) whose holders cover its whole
+    replica set has moved: it is dropped (``moved``).
+
+The rule looks only at the entry and the *newest* ring, so it holds however
+many epochs pass: a stripe put at epoch 4 on node-0 and read at epoch 8 is
+pushed by node-0 to its epoch-8 owners, whatever happened in between (the
+per-change plan this replaced lost such entries when a newer change
+superseded its run, or when the holder was not a replica of the ring just
+before). A node restarted under its name comes back as a new incarnation,
+so its peers refill it. Pushes are keep-newer handoff writes (node/drain.py),
+so pushing twice, or from two holders, is harmless.
+
+One thread per node does it, off the data path and off the membership
+agent's thread (a heartbeat never waits behind it): a ring change only
+flags a scan, which walks the store a few hundred keys at a time, judging
+each (node/store.py ``judge``: invalidation, demotion) under the store's
+lock for one chunk only, and pushing in batches. A newer ring restarts the
+scan: the rule is stateless, so nothing is lost by starting over. Pushes that
+fail (a target down or leaving) are retried with backoff until the ring
+drops the target. A SIGTERM drain runs the same rule against the ring
+without this node, in rounds, until nothing is missing or time runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tensorcache.node.drain import CALL_TIMEOUT_S, TargetFailed, batches, push_batch
+from tensorcache.node.peers import Peers
+from tensorcache.node.rings import RingView
+from tensorcache.node.store import Entry, Holder, Store, StoreKey
+from tensorcache.router.ring import Ring, RingMember
+
+log = logging.getLogger("tensorcache.node")
+
+# Keys judged per hold of the store's lock.
+CHUNK = 256
+# Entries queued per target before they are pushed (one batch's worth).
+FLUSH_ENTRIES = 256
+FLUSH_BYTES = 16 * 1024 * 1024
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
+
+
+@dataclass
+class _Round:
+    """One pass over some keys against one ring."""
+
+    ring: Ring
+    me: str
+    queues: dict[str, list[tuple[Entry, frozenset[Holder], Holder]]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+    missing: int = 0  # copies found missing
+    pushed: int = 0  # copies confirmed
+    moved: int = 0
+
+
+class Rebalancer:
+    def __init__(
+        self,
+        me: str,
+        store: Store,
+        rings: RingView,
+        peers: Peers,
+        *,
+        enabled: bool = True,
+        chunk: int = CHUNK,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._me = me
+        self._store = store
+        self._rings = rings
+        self._peers = peers
+        self._enabled = enabled
+        self._chunk = chunk
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._full = False
+        self._dirty: set[StoreKey] = set()
+        self._generation = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.pushed = 0  # copies confirmed by background pushes
+        self.drained = 0  # copies confirmed by drains
+        self.pending = 0  # copies missing at the end of the last scan
+        self.scans = 0
+        self._busy = False
+
+    # -- triggers -------------------------------------------------------------------
+    def ring_changed(self) -> None:
+        """Placement changed: scan everything (in the background)."""
+        with self._lock:
+            self._full = True
+            self._generation += 1
+        self._kick()
+
+    def dirty(self, keys: Iterable[StoreKey]) -> None:
+        """These keys were committed under a ring older than the current one: look at them."""
+        with self._lock:
+            self._dirty.update(keys)
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self._enabled:
+            return
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="rebalance", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the background scan (before a drain, or at exit)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def idle(self) -> bool:
+        """No scan running or scheduled (tests and stats)."""
+        with self._lock:
+            return not self._full and not self._dirty and not self._busy
+
+    def scan_now(self) -> int:
+        """Run one full scan in the caller's thread; returns the copies confirmed.
+
+        For tests and tools; the node itself scans in the background.
+        """
+        rnd = self._scan(self._store.keys(), self._generation)
+        return rnd.pushed if rnd is not None else 0
+
+    # -- the background loop ----------------------------------------------------------
+    def _loop(self) -> None:
+        retry_s = RETRY_MIN_S
+        retry_at: float | None = None
+        while True:
+            timeout = None if retry_at is None else max(0.0, retry_at - self._clock())
+            self._wake.wait(timeout)
+            with self._lock:
+                if self._closed:
+                    return
+                self._wake.clear()
+                full = self._full or (retry_at is not None and self._clock() >= retry_at)
+                dirty = self._dirty
+                self._full, self._dirty = False, set()
+                generation = self._generation
+                self._busy = full or bool(dirty)
+            if not self._busy:
+                continue
+            try:
+                keys: Sequence[StoreKey] = self._store.keys() if full else list(dirty)
+                done = self._scan(keys, generation)
+            except Exception:  # background work: log, never kill the node
+                log.exception("rebalance scan failed")
+                done = None
+            finally:
+                with self._lock:
+                    self._busy = False
+            if done is None or done.failed:
+                retry_at = self._clock() + retry_s
+                retry_s = min(retry_s * 2, RETRY_MAX_S)
+            else:
+                retry_at, retry_s = None, RETRY_MIN_S
+
+    def _superseded(self, generation: int) -> bool:
+        return self._generation != generation or self._closed
+
+    def _scan(self, keys: Sequence[StoreKey], generation: int) -> _Round | None:
+        ring = self._rings.current
+        if ring is None or self._me not in ring:
+            return _Round(ring, self._me) if ring is not None else None
+        start = self._clock()
+        rnd = _Round(ring, self._me)
+        for i in range(0, len(keys), self._chunk):
+            if self._superseded(generation):
+                return rnd  # a newer ring: its scan covers everything
+            self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
+            self._flush(rnd, final=False)
+            time.sleep(0)  # let the data path have the interpreter
+        self._flush(rnd, final=True)
+        with self._lock:
+            self.pushed += rnd.pushed
+            self.pending = max(0, rnd.missing - rnd.pushed)
+            self.scans += 1
+        if rnd.missing or rnd.moved:
+            log.info(
+                "epoch %d: %d keys checked, %d copies pushed of %d missing, %d moved away "
+                "in %.2fs%s",
+                ring.epoch,
+                len(keys),
+                rnd.pushed,
+                rnd.missing,
+                rnd.moved,
+                self._clock() - start,
+                f"; unreachable: {sorted(rnd.failed)}" if rnd.failed else "",
+            )
+        return rnd
+
+    # -- one round's work ---------------------------------------------------------------
+    def _plan(self, entries: list[Entry], rnd: _Round) -> None:
+        for entry in entries:
+            replicas: tuple[RingMember, ...] = rnd.ring.replica_set(entry.key[1])
+            wanted = frozenset(m.incarnation_key for m in replicas)
+            missing = [m for m in replicas if m.incarnation_key not in entry.holders]
+            missing = [m for m in missing if m.name != self._me]
+            if not missing:
+                if entry.demoted and self._store.drop_moved(entry, wanted):
+                    rnd.moved += 1
+                continue
+            for m in missing:
+                rnd.missing += 1
+                if m.address in rnd.failed:
+                    continue
+                rnd.queues.setdefault(m.address, []).append((entry, wanted, m.incarnation_key))
+                rnd.sizes[m.address] = rnd.sizes.get(m.address, 0) + sum(
+                    len(c) for c in entry.chunks
+                )
+
+    def _flush(self, rnd: _Round, *, final: bool) -> None:
+        for address in list(rnd.queues):
+            queue = rnd.queues[address]
+            if not final and len(queue) < FLUSH_ENTRIES and rnd.sizes[address] < FLUSH_BYTES:
+                continue
+            del rnd.queues[address]
+            rnd.sizes.pop(address, None)
+            if address in rnd.failed:
+                continue
+            by_entry = {id(e): (w, h) for e, w, h in queue}
+            for batch in batches([e for e, _, _ in queue]):
+                try:
+                    confirmed = push_batch(self._peers, address, batch, CALL_TIMEOUT_S)
+                except TargetFailed as exc:
+                    log.info("rebalance: %s; retrying later", exc)
+                    rnd.failed.add(address)
+                    break
+                for entry in confirmed:
+                    wanted, holder = by_entry[id(entry)]
+                    rnd.pushed += 1
+                    if self._store.add_holders(entry, (holder,), wanted):
+                        rnd.moved += 1
+
+    # -- SIGTERM drain ----------------------------------------------------------------------
+    def drain(self, fetch_ring: Callable[[], Ring | None], timeout_s: float) -> int:
+        """Push every entry to its replica set in the ring without this node.
+
+        Rounds until a round finds nothing missing or ``timeout_s`` runs out;
+        each round takes the newest ring from ``fetch_ring`` (other nodes may
+        be leaving too: a copy pushed to one that left is pushed again to the
+        key's owner after it). Returns the copies confirmed.
+        """
+        self.close()
+        deadline = self._clock() + timeout_s
+        total = 0
+        ring = fetch_ring()
+        while ring is not None and ring.members and self._clock() < deadline:
+            rnd = _Round(ring, self._me)
+            keys = [e.key for e in self._store.hottest()]  # what is read most goes first
+            for i in range(0, len(keys), self._chunk):
+                if self._clock() >= deadline:
+                    break
+                self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
+                self._flush(rnd, final=False)
+            self._flush(rnd, final=True)
+            total += rnd.pushed
+            if not rnd.failed and (rnd.missing == rnd.pushed or rnd.pushed == 0):
+                break  # all there, or the rest refused for room: rounds won't help
+            if rnd.failed:  # a target left or died: wait for the ring to say so
+                time.sleep(min(0.2, max(0.0, deadline - self._clock())))
+            ring = fetch_ring() or ring
+        with self._lock:
+            self.drained += total
+        return total
