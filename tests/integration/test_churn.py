@@ -1,0 +1,219 @@
+"""Acknowledged puts survive membership changes while a writer keeps writing (#8).
+
+The guarantee (docs/consistency.md, "Acknowledged puts"): a put that
+returned stays readable, byte-exact, across any sequence of joins, graceful
+leaves and, with R >= 2, crashes of one node at a time, until it is evicted
+under the byte budget, deleted, invalidated or overwritten. Each test runs a
+writer thread (small values and striped ones, every put a new key) while
+the membership changes, then reads back every put that returned and checks
+that no reservation is left behind and nothing counted as evicted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+import tensorcache
+from tensorcache.cluster import LocalCluster
+from tensorcache.errors import TensorCacheError
+
+from .helpers import node_stat, poll
+
+pytestmark = pytest.mark.integration
+
+STRIPE = "256KiB"
+SMALL = 2048  # int64 elements: 16 KiB
+STRIPED = 80_000  # int64 elements: 625 KiB, 3 stripes of 256 KiB
+MAX_PUTS = 5000
+MAX_SECONDS = 120.0
+
+
+def value(seq: int) -> np.ndarray:
+    """Put number ``seq``'s value: every third one striped; derived from seq alone."""
+    n = STRIPED if seq % 3 == 0 else SMALL
+    return np.arange(n, dtype=np.int64) * 7 + seq
+
+
+@dataclass
+class Writer:
+    """Puts new keys until stopped (bounded in count and time); records what returned."""
+
+    router: str
+    prefix: str
+    acked: dict[str, int] = field(default_factory=dict)  # key -> seq
+    failed: list[str] = field(default_factory=list)
+    crashed: list[BaseException] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="churn-writer", daemon=True)
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def start(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + MAX_SECONDS
+        try:
+            with tensorcache.connect(self.router, retries=12) as c:
+                for seq in range(MAX_PUTS):
+                    if self._stop.is_set() or time.monotonic() > deadline:
+                        break
+                    key = f"{self.prefix}{seq}"
+                    try:
+                        c.put(key, value(seq))
+                        self.acked[key] = seq
+                    except TensorCacheError as exc:  # not acknowledged: no promise
+                        self.failed.append(f"{key}: {type(exc).__name__}: {exc}")
+                    with self._cond:
+                        self._count += 1
+                        self._cond.notify_all()
+        except BaseException as exc:
+            self.crashed.append(exc)
+
+    def wait_more(self, n: int = 20, timeout: float = 60.0) -> None:
+        """Block until ``n`` more puts were attempted (the writer is live through a change)."""
+        with self._cond:
+            target = self._count + n
+            assert self._cond.wait_for(
+                lambda: self._count >= target or not self._thread.is_alive(), timeout
+            ), f"writer made no progress in {timeout}s"
+        assert not self.crashed, self.crashed
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(MAX_SECONDS)
+        assert not self._thread.is_alive()
+        assert not self.crashed, self.crashed
+
+
+def check_every_ack(cl: LocalCluster, writer: Writer) -> None:
+    """Every acknowledged put reads back byte-exact; nothing reserved or evicted."""
+    assert len(writer.acked) >= 30, (len(writer.acked), writer.failed[:5])
+    with tensorcache.connect(cl.router_address) as c:
+        keys = sorted(writer.acked)
+        got = c.get_many(keys)
+        lost = [k for k in keys if got[k] is None]
+        wrong = [
+            k
+            for k in keys
+            if got[k] is not None and not np.array_equal(got[k], value(writer.acked[k]))
+        ]
+        assert not lost and not wrong, (
+            f"{len(lost)} of {len(keys)} acknowledged puts lost (e.g. {lost[:5]}), "
+            f"{len(wrong)} wrong (e.g. {wrong[:5]}); stats: {c.stats()}"
+        )
+    for proc in cl.nodes.values():
+        poll(
+            lambda addr=proc.address: node_stat(addr).bytes_reserved == 0,
+            timeout=30,
+            what=f"{proc.name}'s reservations to go back to 0",
+        )
+        assert node_stat(proc.address).evictions == 0  # the budget was never the reason
+
+
+def test_puts_survive_nodes_joining_one_at_a_time(make_cluster, prefix):
+    cl = make_cluster(1, capacity="2GiB", stripe_size=STRIPE)
+    writer = Writer(cl.router_address, prefix).start()
+    try:
+        writer.wait_more()
+        for _ in range(2):  # 1 -> 2 -> 3
+            cl.add_node()
+            writer.wait_more()
+        cl.add_node(wait=False)  # 3 -> 5: two at once
+        cl.add_node()
+        writer.wait_more()
+    finally:
+        writer.stop()
+    check_every_ack(cl, writer)
+
+
+def test_puts_survive_a_rolling_restart(make_cluster, prefix):
+    cl = make_cluster(4, capacity="2GiB", stripe_size=STRIPE)
+    writer = Writer(cl.router_address, prefix).start()
+    try:
+        writer.wait_more()
+        for name in sorted(cl.nodes):
+            assert cl.stop_node(name, timeout=30) == 0  # SIGTERM: drain, exit 0
+            writer.wait_more(10)
+            cl.start_node(name)  # the same name, a new (empty) incarnation
+            writer.wait_more()
+    finally:
+        writer.stop()
+    check_every_ack(cl, writer)
+
+
+def test_puts_survive_a_scale_down_by_drain(make_cluster, prefix):
+    cl = make_cluster(5, capacity="2GiB", stripe_size=STRIPE)
+    writer = Writer(cl.router_address, prefix).start()
+    try:
+        writer.wait_more(60)
+        codes: dict[str, int] = {}
+        leaving = sorted(cl.nodes)[:2]
+        threads = [  # both at once, as a scale-down of a StatefulSet by 2 does
+            threading.Thread(target=lambda n=n: codes.__setitem__(n, cl.stop_node(n, timeout=30)))
+            for n in leaving
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == dict.fromkeys(leaving, 0)
+        writer.wait_more()
+    finally:
+        writer.stop()
+    check_every_ack(cl, writer)
+
+
+def test_puts_survive_kill_9_one_node_at_a_time_at_r2(make_cluster, prefix):
+    cl = make_cluster(4, capacity="2GiB", stripe_size=STRIPE, replicas=2, ttl=2.0)
+    writer = Writer(cl.router_address, prefix).start()
+    try:
+        writer.wait_more()
+        for name in sorted(cl.nodes):
+            cl.stop_node(name, kill=True)
+            cl.wait_members(set(cl.nodes), timeout=30)  # its lease expired: the ring moved on
+            writer.wait_more(10)
+            cl.start_node(name)
+            writer.wait_more()
+    finally:
+        writer.stop()
+    check_every_ack(cl, writer)
+
+
+def test_a_512mib_put_the_moment_the_router_answers(tmp_path):
+    """`tensorcache up` and a put at once: the nodes join while it streams."""
+    cl = LocalCluster(0, capacity="1GiB", log_dir=tmp_path).start()
+    try:
+        for _ in range(3):
+            cl.add_node(wait=False)
+        poll(lambda: len(cl.ring().members) >= 1, timeout=30, what="a first member")
+        big = np.random.default_rng(8).integers(0, 255, size=512 * 1024 * 1024, dtype=np.uint8)
+        with tensorcache.connect(cl.router_address, retries=12) as c:
+            version = c.put("model/big", big)
+            cl.wait_members(set(cl.nodes), timeout=60)
+            for _ in range(3):  # now, and again once the cluster moved things around
+                got = c.get("model/big")
+                assert got is not None, c.stats()
+                assert np.array_equal(got, big)
+                assert c.version("model/big") == version
+                poll(
+                    lambda: all(s.pending == 0 and s.demoted == 0 for s in c.stats()),
+                    timeout=60,
+                    what="every stripe at its owner",
+                )
+        for proc in cl.nodes.values():
+            poll(
+                lambda addr=proc.address: node_stat(addr).bytes_reserved == 0,
+                timeout=30,
+                what=f"{proc.name}'s reservations to go back to 0",
+            )
+    finally:
+        cl.stop()
