@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test unit integration lint bench up proto clean image
+.PHONY: venv demo test unit integration lint bench up proto clean soak image
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ integration: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## A bounded soak under faults (tests/soak): SOAK_SECONDS (default 120), SOAK_SEED to repeat one.
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak.run
 
 ## Side-by-side benchmark vs Redis, Arrow Flight, a raw socket, memcpy (QUICK=1: smoke run).
 bench: $(STAMP)
