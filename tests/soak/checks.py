@@ -18,7 +18,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tests.integration.checker_history import History, Put, _Before, _completed_by_key
+try:
+    from tests.integration.checker_history import History, Put, _Before, _completed_by_key
+except ImportError:  # under a plain `pytest`, tests/ itself (not the repository) is on sys.path
+    from integration.checker_history import (  # type: ignore[no-redef]
+        History,
+        Put,
+        _Before,
+        _completed_by_key,
+    )
 
 MiB = 1024 * 1024
 

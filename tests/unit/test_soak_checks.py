@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.checker_history import Get, History, Invalidate, Put
-from tests.soak import checks
+# pytest puts tests/ on sys.path (tests/ has no __init__.py): these are the names it uses.
+from integration.checker_history import Get, History, Invalidate, Put
+from soak import checks
 
 pytestmark = pytest.mark.unit
 
