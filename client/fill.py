@@ -10,7 +10,7 @@ How it goes
 After a miss the caller asks the key's owner for the fill grant. The owner
 grants it to one holder at a time as a *lease* of ``lease_s``:
 
-* the **holder** renews it from a background thread every ``lease_s / 3``
+* the **holder** renews it from a background thread every ``lease_s / 4``
   while ``load`` and ``store`` run, and releases it when they return or
   raise. So a loader may run for minutes and keep its grant, while a holder
   that dies (kill -9, OOM), is cut off from the owner, or whose owner fails
@@ -53,7 +53,9 @@ T = TypeVar("T")
 MAX_LEASE_S = 60.0  # the node's MAX_FILL_TTL_MS
 MIN_LEASE_S = 0.2
 FIRST_POLL_S = 0.02  # a waiter's first pause; doubles up to the cap (lease_s / 4)
-RENEWS_PER_LEASE = 3
+# Renewals per lease period: three may be lost or late (a stalled process, a
+# slow node) before the lease lapses.
+RENEWS_PER_LEASE = 4
 
 
 class Grants(Protocol):
@@ -96,7 +98,7 @@ class FillOptions:
     """How one read-through fills and waits."""
 
     #: The grant's lease period: how long a dead or cut-off holder blocks the
-    #: others. The holder renews every lease_s / 3.
+    #: others. The holder renews every lease_s / 4.
     lease_s: float = 2.0
     #: Stop renewing this long after the grant (None: renew until done): a hung
     #: loader then loses its grant within lease_s and a waiter takes over.
@@ -188,7 +190,12 @@ class Renewal:
         o = self._options
         started = last_ok = self._clock()
         failing = False
-        while not self._stop.wait(o.lease_s / RENEWS_PER_LEASE):
+        period = o.lease_s / RENEWS_PER_LEASE
+        sent = time.monotonic()
+        # Renewals start a period apart, however long each took (not a period
+        # after the last one returned): a slow answer does not delay the next.
+        while not self._stop.wait(max(0.0, sent + period - time.monotonic())):
+            sent = time.monotonic()
             now = self._clock()
             if o.max_load_s is not None and now - started >= o.max_load_s:
                 self.lost = f"the load ran past max_load_s={o.max_load_s:g}s"
