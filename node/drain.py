@@ -54,19 +54,12 @@ def push_batch(peers: Peers, address: str, batch: list[Entry], timeout_s: float)
     Raises TargetFailed when the node cannot take pushes now (unreachable or
     leaving); a node out of room confirms nothing of this batch.
     """
-    req = pb.PutRequest(
-        epoch=0,  # a handoff write: placed by the sender's ring, not the target's
-        entries=[
-            pb.EntryPut(
-                key=e.key[1].encode(),
-                kind=e.key[0],
-                meta=e.meta,
-                version=e.version,
-                stamp=e.stamp,
-            )
-            for e in batch
-        ],
-    )
+    req = pb.PutRequest(epoch=0)  # a handoff write: placed by the sender's ring
+    for e in batch:
+        put = req.entries.add(
+            key=e.key[1].encode(), kind=e.key[0], version=e.version, stamp=e.stamp
+        )
+        put.meta.MergeFromString(e.meta)  # stored serialized (node/ops.py tensor_meta)
     payload = (c if isinstance(c, bytes) else bytes(c) for c in payload_chunks(batch))
     try:
         reply = peers.put(address, req, payload, timeout_s)

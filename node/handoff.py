@@ -40,6 +40,7 @@ log = logging.getLogger("tensorcache.node")
 # Per call to a previous owner: a handoff delays the get that missed, so a
 # dead owner must cost little; a live one answers in milliseconds.
 HANDOFF_TIMEOUT_S = 2.0
+PER_KEY_TIMEOUT_S = 0.002
 # Keys settled (written or deleted here) remembered within the window. Past
 # this many, handoffs stop until the window ends: a miss is always safe.
 MAX_SETTLED = 1_000_000
@@ -175,8 +176,10 @@ class Handoff:
                     head_only=head_only,
                     keys=[pb.EntryKey(key=k[1].encode(), kind=k[0]) for k in keys],
                 )
+                # A batch of misses (a get_many) gets more time than one key.
+                timeout = self._timeout_s + PER_KEY_TIMEOUT_S * len(keys)
                 try:
-                    reply, messages = self._peers.get(address, req, self._timeout_s)
+                    reply, messages = self._peers.get(address, req, timeout)
                     answers = split_entries(reply, messages, head_only=head_only)
                 except TensorCacheError as exc:
                     log.info("handoff: previous owner %s did not answer: %s", address, exc)
@@ -213,7 +216,7 @@ class Handoff:
             items.append(
                 NewEntry(
                     key,
-                    meta.meta,
+                    meta.meta.SerializeToString(),
                     chunks,
                     cost,
                     version=meta.version,

@@ -140,6 +140,16 @@ class PutPlan:
         return sum(self.sizes)
 
 
+def tensor_meta(entry: Entry) -> pb.TensorMeta:
+    """An entry's metadata as a message (the store keeps it serialized).
+
+    A parsed TensorMeta held per entry cost ~400 bytes of RAM (upb keeps the
+    whole request's arena alive through a sub-message), its bytes ~90: with
+    millions of small entries that is most of a node's memory (#17).
+    """
+    return pb.TensorMeta.FromString(entry.meta)
+
+
 def _kept(store: Store, key: StoreKey) -> tuple[int, None]:
     """The result of an ignored pushed copy: what this node keeps (0: nothing)."""
     entry = store.get(key, demoted_ok=True)
@@ -235,10 +245,12 @@ class NodeOps:
         those replicas hold it. A pushed copy (epoch 0) vouches only for this
         node, judged against the ring of the moment.
         """
-        ring = plan.ring
         mine = frozenset((self.me,))
-        if plan.req.epoch == 0 or ring is None or self.name not in ring:
-            return self.rings.placement_epoch, lambda _key: mine
+        # The client placed it with the ring of *its* epoch; the node's own
+        # may already be newer (installed before its epoch is published).
+        ring = self.rings.placement_at(plan.req.epoch) if plan.req.epoch else None
+        if ring is None or self.name not in ring:
+            return self.rings.placement_epoch if ring is None else ring.epoch, lambda _key: mine
 
         def holders(key: str) -> frozenset[Holder]:
             return frozenset(m.incarnation_key for m in ring.replica_set(key)) | mine
@@ -308,7 +320,7 @@ class NodeOps:
         items = [
             NewEntry(
                 k,
-                e.meta,
+                e.meta.SerializeToString(),  # bytes: a parsed message costs ~4x the RAM
                 c,
                 cost,
                 e.if_version if e.HasField("if_version") else None,
@@ -330,8 +342,8 @@ class NodeOps:
         for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
             kept = bool(e.version) and version != e.version
             r = reply.results.add(key=e.key, version=version, kept_newer=kept)
-            if old is not None and old.meta.stripes:
-                r.replaced_stripes.extend(old.meta.stripes)
+            if old is not None and not old.chunks:  # a manifest (or an empty tensor)
+                r.replaced_stripes.extend(tensor_meta(old).stripes)
             if key[0] == pb.TENSOR:
                 self.fills.committed(key[1])
                 if not kept:
@@ -361,10 +373,10 @@ class NodeOps:
         found = [self.store.get(key, demoted_ok=req.handoff) for key in keys]
         if not req.handoff and not all(found):
             handed = self.handoff.fetch(k for k, e in zip(keys, found, strict=True) if e is None)
-            if handed:
-                found = [
-                    e if e is not None else handed.get(k) for k, e in zip(keys, found, strict=True)
-                ]
+            found = [
+                e if e is not None else handed.get(k) or self.store.peek(k)
+                for k, e in zip(keys, found, strict=True)
+            ]  # peek: a push may have landed (and its sender dropped it) while we asked
         reply = pb.GetReply(epoch=self.epochs.epoch)
         payload: list[Entry] = []
         pinned: list[Entry] = []
@@ -375,7 +387,7 @@ class NodeOps:
                 continue
             got.version = entry.version
             got.stamp = entry.stamp
-            got.meta.CopyFrom(entry.meta)
+            got.meta.MergeFromString(entry.meta)
             if not entry.chunks:
                 continue
             if local and sum(len(c) for c in entry.chunks) >= LOCAL_MIN:
@@ -417,8 +429,8 @@ class NodeOps:
             olds = [self.store.delete(key) for key in keys]
         for k, key, old in zip(req.keys, keys, olds, strict=True):
             r = reply.results.add(key=k.key, found=old is not None)
-            if old is not None:
-                r.stripes.extend(old.meta.stripes)
+            if old is not None and not old.chunks:
+                r.stripes.extend(tensor_meta(old).stripes)
             if key[0] == pb.TENSOR:
                 self.events.publish(key[1], 0)
         return reply

@@ -98,7 +98,10 @@ class Rebalancer:
         self._thread: threading.Thread | None = None
         self.pushed = 0  # copies confirmed by background pushes
         self.drained = 0  # copies confirmed by drains
-        self.pending = 0  # copies missing at the end of the last scan
+        #: Work left: keys the running scan has not reached plus copies it
+        #: found missing and could not push yet (0: every entry held here is
+        #: at every member of its replica set, as far as this node knows).
+        self.pending = 0
         self.scans = 0
         self._busy = False
 
@@ -108,6 +111,8 @@ class Rebalancer:
         with self._lock:
             self._full = True
             self._generation += 1
+            if self._enabled:
+                self.pending = max(self.pending, 1)  # unknown until the scan has run
         self._kick()
 
     def dirty(self, keys: Iterable[StoreKey]) -> None:
@@ -194,6 +199,7 @@ class Rebalancer:
                 return rnd  # a newer ring: its scan covers everything
             self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
             self._flush(rnd, final=False)
+            self.pending = len(keys) - i + rnd.missing - rnd.pushed
             time.sleep(0)  # let the data path have the interpreter
         self._flush(rnd, final=True)
         with self._lock:

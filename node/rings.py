@@ -147,6 +147,13 @@ class RingView:
     def placement_epoch(self) -> int:
         return self._rings.placement_epoch
 
+    def placement_at(self, epoch: int) -> Ring | None:
+        """The ring whose placement was in force at ``epoch`` (None: not remembered)."""
+        for ring in reversed(self._rings.history):
+            if ring.epoch <= epoch:
+                return ring
+        return None
+
     def placement(self, key: str, checked: int, demoted: bool) -> Placement:
         """Judge an entry of ``key`` last checked at placement epoch ``checked``.
 

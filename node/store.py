@@ -36,9 +36,16 @@ from typing import Any, Protocol
 from tensorcache.errors import CapacityExceeded, VersionConflict
 from tensorcache.node.policy import EvictionPolicy, make_policy
 
-# Bytes charged per entry beyond payload, key and metadata: the Python
-# objects (entry, chunk list, dict slot, policy slot) that hold it.
-ENTRY_OVERHEAD = 512
+# Bytes charged per entry beyond payload, key and metadata: what holding it
+# really costs the node process, so a node full of tiny entries stays within
+# its budget (#17). Measured (RSS growth per entry, 200k 8-byte entries put
+# in batches, metadata kept serialized): 690 B with LRU, 743 with LFU in
+# process, ~55 more in a node process (RPC buffers, allocator slack); the
+# charge covers the dearest policy. Before the metadata was kept serialized
+# and the last-use map folded into the entry, the same entry cost 1,075 B
+# while 512 were charged: a node of small entries used about twice its
+# --capacity.
+ENTRY_OVERHEAD = 768
 
 StoreKey = tuple[int, str]  # (EntryKind, key)
 Holder = tuple[str, str, int]  # a member's (name, address, incarnation)
@@ -52,7 +59,7 @@ class Entry:
     place under the store's lock (readers holding an entry only use its bytes)."""
 
     key: StoreKey
-    meta: Any  # opaque to the store (the node keeps a protobuf TensorMeta here)
+    meta: Any  # opaque to the store (the node keeps a serialized TensorMeta here)
     chunks: tuple[bytes, ...]
     version: int
     cost: int  # bytes charged against the budget
@@ -60,6 +67,7 @@ class Entry:
     demoted: bool = False  # held for handoffs only: this node no longer owns the key
     checked: int = 0  # the placement epoch this entry was last judged at
     holders: frozenset[Holder] = NO_HOLDERS  # who is known to hold a copy this new
+    used: int = 0  # the store's use counter at this entry's last insert or get
 
 
 class Judge(Protocol):
@@ -105,7 +113,7 @@ class StoreStats:
     demoted: int = 0  # entries held for handoffs only (not in entries_by_kind)
     invalidated: int = 0  # entries dropped because the stale rule selected them
     moved: int = 0  # demoted entries dropped once their new owners confirmed a copy
-    discarded: int = 0  # demoted entries dropped because their key came back here
+    discarded: int = 0  # entries hidden because their key came back here (maybe stale)
 
 
 def entry_cost(key: str, payload: int, meta_bytes: int) -> int:
@@ -192,9 +200,7 @@ class Store:
         self._entries: dict[StoreKey, Entry] = {}
         # Demoted keys, oldest demotion first: evicted before anything else.
         self._demoted: dict[StoreKey, None] = {}
-        # Last use (insert or get) of each key, for draining the hottest first.
-        self._used_at: dict[StoreKey, int] = {}
-        self._uses = 0
+        self._uses = 0  # a counter of uses; each entry keeps its last (Entry.used)
         self._used = 0
         self._reserved = 0
         self._clock = VersionClock()
@@ -321,8 +327,14 @@ class Store:
                     self._c.hits += 1
             if entry is not None:
                 self._policy.accessed(key)
-                self._touch_locked(key)
+                self._uses += 1
+                entry.used = self._uses
             return entry
+
+    def peek(self, key: StoreKey) -> Entry | None:
+        """The visible entry of ``key`` (no statistics, no recency update)."""
+        with self._lock:
+            return self._visible_locked(key)
 
     def contains(self, key: StoreKey) -> bool:
         """Whether ``key`` is visible (no statistics, no recency update)."""
@@ -431,8 +443,7 @@ class Store:
     def hottest(self) -> list[Entry]:
         """Every stored entry, demoted ones included, most recently used first."""
         with self._lock:
-            order = sorted(self._used_at.items(), key=lambda kv: kv[1], reverse=True)
-            return [self._entries[k] for k, _ in order]
+            return sorted(self._entries.values(), key=lambda e: e.used, reverse=True)
 
     # -- internals (lock held) ------------------------------------------------
     def _visible_locked(self, key: StoreKey, *, demoted_ok: bool = False) -> Entry | None:
@@ -448,9 +459,18 @@ class Store:
             epoch = judge.placement_epoch
             verdict = judge.placement(key[1], entry.checked, entry.demoted)
             if verdict == "discard":
-                self._remove_locked(key)
+                # Its key lived elsewhere meanwhile: this copy may be stale, so
+                # it is hidden, not served; but it may also be the last copy
+                # (its only other holder crashed), so it is kept and offered
+                # to the key's other replicas again (holders forgotten): they
+                # keep a newer value if they have one, and ignore a copy of a
+                # key deleted there (node/rebalance.py, node/ops.py).
+                if not entry.demoted:
+                    self._demote_locked(entry)
+                entry.holders = NO_HOLDERS
+                entry.checked = epoch
                 self._c.discarded += 1
-                return None
+                return entry if demoted_ok else None
             if verdict == "demote" and not entry.demoted:
                 self._demote_locked(entry)
             entry.checked = epoch
@@ -483,11 +503,8 @@ class Store:
         else:
             self._c.by_kind[key[0]] = self._c.by_kind.get(key[0], 0) + 1
         self._policy.inserted(key)
-        self._touch_locked(key)
-
-    def _touch_locked(self, key: StoreKey) -> None:
         self._uses += 1
-        self._used_at[key] = self._uses
+        entry.used = self._uses
 
     def _remove_locked(self, key: Hashable) -> Entry | None:
         old = self._entries.pop(key, None)  # type: ignore[call-overload]
@@ -497,7 +514,6 @@ class Store:
                 del self._demoted[old.key]
             else:
                 self._c.by_kind[old.key[0]] -= 1
-            del self._used_at[old.key]
             self._policy.removed(key)
         return old
 

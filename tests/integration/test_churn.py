@@ -205,7 +205,10 @@ def test_a_512mib_put_the_moment_the_router_answers(tmp_path):
                 assert np.array_equal(got, big)
                 assert c.version("model/big") == version
                 poll(
-                    lambda: all(s.pending == 0 and s.demoted == 0 for s in c.stats()),
+                    lambda: all(
+                        s.epoch == cl.ring().epoch and s.pending == 0 and s.demoted == 0
+                        for s in c.stats()
+                    ),
                     timeout=60,
                     what="every stripe at its owner",
                 )
