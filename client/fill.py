@@ -163,8 +163,6 @@ class Renewal:
         self._count = count
         self._clock = clock
         self._stop = threading.Event()
-        #: Why this holder no longer holds the grant, if it lost it (else None).
-        self.lost: str | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"tensorcache-fill-{holder}", daemon=True
         )
@@ -173,7 +171,11 @@ class Renewal:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop renewing; waits (boundedly) for an RPC in flight to return."""
+        """Stop renewing; waits (boundedly) for an RPC in flight to return.
+
+        A renewal still retrying past the wait (its owner is failing over) may
+        land after the caller's release and hold the key for one more lease.
+        """
         self._stop.set()
         self._thread.join(self._options.rpc_timeout_s + 1.0)
         if self._thread.is_alive():
@@ -184,7 +186,6 @@ class Renewal:
             self._renew_until_stopped()
         except Exception:  # a bug: say so rather than let the lease lapse silently
             log.exception("fill of %r: lease renewal failed; the grant will lapse", self._key)
-            self.lost = "the renewal thread failed"
 
     def _renew_until_stopped(self) -> None:
         o = self._options
@@ -198,7 +199,6 @@ class Renewal:
             sent = time.monotonic()
             now = self._clock()
             if o.max_load_s is not None and now - started >= o.max_load_s:
-                self.lost = f"the load ran past max_load_s={o.max_load_s:g}s"
                 self._count("fill_overruns")
                 log.warning(
                     "fill of %r ran past max_load_s=%gs: no longer renewing its grant; "
@@ -225,11 +225,11 @@ class Renewal:
                 last_ok, failing = self._clock(), False
                 self._count("fill_renewals")
                 continue
-            self.lost = f"holder {reply.holder} ({reply.filler or 'unknown'}) took it over"
             self._count("fill_leases_lost")
             log.warning(
-                "fill of %r lost its grant (lease lapsed: partition or owner failover); %s",
-                self._key, self.lost,
+                "fill of %r lost its grant (its lease lapsed: a stall, a partition or an owner "
+                "failover); holder %s (%s) took it over",
+                self._key, reply.holder, reply.filler or "unknown",
             )  # fmt: skip
             return
 
