@@ -564,6 +564,7 @@ class Client:
                 moved=s.moved,
                 discarded=s.discarded,
                 pending=s.pending,
+                revived=s.revived,
                 policy=s.policy,
                 epoch=s.epoch,
             )

@@ -86,8 +86,10 @@ class NodeStats:
     rereplicated: int = 0
     #: Demoted entries dropped once every member of their replica set confirmed a copy.
     moved: int = 0
-    #: Demoted entries dropped because their key came back here (maybe stale).
+    #: Hidden copies dropped: a newer copy or a delete was found elsewhere.
     discarded: int = 0
+    #: Hidden copies served again: nobody held a newer one or deleted the key.
+    revived: int = 0
     #: Copies the last rebalance scan found missing and could not push yet.
     pending: int = 0
     policy: str = ""

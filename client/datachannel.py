@@ -45,9 +45,13 @@ class DataConn:
             self.sock = socket.create_connection(_split(address), timeout=timeout_s)
         except OSError as exc:
             raise Unavailable(f"data channel {address}: {exc}") from exc
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        kernel_timeouts(self.sock, timeout_s, send=True)
-        self.sock.sendall(MAGIC)
+        try:  # a node that resets us right after accepting is unreachable too
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            kernel_timeouts(self.sock, timeout_s, send=True)
+            self.sock.sendall(MAGIC)
+        except OSError as exc:
+            self.close()
+            raise Unavailable(f"data channel {address}: {exc}") from exc
         self.reader = Reader(self.sock)
 
     def close(self) -> None:

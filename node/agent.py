@@ -38,7 +38,11 @@ class MembershipAgent:
         member: pb.Member,
         epochs: EpochView,
         on_ring: Callable[[Ring], None] | None = None,
+        on_forgotten: Callable[[], None] | None = None,
     ) -> None:
+        """``on_forgotten``: called when the router no longer knows this node
+        (its lease expired: a pause, a partition), before it registers again."""
+        self._on_forgotten = on_forgotten
         self._member = member
         self._epochs = epochs
         self._on_ring = on_ring
@@ -49,6 +53,8 @@ class MembershipAgent:
         self._registered = threading.Event()
         self._ring_lock = threading.Lock()  # one ring install at a time
         self._interval = 1.0
+        self._ttl = 3.0  # the router's lease (RegisterReply.ttl_s)
+        self._last_ok = time.monotonic()  # last call the router answered
         self.failures = 0
         self._thread = threading.Thread(target=self._loop, name="membership-agent", daemon=True)
 
@@ -97,7 +103,9 @@ class MembershipAgent:
 
     def _register(self) -> None:
         reply = self._stub.Register(pb.RegisterRequest(member=self._member), timeout=5)
+        self._last_ok = time.monotonic()
         self._interval = reply.heartbeat_interval_s or 1.0
+        self._ttl = reply.ttl_s or self._ttl
         self._set_epoch(reply.epoch)
         if not self._registered.is_set():
             log.info("registered with router %s at epoch %d", self._router, reply.epoch)
@@ -117,10 +125,23 @@ class MembershipAgent:
                     reply = self._stub.Heartbeat(
                         pb.HeartbeatRequest(name=self._member.name), timeout=5
                     )
+                    silent = time.monotonic() - self._last_ok
                     if reply.known:
+                        self._last_ok = time.monotonic()
                         self._set_epoch(reply.epoch)
                     else:
                         log.warning("router %s forgot this node; registering again", self._router)
+                        # Unheard of for a whole lease (paused, cut off): the
+                        # ring went on without us. A router that restarted
+                        # and forgot everyone while we kept in touch is not that.
+                        if silent >= self._ttl and self._on_forgotten is not None:
+                            log.warning(
+                                "no answer from the router for %.1fs (lease %.1fs): "
+                                "every entry held is suspect until judged again",
+                                silent,
+                                self._ttl,
+                            )
+                            self._on_forgotten()
                         self._register()
                 backoff = 0.1
                 self._stop.wait(self._interval)

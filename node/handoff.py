@@ -152,21 +152,29 @@ class Handoff:
 
     # -- asking previous owners ---------------------------------------------------
     def _ask(
-        self, wanted: dict[StoreKey, list[RingMember]], *, head_only: bool, every: bool
-    ) -> dict[StoreKey, list[Found]]:
-        """Ask previous owners, by rank, for ``wanted`` keys.
+        self,
+        wanted: dict[StoreKey, list[RingMember]],
+        *,
+        head_only: bool,
+        every: bool,
+        settled: set[StoreKey] | None = None,
+    ) -> dict[StoreKey, list[tuple[RingMember, Found]]]:
+        """Ask previous owners, by rank, for ``wanted`` keys; answers with who gave them.
 
         ``every``: ask each owner of a key (metadata: versions); otherwise stop
-        at the first that has it.
+        at the first that has it. ``settled`` collects the keys some owner
+        said were written or deleted there since its last ring change.
         """
-        found: dict[StoreKey, list[Found]] = {}
+        found: dict[StoreKey, list[tuple[RingMember, Found]]] = {}
         pending = dict(wanted)
         rank = 0
         while pending:
             by_owner: dict[str, list[StoreKey]] = {}
+            members: dict[str, RingMember] = {}
             for key, owners in pending.items():
                 if rank < len(owners):
                     by_owner.setdefault(owners[rank].address, []).append(key)
+                    members[owners[rank].address] = owners[rank]
             if not by_owner:
                 break
             for address, keys in by_owner.items():
@@ -189,26 +197,46 @@ class Handoff:
                         "handoff: %s answered %d of %d keys", address, len(answers), len(keys)
                     )
                     continue
-                for key, answer in zip(keys, answers, strict=True):
+                for key, answer, got in zip(keys, answers, reply.entries, strict=True):
+                    if answer is None and got.settled and settled is not None:
+                        settled.add(key)
                     if answer is not None:
-                        found.setdefault(key, []).append(answer)
+                        found.setdefault(key, []).append((members[address], answer))
                         if not every:
                             pending.pop(key, None)
             rank += 1
         return found
 
     def fetch(self, keys: Iterable[StoreKey]) -> dict[StoreKey, Entry]:
-        """Fetch missed ``keys`` from their previous owners, store and return them.
+        """Answer missed ``keys`` from earlier owners, or from a copy held here hidden.
+
+        Newest wins: the previous owners may hold different versions (a node
+        back from a pause or partition holds old ones), so they are all asked
+        for versions first, and the bytes come from the one with the newest,
+        stored here with version and stamp intact. A copy this node holds
+        hidden (its key lived elsewhere meanwhile: maybe stale, maybe the
+        last copy) is served again when nobody has a newer one and nobody
+        says the key was deleted since; otherwise it is dropped.
 
         Not published as key events: a handoff moves a value, it does not change it.
         """
+        keys = list(keys)
+        suspects = {k: e for k in keys if (e := self._store.suspect(k)) is not None}
         wanted = self._candidates(keys)
-        if not wanted:
+        if not wanted and not suspects:
             return {}
-        got = self._ask(wanted, head_only=False, every=False)
+        deleted: set[StoreKey] = set()
+        heads = self._ask(wanted, head_only=True, every=True, settled=deleted) if wanted else {}
+        out = self._judge_suspects(suspects, heads, deleted)
+        newest = {
+            key: [max(answers, key=lambda a: a[1][0].version)[0]]
+            for key, answers in heads.items()
+            if key not in out
+        }
+        got = self._ask(newest, head_only=False, every=False) if newest else {}
         items: list[NewEntry] = []
         for key, answers in got.items():
-            meta, chunks = answers[0][0], answers[0][1]
+            meta, chunks = answers[0][1][0], answers[0][1][1]
             if self._rings.invalidated(key[1], meta.stamp) and key[0] == pb.TENSOR:
                 continue
             nbytes = sum(len(c) for c in chunks)
@@ -226,12 +254,12 @@ class Handoff:
                 )
             )
         if not items:
-            return {}
+            return out
         try:
             reservation = self._store.reserve(sum(it.cost for it in items))
         except CapacityExceeded as exc:
             log.warning("handoff: no room for %d entries: %s", len(items), exc)
-            return {}
+            return out
         try:
             with self._lock:
                 now = self._clock()
@@ -239,7 +267,6 @@ class Handoff:
                 results = self._store.commit(reservation, items)
         finally:
             self._store.release(reservation)
-        out: dict[StoreKey, Entry] = {}
         stored = sum(version == it.version for it, (version, _) in zip(items, results, strict=True))
         with self._lock:
             self.handoffs += stored
@@ -249,6 +276,25 @@ class Handoff:
                 out[it.key] = entry
         if out:
             log.debug("handoff: %d entries from previous owners", len(out))
+        return out
+
+    def _judge_suspects(
+        self,
+        suspects: dict[StoreKey, Entry],
+        heads: dict[StoreKey, list[tuple[RingMember, Found]]],
+        deleted: set[StoreKey],
+    ) -> dict[StoreKey, Entry]:
+        """Serve again the hidden copies nobody outdid; drop those that were."""
+        out: dict[StoreKey, Entry] = {}
+        epoch = self._rings.placement_epoch
+        for key, entry in suspects.items():
+            newer = any(a[1][0].version > entry.version for a in heads.get(key, []))
+            if newer or key in deleted:
+                self._store.drop(entry)  # a newer copy elsewhere, or the key was deleted
+            elif self._rings.owns(key[1]) and self._store.revive(entry, epoch, self._me):
+                out[key] = entry
+        if out:
+            log.info("handoff: %d hidden copies served again (none newer elsewhere)", len(out))
         return out
 
     def known_versions(self, keys: Iterable[StoreKey]) -> dict[StoreKey, int]:
@@ -262,7 +308,7 @@ class Handoff:
             return {}
         out: dict[StoreKey, int] = {}
         for key, answers in self._ask(wanted, head_only=True, every=True).items():
-            best = max(answers, key=lambda a: a[0].version)[0]
+            best = max(answers, key=lambda a: a[1][0].version)[1][0]
             self._store.absorb(best.version)
             if not (key[0] == pb.TENSOR and self._rings.invalidated(key[1], best.stamp)):
                 out[key] = best.version

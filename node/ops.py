@@ -381,9 +381,11 @@ class NodeOps:
         payload: list[Entry] = []
         pinned: list[Entry] = []
         local = req.local and local_ok
-        for k, entry in zip(req.keys, found, strict=True):
+        for k, key, entry in zip(req.keys, keys, found, strict=True):
             got = reply.entries.add(key=k.key, found=entry is not None)
             if entry is None:
+                if req.handoff and self.handoff.settled(key):
+                    got.settled = True  # written or deleted here since the change
                 continue
             got.version = entry.version
             got.stamp = entry.stamp
@@ -468,6 +470,7 @@ class NodeOps:
             moved=s.moved,
             discarded=s.discarded,
             pending=self.rebalancer.pending,
+            revived=s.revived,
         )
 
     def drain(self, fetch_ring: Callable[[], Ring | None], timeout_s: float) -> int:

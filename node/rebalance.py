@@ -224,6 +224,11 @@ class Rebalancer:
     def _plan(self, entries: list[Entry], rnd: _Round) -> None:
         for entry in entries:
             replicas: tuple[RingMember, ...] = rnd.ring.replica_set(entry.key[1])
+            if entry.demoted and any(m.name == self._me for m in replicas):
+                # Hidden although ours: its key lived elsewhere meanwhile, so it
+                # may be stale. Pushing it could bring back a key deleted there;
+                # a read here decides (node/handoff.py: newest wins, or revive).
+                continue
             wanted = frozenset(m.incarnation_key for m in replicas)
             missing = [m for m in replicas if m.incarnation_key not in entry.holders]
             missing = [m for m in missing if m.name != self._me]

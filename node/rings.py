@@ -44,7 +44,12 @@ TENSOR = 0
 class Placement(enum.StrEnum):
     """What a node does with an entry after placement changes (``RingView.placement``)."""
 
-    KEEP = "keep"  # owned now and throughout: serve it
+    KEEP = "keep"  # owned now and throughout, by the same replica set: serve it
+    #: Owned now and throughout, but the key's replica set changed meanwhile:
+    #: serve it, and forget who else was assumed to hold it (a client's copy
+    #: to a replica may have been refused and sent elsewhere), so the scan
+    #: makes sure each current replica has it.
+    KEEP_RESET = "keep-reset"
     DEMOTE = "demote"  # owned elsewhere now: hold it for handoffs and push it there
     DISCARD = "discard"  # owned again after being elsewhere: maybe stale, drop it
 
@@ -110,6 +115,11 @@ class RingView:
         self.window_s = window_s
         self._clock = clock
         self._rings = Rings(None)
+        # Entries judged at or before this epoch are suspect: the node was out
+        # of the ring for a while without seeing it (paused, partitioned) and
+        # the placements in between are unknown (``mark_gap``).
+        self._gap = 0
+        self._force = False
 
     @property
     def rings(self) -> Rings:
@@ -133,19 +143,47 @@ class RingView:
         for prefix, epoch in ring.invalidations.items():
             if epoch > merged.get(prefix, 0):
                 merged[prefix] = epoch
-        if old.history and same_placement(old.history[-1], ring):
+        force, self._force = self._force, False
+        if old.history and same_placement(old.history[-1], ring) and not force:
             # Only the invalidation table changed: nothing moved, so the
             # placements (and the handoff window) stay what they were.
             self._rings = Rings(ring, old.history, old.installed_at, merged)
             return True
-        history = (*old.history, ring)[-MAX_HISTORY:]
-        installed_at = (*old.installed_at, self._clock())[-MAX_HISTORY:]
+        now = self._clock()
+        added: tuple[Ring, ...] = (ring,)
+        at: tuple[float, ...] = (now,)
+        last = old.history[-1].epoch if old.history else 0
+        if force and self.name in ring and ring.epoch - 1 > last:
+            # Back from a gap: the ring went on without us meanwhile (that is
+            # what a lease running out does). Stand in for those unseen rings
+            # with this one less us, so a miss asks who held our keys then.
+            without = Ring(
+                ring.epoch - 1,
+                [m for m in ring.members if m.name != self.name],
+                vnodes=ring.vnodes,
+                weight_unit=ring.weight_unit,
+                replicas=ring.replicas,
+            )
+            added, at = (without, ring), (now, now)
+        history = (*old.history, *added)[-MAX_HISTORY:]
+        installed_at = (*old.installed_at, *at)[-MAX_HISTORY:]
         self._rings = Rings(ring, history, installed_at, merged)
         return True
 
     @property
     def placement_epoch(self) -> int:
         return self._rings.placement_epoch
+
+    def mark_gap(self) -> None:
+        """The router forgot this node (its lease expired while it was paused or
+        cut off): placements came and went unseen, and keys it holds may have
+        been written or deleted elsewhere meanwhile. Every entry judged so far
+        becomes suspect (DISCARD when owned), and the next ring installed counts
+        as a placement change, so every entry is judged again.
+        """
+        current = self._rings.current
+        self._gap = max(self._gap, current.epoch if current is not None else 0)
+        self._force = True
 
     def placement_at(self, epoch: int) -> Ring | None:
         """The ring whose placement was in force at ``epoch`` (None: not remembered)."""
@@ -170,14 +208,19 @@ class RingView:
             return Placement.DEMOTE if demoted else Placement.KEEP
         if not self.owns(key, history[-1]):
             return Placement.DEMOTE
-        if demoted:
+        if demoted or checked <= self._gap:
             return Placement.DISCARD
-        for ring in reversed(history[:-1]):
+        then = self.placement_at(checked)
+        before = _incarnations(then.replica_set(key)) if then is not None else None
+        changed = before is None
+        for ring in reversed(history):
             if ring.epoch <= checked:
                 break
             if not self.owns(key, ring):
                 return Placement.DISCARD
-        return Placement.KEEP
+            if not changed and ring.members and _incarnations(ring.replica_set(key)) != before:
+                changed = True
+        return Placement.KEEP_RESET if changed else Placement.KEEP
 
     def member(self) -> bool:
         """Whether this node is in its current ring (False before it knows one)."""

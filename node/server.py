@@ -156,7 +156,9 @@ class NodeServer:
                 local_token=self._local_token if local else b"",
                 incarnation=self.incarnation,
             )
-            self._agent = MembershipAgent(config.router, member, self.epochs, self._on_ring)
+            self._agent = MembershipAgent(
+                config.router, member, self.epochs, self._on_ring, self.rings.mark_gap
+            )
 
     def _on_ring(self, ring: Ring) -> None:
         """A new ring: demote what moved away (the agent publishes its epoch after)."""

@@ -113,7 +113,8 @@ class StoreStats:
     demoted: int = 0  # entries held for handoffs only (not in entries_by_kind)
     invalidated: int = 0  # entries dropped because the stale rule selected them
     moved: int = 0  # demoted entries dropped once their new owners confirmed a copy
-    discarded: int = 0  # entries hidden because their key came back here (maybe stale)
+    discarded: int = 0  # hidden copies dropped: a newer one or a delete was found elsewhere
+    revived: int = 0  # hidden entries served again once no newer copy was found
 
 
 def entry_cost(key: str, payload: int, meta_bytes: int) -> int:
@@ -166,6 +167,7 @@ class _Counters:
     invalidated: int = 0
     moved: int = 0
     discarded: int = 0
+    revived: int = 0
     by_kind: dict[int, int] = field(default_factory=dict)  # visible entries only
 
 
@@ -336,6 +338,34 @@ class Store:
         with self._lock:
             return self._visible_locked(key)
 
+    def suspect(self, key: StoreKey) -> Entry | None:
+        """A demoted entry of ``key`` (no statistics): one the node may revive."""
+        with self._lock:
+            entry = self._visible_locked(key, demoted_ok=True)
+            return entry if entry is not None and entry.demoted else None
+
+    def revive(self, entry: Entry, epoch: int, holders: frozenset[Holder]) -> bool:
+        """Serve a demoted ``entry`` again (the node vouched for it); False if it changed."""
+        with self._lock:
+            if self._entries.get(entry.key) is not entry or not entry.demoted:
+                return False
+            entry.demoted = False
+            del self._demoted[entry.key]
+            self._c.by_kind[entry.key[0]] = self._c.by_kind.get(entry.key[0], 0) + 1
+            entry.checked = max(entry.checked, epoch)
+            entry.holders = self._intern(holders)
+            self._c.revived += 1
+            return True
+
+    def drop(self, entry: Entry) -> bool:
+        """Remove ``entry`` if it is still the one stored (counted as discarded)."""
+        with self._lock:
+            if self._entries.get(entry.key) is not entry:
+                return False
+            self._remove_locked(entry.key)
+            self._c.discarded += 1
+            return True
+
     def contains(self, key: StoreKey) -> bool:
         """Whether ``key`` is visible (no statistics, no recency update)."""
         with self._lock:
@@ -433,6 +463,7 @@ class Store:
                 invalidated=self._c.invalidated,
                 moved=self._c.moved,
                 discarded=self._c.discarded,
+                revived=self._c.revived,
             )
 
     def keys(self) -> list[StoreKey]:
@@ -469,10 +500,16 @@ class Store:
                     self._demote_locked(entry)
                 entry.holders = NO_HOLDERS
                 entry.checked = epoch
-                self._c.discarded += 1
                 return entry if demoted_ok else None
-            if verdict == "demote" and not entry.demoted:
-                self._demote_locked(entry)
+            if verdict == "demote":
+                # Pushed to every member of its new replica set, confirmed one
+                # by one, before it may be dropped as moved: assumed holders
+                # (a client's write placement) are not enough.
+                if not entry.demoted:
+                    self._demote_locked(entry)
+                entry.holders = NO_HOLDERS
+            elif verdict == "keep-reset":
+                entry.holders = NO_HOLDERS
             entry.checked = epoch
         if entry.demoted and not demoted_ok:
             return None

@@ -111,20 +111,22 @@ class GetRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[EntryKey, _Mapping]]] = ..., head_only: _Optional[bool] = ..., local: _Optional[bool] = ..., handoff: _Optional[bool] = ...) -> None: ...
 
 class EntryGot(_message.Message):
-    __slots__ = ("key", "found", "version", "meta", "local", "stamp")
+    __slots__ = ("key", "found", "version", "meta", "local", "stamp", "settled")
     KEY_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     STAMP_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     found: bool
     version: int
     meta: TensorMeta
     local: _containers.RepeatedCompositeFieldContainer[LocalChunk]
     stamp: int
-    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., local: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ..., stamp: _Optional[int] = ...) -> None: ...
+    settled: bool
+    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., version: _Optional[int] = ..., meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., local: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ..., stamp: _Optional[int] = ..., settled: _Optional[bool] = ...) -> None: ...
 
 class LocalChunk(_message.Message):
     __slots__ = ("addr", "nbytes")
@@ -203,7 +205,7 @@ class StatRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending")
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +230,7 @@ class NodeStats(_message.Message):
     MOVED_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    REVIVED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     keys: int
@@ -252,7 +255,8 @@ class NodeStats(_message.Message):
     moved: int
     discarded: int
     pending: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+    revived: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ...) -> None: ...
 
 class FenceRequest(_message.Message):
     __slots__ = ("epoch",)

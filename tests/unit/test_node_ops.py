@@ -460,12 +460,18 @@ def test_a_scan_refills_new_replicas_and_restarted_incarnations():
     assert cl["a"].rebalancer.scan_now() == 0  # every replica holds its copies
     r2 = ring(("a", 1), ("b", 2), ("c", 1), ("d", 1))  # d joins; b restarted (empty)
     cl.install(r2)
+
+    def inc(ring: Ring, key: str) -> set[tuple[str, str, int]]:
+        return {m.incarnation_key for m in ring.replica_set(key)}
+
+    # A key whose replica set changed (d in it, or the restarted b) goes to
+    # every other member of its new set: who else held it was only assumed.
     want = [
         (k, m.name)
         for k in mine
+        if inc(r1, k) != inc(r2, k)
         for m in r2.replica_set(k)
         if m.name != "a"
-        and (m.name in ("b", "d") or "c" not in {x.name for x in r1.replica_set(k)})
     ]
     assert any(name == "d" for _, name in want) and any(name == "b" for _, name in want)
     assert cl["a"].rebalancer.scan_now() == len(want)
@@ -483,3 +489,61 @@ def test_a_leaving_node_refuses_pushes(joined):
     with pytest.raises(Unavailable, match="leaving"):
         cl.peers.put("c", push, [b"v"], 1.0)
     assert put(cl["c"], "k", b"v").version  # a client's own write is judged by its epoch
+
+
+def test_a_handoff_takes_the_newest_copy_among_the_previous_owners():
+    """A replica that missed writes (paused, cut off) holds an old copy: a miss at
+    the key's new owner must not take it because it answered first."""
+    cl = Cluster("a", "b", "c")
+
+    def ring(*names: str) -> Ring:
+        cl.epoch += 1
+        return Ring(cl.epoch, [RingMember(n, n, 1) for n in names], weight_unit=1, replicas=2)
+
+    r1 = ring("a", "b")
+    cl.install(r1)
+    r2 = ring("a", "b", "c")
+    key = next(
+        f"k{i}"
+        for i in range(5000)
+        if r1.replica_set(f"k{i}")[0].name == "b"
+        and "c" in {m.name for m in r2.replica_set(f"k{i}")}
+    )
+    old = put(cl["b"], key, b"old").version
+    new = put(cl["a"], key, b"new", version=old + 10).version  # b missed this one
+    cl.install(r2)
+    owner = next(m.name for m in r2.replica_set(key) if m.name == "c")
+    got, data = get(cl[owner], key)
+    assert got.found and (got.version, data) == (new, b"new")
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "newer", "deleted"])
+def test_a_node_back_from_a_gap_serves_its_copies_only_if_nobody_outdid_them(meanwhile):
+    """Back from a pause past its lease, a node cannot know what happened to its
+    keys while the ring went on without it. Its copies are hidden until a read
+    asks who held the keys meanwhile: a newer copy wins, a delete drops ours,
+    and with neither ours is served again (it may be the last one)."""
+    cl = Cluster("a", "b")
+    r1 = cl.ring("a", "b")
+    cl.install(r1)
+    key = next(f"k{i}" for i in range(1000) if r1.owner(f"k{i}").name == "a")
+    v1 = put(cl["a"], key, b"v1").version
+    cl["a"].rings.mark_gap()  # a is paused; the ring goes on without it
+    cl.install(cl.ring("b"), "b")
+    if meanwhile == "newer":
+        put(cl["b"], key, b"v2")
+    elif meanwhile == "deleted":
+        put(cl["b"], key, b"v2")
+        assert delete(cl["b"], key)
+    cl.install(cl.ring("a", "b"))  # a is back
+    got, data = get(cl["a"], key)
+    stat = cl["a"].stat()
+    if meanwhile == "nothing":
+        assert got.found and (got.version, data) == (v1, b"v1")
+        assert (stat.revived, stat.discarded) == (1, 0)
+    elif meanwhile == "newer":
+        assert got.found and data == b"v2" and got.version > v1
+        assert (stat.revived, stat.discarded) == (0, 1)
+    else:
+        assert not got.found  # never v1 again
+        assert (stat.revived, stat.discarded) == (0, 1)
