@@ -62,6 +62,7 @@ def stat_table(stats: list) -> str:  # list[NodeStats]
             "hits",
             "misses",
             "evictions",
+            "moving",
         )
     ]
     for s in stats:
@@ -79,6 +80,7 @@ def stat_table(stats: list) -> str:  # list[NodeStats]
                     "-",
                     "-",
                     "unreachable",
+                    "-",
                 )
             )
             continue
@@ -95,6 +97,8 @@ def stat_table(stats: list) -> str:  # list[NodeStats]
                 str(s.hits),
                 str(s.misses),
                 str(s.evictions),
+                # Copies on their way to new owners after ring changes (0: settled).
+                str(s.pending),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
