@@ -61,7 +61,7 @@ from tensorcache.errors import (
 )
 from tensorcache.keys import encode_key, shard_key
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import RingMember
+from tensorcache.ring import RingMember
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.client")

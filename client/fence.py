@@ -21,7 +21,7 @@ from tensorcache.client.placement import Placement
 from tensorcache.client.transport import ConnPool
 from tensorcache.errors import Unavailable, from_rpc_error
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.ring import Ring, RingMember
 
 log = logging.getLogger("tensorcache.client")
 

@@ -12,11 +12,11 @@ import threading
 
 import grpc
 
+from tensorcache import members
 from tensorcache.client.transport import RouterConn
 from tensorcache.errors import Unavailable, from_rpc_error
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router import members
-from tensorcache.router.ring import Ring
+from tensorcache.ring import Ring
 
 
 class Placement:

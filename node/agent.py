@@ -22,11 +22,11 @@ from collections.abc import Callable
 import grpc
 
 from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.members import ring_from_snapshot
 from tensorcache.node.ops import EpochView
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
-from tensorcache.router.members import ring_from_snapshot
-from tensorcache.router.ring import Ring
+from tensorcache.ring import Ring
 
 log = logging.getLogger("tensorcache.node")
 

@@ -33,7 +33,7 @@ from tensorcache.node.peers import Peers
 from tensorcache.node.rings import RingView
 from tensorcache.node.store import Entry, Holder, NewEntry, Store, StoreKey, entry_cost
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import RingMember
+from tensorcache.ring import RingMember
 
 log = logging.getLogger("tensorcache.node")
 

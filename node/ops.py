@@ -49,7 +49,7 @@ from tensorcache.node.store import (
     entry_cost,
 )
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring
+from tensorcache.ring import Ring
 
 log = logging.getLogger("tensorcache.node")
 

@@ -43,7 +43,7 @@ from tensorcache.node.drain import CALL_TIMEOUT_S, TargetFailed, batches, push_b
 from tensorcache.node.peers import Peers
 from tensorcache.node.rings import RingView
 from tensorcache.node.store import Entry, Holder, Store, StoreKey
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.ring import Ring, RingMember
 
 log = logging.getLogger("tensorcache.node")
 

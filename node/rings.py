@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tensorcache.node.store import Entry
-from tensorcache.router.ring import Ring, RingMember, invalidated_before
+from tensorcache.ring import Ring, RingMember, invalidated_before
 
 # How long after a ring change a miss asks the previous owners. Long enough
 # for clients to warm the new owners by reading (a model's weights are read

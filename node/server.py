@@ -27,7 +27,7 @@ from tensorcache.node.rings import RingView
 from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring
+from tensorcache.ring import Ring
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.node")

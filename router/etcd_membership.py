@@ -100,11 +100,11 @@ import grpc
 from aetcd import transactions as tx
 from google.protobuf.message import DecodeError
 
+from tensorcache import members
 from tensorcache.errors import Unavailable
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router import members
+from tensorcache.ring import RingMember
 from tensorcache.router.membership import MembershipStatus, MembershipView, ViewCell
-from tensorcache.router.ring import RingMember
 
 log = logging.getLogger("tensorcache.router")
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from tensorcache.router.ring import RingMember
+from tensorcache.ring import RingMember
 
 log = logging.getLogger("tensorcache.router")
 

@@ -15,11 +15,11 @@ from grpc_health.v1 import health, health_pb2
 
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+from tensorcache.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
 from tensorcache.router.relay import Relay
-from tensorcache.router.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router.service import RouterService
 from tensorcache.sizes import parse_size
 

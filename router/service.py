@@ -12,11 +12,11 @@ from typing import TypeVar
 
 import grpc
 
+from tensorcache import members
 from tensorcache.errors import CapacityExceeded, InvalidArgument, Unavailable
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
-from tensorcache.router import members
 from tensorcache.router.events import DEFAULT_KEEPALIVE_S, EventHub
 from tensorcache.router.membership import Membership, MembershipView
 from tensorcache.router.relay import Relay

@@ -18,7 +18,7 @@ from tensorcache.node.payload import split_payload
 from tensorcache.node.rings import RingView
 from tensorcache.node.store import Store
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.ring import Ring, RingMember
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import pytest
 
 from tensorcache.node.rings import RingView
 from tensorcache.node.store import Entry
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.ring import Ring, RingMember
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from tensorcache.errors import Unavailable
-from tensorcache.router.ring import DEFAULT_WEIGHT_UNIT, Ring, RingMember
+from tensorcache.ring import DEFAULT_WEIGHT_UNIT, Ring, RingMember
 
 pytestmark = pytest.mark.unit
 
@@ -325,7 +325,7 @@ def test_same_members_same_owners_across_instances():
 
 PROBE = """
 import json
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.ring import Ring, RingMember
 ring = Ring(1, [RingMember(f"node-{x}", "h:1", 2**30 * (i + 1)) for i, x in enumerate("abcd")])
 print(json.dumps([ring.owner(f"model/layer{i}.weight").name for i in range(500)]))
 """

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tensorcache.ring import RingMember
 from tensorcache.router.events import Batch, EventHub, Watcher
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, MembershipStatus
-from tensorcache.router.ring import RingMember
 
 pytestmark = pytest.mark.unit
 

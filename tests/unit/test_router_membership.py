@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from tensorcache.errors import InvalidArgument
+from tensorcache.ring import RingMember
 from tensorcache.router.etcd_membership import decode_prefix, encode_prefix
 from tensorcache.router.membership import EmbeddedMembership, MembershipView, ViewCell
-from tensorcache.router.ring import RingMember
 from tensorcache.router.server import RouterConfig
 from tensorcache.router.service import check_prefix
 

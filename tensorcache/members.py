@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tensorcache.proto import tensorcache_pb2 as pb
-from tensorcache.router.ring import Ring, RingMember
+from tensorcache.ring import Ring, RingMember
 
 
 def from_pb(m: pb.Member) -> RingMember:
