@@ -8,7 +8,6 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -16,6 +15,7 @@ from grpc_health.v1 import health, health_pb2
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
+from tensorcache.router.announce import Announcer, NoAnnouncer
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
@@ -75,13 +75,16 @@ class RouterConfig:
             raise ValueError(f"health_port must be 0..65535 or None, got {self.health_port}")
 
 
-def _membership(config: RouterConfig) -> Membership:
+def _control_plane(config: RouterConfig) -> tuple[Membership, Announcer]:
+    """The membership, and how this router finds the others (etcd: both in etcd)."""
     if config.etcd is None:
-        return EmbeddedMembership(config.ttl_s, sweep_interval_s=config.heartbeat_interval_s)
+        embedded = EmbeddedMembership(config.ttl_s, sweep_interval_s=config.heartbeat_interval_s)
+        return embedded, NoAnnouncer()
     # Imported here so the embedded router does not need aetcd installed to start.
     from tensorcache.router.etcd_membership import EtcdMembership
 
-    return EtcdMembership(config.etcd, config.ttl_s, timeout_s=config.etcd_timeout_s)
+    etcd = EtcdMembership(config.etcd, config.ttl_s, timeout_s=config.etcd_timeout_s)
+    return etcd, etcd.announcer
 
 
 class _Health:
@@ -134,7 +137,7 @@ class RunningRouter:
 
 def create_server(config: RouterConfig) -> RunningRouter:
     """Build and start a router."""
-    membership = _membership(config)
+    membership, announcer = _control_plane(config)
     hub = EventHub(max_watchers=config.max_watchers)
 
     # Each watch stream holds a thread for its lifetime; unary calls get their own 16.
@@ -161,12 +164,10 @@ def create_server(config: RouterConfig) -> RunningRouter:
         membership.close()
         raise
     server.start()
-    relay: Relay | None = None
-    if config.etcd is not None:  # membership is an EtcdMembership (imported lazily)
-        me = f"{config.advertise or config.host}:{port}"
-        etcd: Any = membership
-        relay = Relay(me, etcd.routers, lambda: etcd.keep_announced(me))
-        servicer.relay = relay  # known only now that the port is bound
+    # Embedded, the announcer finds no other router, so the relay forwards to nobody.
+    me = f"{config.advertise or config.host}:{port}"
+    relay = Relay(me, announcer.routers, lambda: announcer.keep_announced(me))
+    servicer.relay = relay  # known only now that the port is bound
     running = RunningRouter(server, port, membership, hub, follower, relay)
     if config.health_port is not None:
         try:
