@@ -7,21 +7,19 @@ event hub (router/events.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import grpc
 
 from tensorcache import members
-from tensorcache.errors import CapacityExceeded, InvalidArgument, Unavailable
+from tensorcache.errors import InvalidArgument, TensorCacheError, status_code
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.router.events import DEFAULT_KEEPALIVE_S, EventHub
 from tensorcache.router.membership import Membership, MembershipView
 from tensorcache.router.relay import Relay
-
-T = TypeVar("T")
 
 MAX_PREFIX_BYTES = MAX_KEY_BYTES
 MAX_PUBLISH_EVENTS = 65536
@@ -39,6 +37,41 @@ def check_prefix(prefix: str) -> None:
         )
     if "\0" in prefix:
         raise InvalidArgument("prefix contains a NUL character")
+
+
+@contextlib.contextmanager
+def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
+    """End the call with the status ``errors.py`` maps a ``TensorCacheError`` to.
+
+    The router's one error mapping: its checks raise ``InvalidArgument``, a
+    membership store that cannot be reached raises ``Unavailable``, a full
+    event hub ``CapacityExceeded`` (``abort`` raises, ending the call).
+    """
+    try:
+        yield
+    except TensorCacheError as exc:
+        context.abort(status_code(exc), str(exc))
+
+
+def _check_member(m: pb.Member) -> None:
+    if not m.name or len(m.name) > 253:
+        raise InvalidArgument(f"member.name {m.name!r} must be 1..253 characters")
+    if not m.address or ":" not in m.address:
+        raise InvalidArgument(f"member.address {m.address!r} must be host:port")
+    if m.capacity <= 0:
+        raise InvalidArgument("member.capacity must be > 0 bytes")
+
+
+def _check_events(events: Sequence[pb.KeyEvent]) -> None:
+    if len(events) > MAX_PUBLISH_EVENTS:
+        raise InvalidArgument(
+            f"{len(events)} events in one publish; the limit is {MAX_PUBLISH_EVENTS}"
+        )
+    for i, event in enumerate(events):
+        if not 0 < len(event.key) <= MAX_SHARD_KEY_BYTES:
+            raise InvalidArgument(
+                f"events[{i}].key is {len(event.key)} bytes; must be 1..{MAX_SHARD_KEY_BYTES}"
+            )
 
 
 def _invalidations(pairs: tuple[tuple[str, int], ...]) -> list[pb.Invalidation]:
@@ -88,17 +121,9 @@ class RouterService(pb_grpc.RouterServicer):
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterReply:
-        m = request.member
-        try:
-            if not m.name or len(m.name) > 253:
-                raise InvalidArgument(f"member.name {m.name!r} must be 1..253 characters")
-            if not m.address or ":" not in m.address:
-                raise InvalidArgument(f"member.address {m.address!r} must be host:port")
-            if m.capacity <= 0:
-                raise InvalidArgument("member.capacity must be > 0 bytes")
-        except InvalidArgument as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        epoch = self._call(context, self._membership.register, members.from_pb(m))
+        with _status_on_error(context):
+            _check_member(request.member)
+            epoch = self._membership.register(members.from_pb(request.member))
         return pb.RegisterReply(
             epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s, ttl_s=self._ttl_s
         )
@@ -106,41 +131,28 @@ class RouterService(pb_grpc.RouterServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
-        epoch, known = self._call(context, self._membership.heartbeat, request.name)
+        with _status_on_error(context):
+            epoch, known = self._membership.heartbeat(request.name)
         return pb.HeartbeatReply(epoch=epoch, known=known)
 
     def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.ServicerContext
     ) -> pb.DeregisterReply:
-        return pb.DeregisterReply(
-            epoch=self._call(context, self._membership.deregister, request.name)
-        )
+        with _status_on_error(context):
+            epoch = self._membership.deregister(request.name)
+        return pb.DeregisterReply(epoch=epoch)
 
     def Invalidate(
         self, request: pb.InvalidateRequest, context: grpc.ServicerContext
     ) -> pb.InvalidateReply:
-        try:
+        with _status_on_error(context):
             check_prefix(request.prefix)
-        except InvalidArgument as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        epoch = self._call(context, self._membership.invalidate, request.prefix)
+            epoch = self._membership.invalidate(request.prefix)
         return pb.InvalidateReply(generation=epoch)
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishReply:
-        try:
-            if len(request.events) > MAX_PUBLISH_EVENTS:
-                raise InvalidArgument(
-                    f"{len(request.events)} events in one publish; the limit is "
-                    f"{MAX_PUBLISH_EVENTS}"
-                )
-            for i, event in enumerate(request.events):
-                if not 0 < len(event.key) <= MAX_SHARD_KEY_BYTES:
-                    raise InvalidArgument(
-                        f"events[{i}].key is {len(event.key)} bytes; must be "
-                        f"1..{MAX_SHARD_KEY_BYTES}"
-                    )
-        except InvalidArgument as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        with _status_on_error(context):
+            _check_events(request.events)
         self._hub.publish(
             ((event.key, event.version) for event in request.events),
             node=request.node,
@@ -153,12 +165,8 @@ class RouterService(pb_grpc.RouterServicer):
     def Watch(
         self, request: pb.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchEvent]:
-        try:
+        with _status_on_error(context):
             watcher = self._hub.subscribe()
-        except CapacityExceeded as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except Unavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         # A client that goes away wakes the stream's thread, which then ends.
         context.add_callback(watcher.close)
         try:
@@ -210,12 +218,3 @@ class RouterService(pb_grpc.RouterServicer):
             membership=status.where,
             replicas=self._replicas,
         )
-
-    @staticmethod
-    def _call(context: grpc.ServicerContext, fn: Callable[..., T], *args: object) -> T:
-        """Run a membership call; a store that cannot be reached is UNAVAILABLE."""
-        try:
-            return fn(*args)
-        except Unavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            raise AssertionError("unreachable") from exc  # abort raises
