@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.router:
                 router = args.router
             else:
-                from tensorcache.cluster import LocalCluster
+                from tensorcache.apps.cluster import LocalCluster
 
                 progress(f"starting a local cluster: {args.nodes} nodes x {args.capacity}")
                 kwargs: dict[str, Any] = {"capacity": args.capacity, "log_dir": log_dir / "tc"}

@@ -61,8 +61,8 @@ import numpy as np
 import tensorcache
 from bench.measure import percentile, proc_kib, progress
 from bench.report import write_json
+from tensorcache.apps.cluster import LocalCluster
 from tensorcache.client.config import NodeStats
-from tensorcache.cluster import LocalCluster
 from tensorcache.errors import TensorCacheError
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 import tensorcache
+from tensorcache.apps.cluster import LocalCluster
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.transport import RouterConn
 from tensorcache.client.watch import EventWatcher
-from tensorcache.cluster import LocalCluster
 from tensorcache.proto import tensorcache_pb2 as pb
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

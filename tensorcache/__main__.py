@@ -1,9 +1,9 @@
 import sys
 
-from tensorcache import parentdeath
+from tensorcache.apps import parentdeath
 
 parentdeath.from_env()  # before anything else: a launcher's child dies with it
 
-from tensorcache.cli import main  # noqa: E402
+from tensorcache.apps.cli import main  # noqa: E402
 
 sys.exit(main())

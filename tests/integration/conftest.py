@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
-from tensorcache.etcdserver import find_etcd
+from tensorcache.apps.cluster import LocalCluster
+from tensorcache.apps.etcdserver import find_etcd
 
 from .helpers import TRANSPORTS
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 from tensorcache.sizes import parse_size
 
 from .helpers import TRANSPORTS, assert_same, raw_put, rpc_error, settled, tensor_header, total

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 
 from . import checker_history as history
 from . import checker_worker as worker

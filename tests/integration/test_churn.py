@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 from tensorcache.errors import TensorCacheError
 
 from .helpers import node_stat, poll

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorcache.etcdserver import find_etcd
+from tensorcache.apps.etcdserver import find_etcd
 
 from .helpers import poll, read_line
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 
 from .helpers import assert_same, poll, raw_put, read_line, settled, tensor_header
 

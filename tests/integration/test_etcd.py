@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.etcdserver import EtcdServer, free_port
+from tensorcache.apps.etcdserver import EtcdServer, free_port
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc

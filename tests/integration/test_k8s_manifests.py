@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorcache.cli import build_parser
+from tensorcache.apps.cli import build_parser
 from tensorcache.sizes import parse_size
 
 from .k8s_render import (

@@ -36,8 +36,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tensorcache
-from tensorcache import parentdeath
-from tensorcache.etcdserver import free_port
+from tensorcache.apps import parentdeath
+from tensorcache.apps.etcdserver import free_port
 from tensorcache.sizes import parse_size
 
 from .helpers import assert_same, poll, sample

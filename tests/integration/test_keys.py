@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 from tensorcache.proto import tensorcache_pb2 as pb
 
 from .helpers import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 
 from .helpers import total
 

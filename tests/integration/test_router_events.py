@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tensorcache.cluster import LocalCluster
+from tensorcache.apps.cluster import LocalCluster
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import grpc
 
-from tensorcache import parentdeath
-from tensorcache.cluster import NODE_ENV_DEFAULTS
-from tensorcache.etcdserver import EtcdServer, free_port
+from tensorcache.apps import parentdeath
+from tensorcache.apps.cluster import NODE_ENV_DEFAULTS
+from tensorcache.apps.etcdserver import EtcdServer, free_port
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc

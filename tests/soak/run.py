@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorcache
-from tensorcache import parentdeath
+from tensorcache.apps import parentdeath
 from tensorcache.sizes import parse_size
 from tests.integration import checker_history as history
 from tests.integration import checker_worker as cw

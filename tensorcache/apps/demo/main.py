@@ -60,10 +60,11 @@ from typing import Any
 
 import numpy as np
 
-from tensorcache import codec, parentdeath
-from tensorcache.cli import stat_table
+from tensorcache import codec
+from tensorcache.apps import parentdeath
+from tensorcache.apps.cluster import LocalCluster
+from tensorcache.apps.statview import stat_table
 from tensorcache.client.api import connect
-from tensorcache.cluster import LocalCluster
 from tensorcache.errors import TensorCacheError
 from tensorcache.sizes import format_size
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import grpc
 
-from tensorcache import parentdeath
-from tensorcache.etcdserver import EtcdServer, find_etcd
+from tensorcache.apps import parentdeath
+from tensorcache.apps.etcdserver import EtcdServer, find_etcd
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc

@@ -1,0 +1,1 @@
+"""``tensorcache demo``: worker processes share one model's weights (see ``main``)."""

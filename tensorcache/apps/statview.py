@@ -1,0 +1,87 @@
+"""What ``tensorcache stat`` prints: the router's status line and the per-node table.
+
+The demo prints the same table after its run.
+"""
+
+from __future__ import annotations
+
+from tensorcache.sizes import format_size
+
+
+def stat_table(stats: list) -> str:  # list[NodeStats]
+    rows = [
+        (
+            "node",
+            "address",
+            "keys",
+            "shards",
+            "used",
+            "capacity",
+            "util",
+            "hit rate",
+            "hits",
+            "misses",
+            "evictions",
+            "moving",
+        )
+    ]
+    for s in stats:
+        if not s.reachable:
+            rows.append(
+                (
+                    s.name,
+                    s.address,
+                    "-",
+                    "-",
+                    "-",
+                    format_size(s.capacity),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "unreachable",
+                    "-",
+                )
+            )
+            continue
+        rows.append(
+            (
+                s.name,
+                s.address,
+                str(s.keys),
+                str(s.shards),
+                format_size(s.bytes_used),
+                format_size(s.capacity),
+                f"{s.utilization:.1%}",
+                f"{s.hit_rate:.1%}",
+                str(s.hits),
+                str(s.misses),
+                str(s.evictions),
+                # Copies on their way to new owners after ring changes (0: settled).
+                str(s.pending),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def router_status_line(address: str, timeout: float) -> str:
+    """One line on the router's health (Router.Status); says so if it cannot tell."""
+    import grpc
+
+    from tensorcache.grpcutil import CHANNEL_OPTIONS
+    from tensorcache.proto import tensorcache_pb2 as pb
+    from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+            st = pb_grpc.RouterStub(ch).Status(pb.RouterStatusRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        return f"router {address}  state unknown ({exc.code().name}: {exc.details()})"
+    line = (
+        f"router {address}  state {st.state}  membership {st.membership}  "
+        f"replicas {st.replicas or 1}  epoch {st.epoch}  members {st.members}"
+    )
+    return f"{line}\n  {st.detail}" if st.detail else line
