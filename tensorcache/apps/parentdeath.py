@@ -15,6 +15,12 @@ fault-injection thread, a pool worker) is killed when that thread ends,
 although its launcher lives on. So launchers start children through
 ``popen``, which runs every ``Popen`` on one daemon thread that lives as
 long as the process.
+
+An app module, not core: it is process plumbing for launchers (``cluster``,
+the demo, the test harnesses) and for the children they start, which arm it
+in ``tensorcache/__main__.py`` before anything else; no library component
+(node, router, client) imports it, and a user's process must not get a death
+signal armed by importing the cache.
 """
 
 from __future__ import annotations
