@@ -19,9 +19,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tensorcache demo
 
-## Everything CI checks: lint, generated-code freshness, unit + integration tests.
+## Everything CI checks: lint, the layering contracts, generated-code freshness, unit + integration tests.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/lint_imports.py
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -33,6 +34,7 @@ integration: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/lint_imports.py
 	$(BIN)/ruff format --check .
 
 ## A bounded soak under faults (tests/soak): SOAK_SECONDS (default 120), SOAK_SEED to repeat one.
