@@ -1,6 +1,6 @@
 """Membership in etcd: two routers, one ring, nothing lost when a router restarts.
 
-Every test starts a private etcd (tensorcache/etcdserver.py) and real
+Every test starts a private etcd (tensorcache/apps/etcdserver.py) and real
 ``tensorcache router --etcd`` and ``tensorcache node`` processes on loopback.
 Nodes register with and heartbeat router A only; router B learns everything
 from etcd. Waits poll with a deadline; nothing sleeps a fixed time.
