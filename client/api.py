@@ -1,170 +1,94 @@
 """The client a worker imports: ``tensorcache.connect(router) -> Client``.
 
-How a tensor is stored
-----------------------
-A tensor of at most ``stripe_size`` bytes is one entry on the node that owns
-its key. A larger one is cut into stripes; each stripe is an entry of kind
-SHARD whose key embeds a random *put id*, so it hashes (and lands)
-independently and stripes of two puts of the same key never overwrite each
-other. The put writes every stripe first and then a *manifest* (dtype,
-shape, and each stripe's key, offset, size and CRC32C) under the tensor's
-own key: the manifest is the commit point, so a put is visible only once all
-of it is stored. A get reads the manifest, fetches the stripes in parallel
-straight into one preallocated array, and checks each stripe against the
-manifest; a missing or mismatched stripe is a miss, never garbage.
+This module holds the public methods only; the parts live beside it:
+striping (client/striping.py), the fan-out with its retry and failover
+policy (client/fanout.py), the node transport seam and its network
+implementation (client/nodes.py), placement (client/placement.py), the
+near-cache (client/nearcache.py, client/watch.py), read-through fills
+(client/fill.py) and the work items with their wire mapping
+(client/items.py). ``tensorcache.testing`` provides an in-memory cluster
+behind the same seams.
 
-Concurrency
------------
-A ``Client`` is thread-safe. Fan-out RPCs run on one thread pool; a public
-call submits tasks and waits, tasks never submit tasks, so the pool cannot
-deadlock. gRPC channels do not survive ``fork()``: connect in each process.
+Concurrency: a ``Client`` is thread-safe. Fan-out RPCs run on one thread
+pool; a public call submits tasks and waits, tasks never submit tasks, so the
+pool cannot deadlock. gRPC channels do not survive ``fork()``: connect in
+each process.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import secrets
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-import grpc
 import numpy as np
 
-from tensorcache import codec, localread
+from tensorcache import codec
+from tensorcache.client import striping
 from tensorcache.client.config import ClientConfig, NodeStats
-from tensorcache.client.datachannel import DataPool
+from tensorcache.client.fanout import FanOut
 from tensorcache.client.fence import fence_all
 from tensorcache.client.fill import FillOptions, RpcGrants, read_through, store_if_absent
+from tensorcache.client.items import DelItem, FillItem, GetItem, PutItem
 from tensorcache.client.nearcache import NearCache
+from tensorcache.client.nodes import NetworkTransport, NodeTransport
 from tensorcache.client.placement import Placement
-from tensorcache.client.transport import (
-    ConnPool,
-    RouterConn,
-    payload_messages,
-    read_payload,
-)
+from tensorcache.client.transport import RouterConn, RouterTransport
 from tensorcache.client.watch import EventWatcher
-from tensorcache.errors import (
-    CapacityExceeded,
-    InvalidArgument,
-    ProtocolError,
-    StaleEpoch,
-    TensorCacheError,
-    Unavailable,
-    from_rpc_error,
-)
-from tensorcache.keys import encode_key, shard_key
+from tensorcache.errors import InvalidArgument, TensorCacheError
+from tensorcache.keys import encode_key
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import RingMember
 from tensorcache.sizes import parse_size
 
 log = logging.getLogger("tensorcache.client")
 
-T = TypeVar("T")
-
 __all__ = ["Client", "ClientConfig", "NodeStats", "connect"]
 
 
-# ------------------------------------------------------------------ work items
-@dataclass(eq=False)
-class _Put:
-    """One entry to write: a small tensor, a stripe, or a manifest."""
-
-    key: str
-    kind: int
-    meta: pb.TensorMeta
-    view: np.ndarray | None  # payload (None for a manifest)
-    version: int = 0
-    replaced: list[pb.StripeRef] = field(default_factory=list)
-    cond: int | None = None  # if_version of a conditional put
-    replica: int = 0  # which copy: 0 = the primary, i = replica_set(key)[i]
-    exact: int = 0  # a replica copy: store exactly this version (the primary's)
-    kept_newer: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.view is None else self.view.nbytes
-
-
-@dataclass(eq=False)
-class _Get:
-    """One entry to read; ``dest`` is where its payload goes (None: allocate)."""
-
-    key: str
-    kind: int
-    found: bool = False
-    version: int = 0
-    meta: pb.TensorMeta | None = None
-    array: np.ndarray | None = None
-    dest: np.ndarray | None = None  # flat uint8 destination
-    expect: pb.StripeRef | None = None  # for stripes: what the manifest promised
-    put_id: int = 0
-    ok: bool = False
-    out: np.ndarray | None = None  # the caller's array to fill (get(key, out=...))
-    replica: int = 0  # failover cursor into replica_set(key)
-
-    @property
-    def nbytes(self) -> int:
-        return self.expect.nbytes if self.expect is not None else 0
-
-
-@dataclass(eq=False)
-class _Fill:
-    """One Fill RPC (ask, renew or release a fill grant; client/fill.py)."""
-
-    key: str
-    holder: str
-    filler: str
-    ttl_ms: int
-    release: bool
-    timeout_s: float
-    reply: pb.FillReply | None = None
-    nbytes = 0
-    replica = 0
-
-
-@dataclass(eq=False)
-class _Del:
-    key: str
-    kind: int
-    found: bool = False
-    stripes: list[pb.StripeRef] = field(default_factory=list)
-    replica: int = 0  # which copy to delete
-
-    nbytes = 0
-
-
 class Client:
-    """A connection to a tensorcache cluster. Use ``tensorcache.connect``."""
+    """A connection to a tensorcache cluster. Use ``tensorcache.connect``.
 
-    def __init__(self, router: str, config: ClientConfig | None = None) -> None:
+    ``nodes`` and ``control`` are the seams to the cluster (client/nodes.py,
+    client/transport.py): by default the network, to the router at
+    ``router``; ``tensorcache.testing.FakeCluster`` passes in-memory ones.
+    """
+
+    def __init__(
+        self,
+        router: str,
+        config: ClientConfig | None = None,
+        *,
+        nodes: NodeTransport | None = None,
+        control: RouterTransport | None = None,
+    ) -> None:
         self.config = config or ClientConfig()
-        self._router = RouterConn(router)
-        self._placement = Placement(self._router, self.config.timeout_s)
-        self._conns = ConnPool()
-        self._data = DataPool(self.config.timeout_s)
-        self._local: dict[str, bool] = {}
+        self._mlock = threading.Lock()
+        self._metrics: dict[str, int] = defaultdict(int)
+        self._control: RouterTransport = control if control is not None else RouterConn(router)
+        self._nodes: NodeTransport = (
+            nodes if nodes is not None else NetworkTransport(self.config, self._count)
+        )
+        self._placement = Placement(self._control, self.config.timeout_s)
+        self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
+        self._fan = FanOut(self._placement, self._pool, self.config, self._count)
         self._near = (
             NearCache(self.config.near_cache_bytes) if self.config.near_cache_bytes else None
         )
         self._watch: EventWatcher | None = None
-        self._pool = ThreadPoolExecutor(self.config.parallelism, thread_name_prefix="tensorcache")
         self._closed = False
-        self._mlock = threading.Lock()
-        self._metrics: dict[str, int] = defaultdict(int)
         try:
             self._placement.current()
+            if self._near is not None and self.config.near_cache_mode == "watch":
+                if not isinstance(self._control, RouterConn):
+                    raise InvalidArgument("near_cache_mode='watch' needs a router's event stream")
+                self._watch = EventWatcher(self._control, self._near)
         except TensorCacheError:
             self.close()
             raise
-        if self._near is not None and self.config.near_cache_mode == "watch":
-            self._watch = EventWatcher(self._router, self._near)
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -174,9 +98,8 @@ class Client:
         if self._watch is not None:
             self._watch.close()
         self._pool.shutdown(wait=True)
-        self._conns.close()
-        self._data.close()
-        self._router.close()
+        self._nodes.close()
+        self._control.close()
 
     def __enter__(self) -> Client:
         return self
@@ -288,29 +211,16 @@ class Client:
     def _fill(
         self, key: str, holder: str, filler: str, ttl_ms: int, *, release: bool, timeout_s: float
     ) -> pb.FillReply:
-        items = [_Fill(key, holder, filler, ttl_ms, release, timeout_s)]
-        self._scatter(items, self._fill_call)
+        items = [FillItem(key, holder, filler, ttl_ms, release, timeout_s)]
+        self._fan.scatter(items, self._nodes.fill)
         assert items[0].reply is not None
         return items[0].reply
-
-    def _fill_call(self, member: RingMember, epoch: int, batch: list[_Fill]) -> None:
-        for it in batch:
-            request = pb.FillRequest(
-                epoch=epoch, key=it.key.encode(), holder=it.holder, ttl_ms=it.ttl_ms,
-                release=it.release, filler=it.filler,
-            )  # fmt: skip
-            try:
-                it.reply = self._conns.get(member.address).fill(
-                    request, timeout=min(self.config.timeout_s, it.timeout_s)
-                )
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, f"fill on node {member.address}") from exc
 
     def version(self, key: str) -> int | None:
         """The current version of ``key``, or None if absent (no bytes move)."""
         encode_key(key)
-        items = [_Get(key, pb.TENSOR)]
-        self._read(items, self._head_call)
+        items = [GetItem(key, pb.TENSOR)]
+        self._read(items, self._nodes.head)
         return items[0].version if items[0].found else None
 
     def get(
@@ -346,8 +256,8 @@ class Client:
     def delete(self, key: str) -> bool:
         """Remove ``key``; returns whether it was present."""
         encode_key(key)
-        items = [_Del(key, pb.TENSOR, replica=i) for i in range(self._replicas())]
-        self._scatter(items, self._delete_call)
+        items = [DelItem(key, pb.TENSOR, replica=i) for i in range(self._replicas())]
+        self._fan.scatter(items, self._nodes.delete)
         stripes = {ref.key: ref for it in items for ref in it.stripes}
         self._free_stripes(list(stripes.values()))
         if self._near is not None:
@@ -373,16 +283,9 @@ class Client:
         if "\x00" in prefix or len(prefix.encode("utf-8", "surrogatepass")) > 1024:
             raise InvalidArgument("prefix must be at most 1024 UTF-8 bytes with no NUL")
         timeout = timeout_s if timeout_s is not None else self.config.timeout_s
-        try:
-            reply: pb.InvalidateReply = self._router.stub.Invalidate(
-                pb.InvalidateRequest(prefix=prefix), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            where = f"invalidate {prefix!r} at router {self._router.address}"
-            raise from_rpc_error(exc, where) from exc
-        generation = reply.generation
+        generation = self._control.invalidate(prefix, timeout)
         fence_all(
-            self._placement, self._conns, self._pool, generation, timeout, f"invalidate {prefix!r}"
+            self._placement, self._nodes, self._pool, generation, timeout, f"invalidate {prefix!r}"
         )
         if self._near is not None:
             self._near.drop_prefix(prefix)
@@ -390,7 +293,9 @@ class Client:
         return generation
 
     def _read(
-        self, items: list[_Get], call: Callable[[RingMember, int, list[_Get]], None] | None = None
+        self,
+        items: list[GetItem],
+        call: Callable[[RingMember, int, list[GetItem]], None] | None = None,
     ) -> None:
         """Get ``items`` from their primaries (failing over when unreachable).
 
@@ -401,15 +306,15 @@ class Client:
         to all replicas), so its answer is as fresh as the primary's. Costs
         one more round trip per miss, only with replication.
         """
-        call = call or self._get_call
-        self._scatter(items, call, failover=True)
+        call = call or self._nodes.get
+        self._fan.scatter(items, call, failover=True)
         if self._replicas() < 2:
             return
         missed = [it for it in items if not it.found and it.replica == 0]
         if missed:
             for it in missed:
                 it.replica = 1
-            self._scatter(missed, call)
+            self._fan.scatter(missed, call)
             found = sum(it.found for it in missed)
             self._count("misses_confirmed", len(missed), replica_hits=found)
 
@@ -428,56 +333,27 @@ class Client:
             raise InvalidArgument(
                 f"put_many takes a mapping of key -> array, got {type(values).__name__}"
             )
-        stripe = self.stripe_size
         copies = self._replicas()
-        tensors: list[_Put] = []
-        shards: list[_Put] = []
-        for key, value in values.items():
-            encode_key(key)
-            layout, view = codec.encode(value)
-            meta = pb.TensorMeta(
-                dtype=layout.dtype, shape=layout.shape, order=layout.order, nbytes=layout.nbytes
-            )
-            if layout.nbytes <= stripe:
-                meta.crc32c = codec.crc32c(view)
-                tensors.append(_Put(key, pb.TENSOR, meta, view, cond=_cond(conditions, key)))
-                continue
-            meta.put_id = secrets.randbits(63) | 1
-            for i, off in enumerate(range(0, layout.nbytes, stripe)):
-                part = view[off : off + stripe]
-                skey = shard_key(key, meta.put_id, i)
-                ref = meta.stripes.add(
-                    key=skey.encode(), offset=off, nbytes=part.nbytes, crc32c=codec.crc32c(part)
-                )
-                smeta = pb.TensorMeta(
-                    dtype="|u1",
-                    shape=[part.nbytes],
-                    order="C",
-                    nbytes=part.nbytes,
-                    crc32c=ref.crc32c,
-                    put_id=meta.put_id,
-                )
-                shards.extend(_Put(skey, pb.SHARD, smeta, part, replica=i) for i in range(copies))
-            tensors.append(_Put(key, pb.TENSOR, meta, None, cond=_cond(conditions, key)))
+        tensors, shards = striping.plan(values, self.stripe_size, copies, conditions)
         if shards:
-            self._check_fits(shards)
+            striping.check_fits(self._placement.current(), shards)
             try:
-                self._scatter(shards, self._put_call)  # stripes first: the manifest commits
+                self._fan.scatter(shards, self._nodes.put)  # stripes first: the manifest commits
             except TensorCacheError:
                 self._free_stripes([r for it in tensors for r in it.meta.stripes])
                 raise
         try:
-            self._scatter(tensors, self._put_call)  # the primary assigns each version
+            self._fan.scatter(tensors, self._nodes.put)  # the primary assigns each version
             if copies > 1:
                 # Then every other replica stores exactly that version. The
                 # put returns only once all of them have (docs/consistency.md).
-                self._scatter(
+                self._fan.scatter(
                     [
-                        _Put(it.key, it.kind, it.meta, it.view, replica=i, exact=it.version)
+                        PutItem(it.key, it.kind, it.meta, it.view, replica=i, exact=it.version)
                         for it in tensors
                         for i in range(1, copies)
                     ],
-                    self._put_call,
+                    self._nodes.put,
                 )
         except TensorCacheError:
             # Stripes of manifests that did not commit are unreachable: free them.
@@ -508,7 +384,7 @@ class Client:
         # A stripe can vanish under a reader when a newer put replaced it;
         # read the manifest again (bounded) before calling it a miss.
         for _ in range(3):
-            items = [_Get(k, pb.TENSOR, out=outs.get(k) if outs else None) for k in pending]
+            items = [GetItem(k, pb.TENSOR, out=outs.get(k) if outs else None) for k in pending]
             self._read(items)
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
@@ -516,7 +392,9 @@ class Client:
                     out[it.key] = (it.array, it.version)
             pending = []
             if striped:
-                for it, ok in zip(striped, self._fetch_stripes(striped), strict=True):
+                for it, ok in zip(
+                    striped, striping.fetch(striped, self._read, self._count), strict=True
+                ):
                     if ok:
                         out[it.key] = (it.array, it.version)
                     else:
@@ -532,12 +410,10 @@ class Client:
         """One record per node in the ring (unreachable nodes: reachable=False)."""
         ring = self._placement.refresh(self._placement.current())
 
-        def one(member: Any) -> NodeStats:
+        def one(member: RingMember) -> NodeStats:
             try:
-                s: pb.NodeStats = self._conns.get(member.address).stat(
-                    pb.StatRequest(), timeout=self.config.timeout_s
-                )
-            except grpc.RpcError:
+                s = self._nodes.stat(member, self.config.timeout_s)
+            except TensorCacheError:
                 return NodeStats(
                     member.name, member.address, 0, 0, member.capacity, 0, 0, 0, reachable=False
                 )
@@ -571,413 +447,14 @@ class Client:
 
         return list(self._pool.map(one, ring.members))
 
-    # ------------------------------------------------------------ fan-out core
-    def _deadline(self, nbytes: int) -> float:
-        return self.config.timeout_s + nbytes / self.config.min_throughput
-
-    def _batches(self, items: list[T]) -> list[list[T]]:
-        """Split one node's items into RPC-sized batches."""
-        out: list[list[T]] = []
-        cur: list[T] = []
-        size = 0
-        for it in items:
-            n = getattr(it, "nbytes", 0)
-            if cur and (size + n > self.config.batch_bytes or len(cur) >= self.config.batch_keys):
-                out.append(cur)
-                cur, size = [], 0
-            cur.append(it)
-            size += n
-        if cur:
-            out.append(cur)
-        return out
-
-    def _scatter(
-        self,
-        items: Sequence[T],
-        call: Callable[[RingMember, int, list[T]], None],
-        *,
-        failover: bool = False,
-    ) -> None:
-        """Run ``call`` on every item, grouped by node, in parallel.
-
-        Each item goes to ``ring.replica_set(key)[item.replica]`` (an item
-        whose copy index is beyond a small ring's replica set is done). The
-        one place failure policy lives: with ``failover`` (reads), an
-        unreachable node sends its items to the key's next replica at once,
-        with no wait; otherwise, and once every replica failed, a stale epoch
-        or an unreachable node refreshes the ring and retries just the failed
-        items, up to ``retries`` times with exponential backoff (counted in
-        metrics); any other error is raised once all batches finished.
-        """
-        pending = list(items)
-        last: TensorCacheError | None = None
-        attempt = 0
-        while True:
-            ring = self._placement.current()
-            groups: dict[str, list[T]] = defaultdict(list)
-            members: dict[str, RingMember] = {}
-            for it in pending:
-                copies = ring.replica_set(it.key)  # type: ignore[attr-defined]
-                idx: int = it.replica  # type: ignore[attr-defined]
-                if idx >= len(copies):
-                    continue  # fewer members than replicas: this copy has no home
-                member = copies[idx]
-                members[member.name] = member
-                groups[member.name].append(it)
-            tasks = [
-                (members[name], batch)
-                for name, group in groups.items()
-                for batch in self._batches(group)
-            ]
-            results = self._run_all(
-                [functools.partial(call, member, ring.epoch, batch) for member, batch in tasks]
-            )
-            failed: list[T] = []
-            moved: list[T] = []
-            fatal: TensorCacheError | None = None
-            stale_epoch = 0
-            for (_member, batch), exc in zip(tasks, results, strict=True):
-                if exc is None:
-                    continue
-                if isinstance(exc, StaleEpoch):
-                    stale_epoch = max(stale_epoch, exc.epoch)
-                    failed.extend(batch)
-                elif isinstance(exc, Unavailable):
-                    for it in batch:
-                        if failover and it.replica + 1 < len(ring.replica_set(it.key)):  # type: ignore[attr-defined]
-                            it.replica += 1  # type: ignore[attr-defined]
-                            moved.append(it)
-                        else:
-                            failed.append(it)
-                elif isinstance(exc, TensorCacheError):
-                    fatal = fatal or exc
-                else:
-                    raise exc
-                last = exc if isinstance(exc, TensorCacheError) else last
-            if fatal is not None:
-                raise fatal
-            if moved:
-                self._count("failovers", len(moved))
-            if failover:
-                for it in failed:
-                    it.replica = 0  # type: ignore[attr-defined]  # a new ring: its primary first
-            if not failed and not moved:
-                return
-            pending = failed + moved
-            if not failed:
-                continue  # only failovers: same ring, next replicas, no wait
-            self._count("retries")
-            if attempt >= self.config.retries:
-                break
-            if stale_epoch == 0:  # unreachable node: give membership time to notice
-                time.sleep(self.config.retry_backoff_s * (2 ** min(attempt, 4)))
-            attempt += 1
-            try:
-                self._placement.refresh(ring, stale_epoch)
-            except Unavailable as exc:
-                last = exc
-        raise last if last is not None else Unavailable("retries exhausted")
-
-    def _run_all(self, fns: list[Callable[[], None]]) -> list[BaseException | None]:
-        if len(fns) == 1:
-            try:
-                fns[0]()
-                return [None]
-            except Exception as exc:
-                return [exc]
-        futs: list[Future[None]] = [self._pool.submit(fn) for fn in fns]
-        return [f.exception() for f in futs]
-
-    # ------------------------------------------------------------ RPC calls
-    def _data_channel(self, member: RingMember) -> bool:
-        return self.config.transport == "auto" and bool(member.data_address)
-
-    def _data_fallback(self, member: RingMember, exc: Exception) -> None:
-        """The data channel failed: this call goes over gRPC instead (counted)."""
-        self._count("data_fallbacks")
-        log.info("data channel of %s unavailable (%s); using gRPC", member.name, exc)
-
-    def _is_local(self, member: RingMember) -> bool:
-        """Whether this process can read ``member``'s memory (probed once per token)."""
-        if not (self.config.local_fastpath and member.local_pid and member.local_token):
-            return False
-        seen = self._local.get(member.local_token)
-        if seen is None:
-            seen = localread.probe(member.local_pid, member.local_token_addr, member.local_token)
-            self._local[member.local_token] = seen
-        return seen
-
-    def _read_local(self, member: RingMember, it: _Get, chunks: list[tuple[int, int]]) -> bool:
-        assert it.dest is not None and it.meta is not None
-        if not localread.read_remote(member.local_pid, chunks, it.dest):
-            return False
-        self._count("local_reads")
-        if self.config.verify_local_checksums:
-            it.ok = codec.crc32c(it.dest) == it.meta.crc32c
-        else:
-            it.ok = True
-        if not it.ok:
-            self._count("corrupt")
-            it.found, it.array = False, None
-        return True
-
-    def _destination(
-        self, out: np.ndarray | None, layout: codec.Layout
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if out is None:
-            try:
-                return codec.allocate(layout)
-            except (ValueError, MemoryError) as exc:
-                raise ProtocolError(f"cannot allocate {layout}: {exc}") from exc
-        return out, codec.view_for(out, layout)
-
-    def _put_call(self, member: RingMember, epoch: int, batch: list[_Put]) -> None:
-        header = pb.PutRequest(epoch=epoch)
-        for it in batch:
-            entry = header.entries.add(key=it.key.encode(), kind=it.kind, meta=it.meta)
-            if it.cond is not None:
-                entry.if_version = it.cond
-            if it.exact:
-                entry.version = it.exact
-        views = [it.view for it in batch if it.view is not None]
-        reply: pb.PutReply | None = None
-        if self._data_channel(member):
-            try:
-                with self._data.connection(member.data_address) as dc:
-                    reply = dc.put(header, views)
-            except Unavailable as exc:  # a put is all-or-nothing: safe to resend
-                self._data_fallback(member, exc)
-        if reply is None:
-            head = header.SerializeToString()
-
-            def stream() -> Iterable[bytes]:
-                yield head
-                yield from payload_messages(views, self.config.chunk_size)
-
-            nbytes = sum(v.nbytes for v in views)
-            try:
-                reply = self._conns.get(member.address).put(
-                    stream(), timeout=self._deadline(nbytes)
-                )
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, f"put to node {member.address}") from exc
-        if len(reply.results) != len(batch):
-            raise ProtocolError(
-                f"node {member.address} answered {len(reply.results)} of {len(batch)} puts"
-            )
-        for it, res in zip(batch, reply.results, strict=True):
-            it.version = res.version
-            it.replaced = list(res.replaced_stripes)
-            it.kept_newer = res.kept_newer
-
-    def _get_call(
-        self, member: RingMember, epoch: int, batch: list[_Get], *, local: bool = True
-    ) -> None:
-        request = pb.GetRequest(
-            epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
-        )
-        where = f"get from node {member.address}"
-        carrying: list[_Get] = []
-
-        def destinations(reply: pb.GetReply) -> list[np.ndarray]:
-            """Record what each key's header says; allocate where payload goes."""
-            if len(reply.entries) != len(batch):
-                raise ProtocolError(f"{where}: {len(reply.entries)} headers for {len(batch)} keys")
-            dests: list[np.ndarray] = []
-            for it, got in zip(batch, reply.entries, strict=True):
-                it.found, it.version = got.found, got.version
-                if not got.found:
-                    continue
-                it.meta = got.meta
-                if got.meta.stripes:
-                    continue  # a manifest: no payload of its own
-                layout = self._layout(got.meta, where)
-                if it.expect is None:  # a tensor: its own (or the caller's) array
-                    it.array, it.dest = self._destination(it.out, layout)
-                elif it.dest is None or it.dest.nbytes != layout.nbytes:
-                    it.dest = np.empty(layout.nbytes, np.uint8)  # unlike its manifest: miss
-                if got.local:
-                    shared.append((it, [(c.addr, c.nbytes) for c in got.local]))
-                    continue
-                dests.append(it.dest)
-                carrying.append(it)
-            return dests
-
-        shared: list[tuple[_Get, list[tuple[int, int]]]] = []
-        crcs: list[int] | None = None
-        if self._data_channel(member):
-            request.local = local and self._is_local(member)
-            try:
-                with self._data.connection(member.data_address) as dc:
-                    _, crcs = dc.get(request, destinations)
-                    # Co-located: copy straight out of the node's memory while
-                    # we hold the connection (the node pins those buffers until
-                    # our next request on it). Failures refetch over the network.
-                    gone = [it for it, ch in shared if not self._read_local(member, it, ch)]
-                    if shared:
-                        dc.release()  # unpin now, not at our next request
-            except Unavailable as exc:
-                self._data_fallback(member, exc)
-                crcs = None
-                carrying.clear()
-                shared.clear()
-                request.local = False
-            else:
-                if gone:
-                    self._count("local_fallbacks", len(gone))
-                    for it in gone:
-                        it.found = False
-                    self._get_call(member, epoch, gone, local=False)
-        if crcs is None:
-            nbytes = sum(it.nbytes for it in batch)
-            try:
-                stream = self._conns.get(member.address).get(
-                    request, timeout=self._deadline(nbytes)
-                )
-                first = next(stream, None)
-                if first is None:
-                    raise ProtocolError(f"{where}: empty reply stream")
-                dests = destinations(pb.GetReply.FromString(first))
-                crcs = read_payload(stream, dests, where)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, where) from exc
-        for it, crc in zip(carrying, crcs, strict=True):
-            assert it.meta is not None
-            it.ok = crc == it.meta.crc32c
-            if not it.ok:
-                self._count("corrupt")
-                log.warning(
-                    "%s: %r failed its checksum (got %#010x, want %#010x); treated as a miss",
-                    where,
-                    it.key[:80],
-                    crc,
-                    it.meta.crc32c,
-                )
-                it.found, it.array = False, None
-
-    def _head_call(self, member: RingMember, epoch: int, batch: list[_Get]) -> None:
-        """Versions only (GetRequest.head_only over gRPC: no payload)."""
-        request = pb.GetRequest(
-            epoch=epoch,
-            head_only=True,
-            keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch],
-        )
-        where = f"version from node {member.address}"
-        try:
-            first = next(
-                self._conns.get(member.address).get(request, timeout=self.config.timeout_s), None
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, where) from exc
-        if first is None:
-            raise ProtocolError(f"{where}: empty reply stream")
-        reply = pb.GetReply.FromString(first)
-        if len(reply.entries) != len(batch):
-            raise ProtocolError(f"{where}: {len(reply.entries)} headers for {len(batch)} keys")
-        for it, got in zip(batch, reply.entries, strict=True):
-            it.found, it.version = got.found, got.version
-
-    def _delete_call(self, member: RingMember, epoch: int, batch: list[_Del]) -> None:
-        request = pb.DeleteRequest(
-            epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
-        )
-        try:
-            reply: pb.DeleteReply = self._conns.get(member.address).delete(
-                request, timeout=self.config.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, f"delete on node {member.address}") from exc
-        for it, res in zip(batch, reply.results, strict=True):
-            it.found = res.found
-            it.stripes = list(res.stripes)
-
-    @staticmethod
-    def _layout(meta: pb.TensorMeta, where: str) -> codec.Layout:
-        try:
-            return codec.check_layout(meta.dtype, tuple(meta.shape), meta.order, meta.nbytes)
-        except InvalidArgument as exc:
-            raise ProtocolError(f"{where}: node sent bad metadata: {exc}") from exc
-
-    # ------------------------------------------------------------ stripes
-    def _fetch_stripes(self, tensors: list[_Get]) -> list[bool]:
-        """Fetch every stripe of every manifest into its tensor's array."""
-        parts: list[tuple[_Get, _Get]] = []
-        for t in tensors:
-            assert t.meta is not None
-            layout = self._layout(t.meta, f"manifest of {t.key!r}")
-            t.array, whole = self._destination(t.out, layout)
-            for ref in t.meta.stripes:
-                if ref.offset + ref.nbytes > whole.nbytes:
-                    raise ProtocolError(f"manifest of {t.key!r}: stripe beyond the tensor")
-                part = _Get(
-                    ref.key.decode(),
-                    pb.SHARD,
-                    dest=whole[ref.offset : ref.offset + ref.nbytes],
-                    expect=ref,
-                    put_id=t.meta.put_id,
-                )
-                parts.append((t, part))
-        self._read([p for _, p in parts])
-        good: dict[int, bool] = {id(t): True for t in tensors}
-        for t, p in parts:
-            ok = (
-                p.found
-                and p.ok
-                and p.meta is not None
-                and p.expect is not None
-                and p.meta.put_id == p.put_id
-                and p.meta.nbytes == p.expect.nbytes
-                and p.meta.crc32c == p.expect.crc32c
-            )
-            if not ok:
-                good[id(t)] = False
-        for t in tensors:
-            if not good[id(t)]:
-                self._count("stripe_misses")
-                t.array = None
-        return [good[id(t)] for t in tensors]
-
-    def _check_fits(self, shards: list[_Put]) -> None:
-        """Refuse, before sending a byte, stripes that cannot fit on their nodes.
-
-        Without this a tensor larger than the cluster would evict every other
-        entry on its way to failing.
-        """
-        ring = self._placement.current()
-        need: dict[str, int] = defaultdict(int)
-        for it in shards:
-            need[ring.owner(it.key).name] += it.nbytes
-        for name, nbytes in need.items():
-            member = ring.member(name)
-            if member is not None and nbytes > member.capacity:
-                total = sum(m.capacity for m in ring.members)
-                raise CapacityExceeded(
-                    f"stripes need {nbytes} bytes on node {name} of capacity {member.capacity} "
-                    f"({sum(need.values())} bytes in all; the cluster holds {total} bytes)"
-                )
-
     def _free_stripes(self, refs: list[pb.StripeRef]) -> None:
-        """Delete stripes of replaced/deleted tensors; best effort (eviction reclaims the rest)."""
-        if not refs:
-            return
-        try:
-            self._scatter(
-                [
-                    _Del(r.key.decode(), pb.SHARD, replica=i)
-                    for r in refs
-                    for i in range(self._replicas())
-                ],
-                self._delete_call,
-            )
-        except TensorCacheError as exc:
-            self._count("stripe_free_failures")
-            log.info(
-                "could not free %d old stripes (%s); eviction will reclaim them", len(refs), exc
-            )
-
-
-def _cond(conditions: dict[str, int] | None, key: str) -> int | None:
-    return conditions.get(key) if conditions else None
+        """Delete stripes of replaced/deleted tensors; best effort."""
+        striping.free(
+            refs,
+            self._replicas(),
+            lambda items: self._fan.scatter(items, self._nodes.delete),
+            self._count,
+        )
 
 
 def connect(

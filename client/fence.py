@@ -15,19 +15,21 @@ import logging
 import time
 from concurrent.futures import Executor
 
-import grpc
-
+from tensorcache.client.nodes import NodeTransport
 from tensorcache.client.placement import Placement
-from tensorcache.client.transport import ConnPool
-from tensorcache.errors import Unavailable, from_rpc_error
-from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.errors import Unavailable
 from tensorcache.ring import Ring, RingMember
 
 log = logging.getLogger("tensorcache.client")
 
 
 def fence_all(
-    placement: Placement, conns: ConnPool, pool: Executor, epoch: int, timeout: float, what: str
+    placement: Placement,
+    nodes: NodeTransport,
+    pool: Executor,
+    epoch: int,
+    timeout: float,
+    what: str,
 ) -> Ring:
     """Bring every node of the ring (as of ``epoch`` or later) up to ``epoch``."""
     deadline = time.monotonic() + timeout
@@ -41,16 +43,10 @@ def fence_all(
         time.sleep(0.02)
 
     def fence(member: RingMember) -> int | None:
-        try:
-            reply: pb.FenceReply = conns.get(member.address).fence(
-                pb.FenceRequest(epoch=epoch), timeout=max(0.1, deadline - time.monotonic())
-            )
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
-                log.info("%s: node %s unreachable, presumed dead", what, member.name)
-                return None
-            raise from_rpc_error(exc, f"{what}: fence node {member.address}") from exc
-        return reply.epoch
+        got = nodes.fence(member, epoch, max(0.1, deadline - time.monotonic()))
+        if got is None:
+            log.info("%s: node %s unreachable, presumed dead", what, member.name)
+        return got
 
     for member, got in zip(ring.members, pool.map(fence, ring.members), strict=True):
         if got is not None and got < epoch:

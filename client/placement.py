@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import threading
 
-import grpc
-
 from tensorcache import members
-from tensorcache.client.transport import RouterConn
-from tensorcache.errors import Unavailable, from_rpc_error
-from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.client.transport import RouterTransport
+from tensorcache.errors import Unavailable
 from tensorcache.ring import Ring
 
 
 class Placement:
-    def __init__(self, router: RouterConn, timeout_s: float) -> None:
+    def __init__(self, router: RouterTransport, timeout_s: float) -> None:
         self._router = router
         self._timeout_s = timeout_s
         self._ring: Ring | None = None
@@ -38,12 +35,7 @@ class Placement:
             ring = self._ring
             if ring is not None and ring is not seen and ring.epoch >= min_epoch:
                 return ring
-            try:
-                snap: pb.RingSnapshot = self._router.stub.GetRing(
-                    pb.GetRingRequest(), timeout=self._timeout_s, wait_for_ready=True
-                )
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, f"router {self._router.address}") from exc
+            snap = self._router.get_ring(self._timeout_s)
             ring = members.ring_from_snapshot(snap)
             self.stripe_size = snap.stripe_size
             self._ring = ring

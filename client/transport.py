@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import grpc
 import numpy as np
 
 from tensorcache import codec
-from tensorcache.errors import ProtocolError, Unavailable
+from tensorcache.errors import ProtocolError, Unavailable, from_rpc_error
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
@@ -90,11 +91,44 @@ class ConnPool:
             self._conns.clear()
 
 
+class RouterTransport(Protocol):
+    """What the client asks of the control plane (the in-memory fake has its own)."""
+
+    address: str
+
+    def get_ring(self, timeout_s: float) -> pb.RingSnapshot: ...
+
+    def invalidate(self, prefix: str, timeout_s: float) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class RouterConn:
+    """A router over gRPC."""
+
     def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.RouterStub(self.channel)
+
+    def get_ring(self, timeout_s: float) -> pb.RingSnapshot:
+        try:
+            snap: pb.RingSnapshot = self.stub.GetRing(
+                pb.GetRingRequest(), timeout=timeout_s, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"router {self.address}") from exc
+        return snap
+
+    def invalidate(self, prefix: str, timeout_s: float) -> int:
+        """Record an invalidation of ``prefix``; returns its generation (an epoch)."""
+        try:
+            reply: pb.InvalidateReply = self.stub.Invalidate(
+                pb.InvalidateRequest(prefix=prefix), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"invalidate {prefix!r} at router {self.address}") from exc
+        return reply.generation
 
     def close(self) -> None:
         self.channel.close()

@@ -59,10 +59,12 @@ def load_once(
     return bool(np.array_equal(got, VALUE))
 
 
-def load_gated(router: str, key: str, log: str, started: str, go: str) -> bool:
+def load_gated(
+    router: str, key: str, log: str, started: str, go: str, lease_s: float = 2.0
+) -> bool:
     """get_or_load with ``gated_loader`` in a fresh process; True if it got VALUE."""
     with tensorcache.connect(router) as c:
-        got = c.get_or_load(key, gated_loader(log, started, go), timeout_s=120)
+        got = c.get_or_load(key, gated_loader(log, started, go), lease_s=lease_s, timeout_s=120)
     return bool(np.array_equal(got, VALUE))
 
 

@@ -168,6 +168,9 @@ def test_a_failing_or_refused_fill_releases_its_own_grant(cluster, prefix):
         assert c.metrics().get("fill_waits", 0) == 0  # never waited on its own dead grants
 
 
+LONG_LEASE_S = 6.0
+
+
 def test_the_grants_owner_killed_mid_fill_at_r2_one_more_fill_at_most(make_cluster, tmp_path):
     cluster = make_cluster(3, replicas=2)
     key = "owner-killed/weights"
@@ -177,12 +180,18 @@ def test_the_grants_owner_killed_mid_fill_at_r2_one_more_fill_at_most(make_clust
     clients = [tensorcache.connect(cluster.router_address) for _ in range(3)]
     try:
         with ctx.Pool(1) as procs, ThreadPoolExecutor(3) as threads:
+            # A lease longer than any scheduling stall of a loaded CI box: what
+            # this test is about is the owner failing over, not a lapse.
             filler = procs.apply_async(
-                load_gated, (cluster.router_address, key, str(log), str(started), str(go))
+                load_gated,
+                (cluster.router_address, key, str(log), str(started), str(go), LONG_LEASE_S),
             )
             poll(started.exists, timeout=60, what="the filler to take the grant")
             waiters = [
-                threads.submit(c.get_or_load, key, lambda: VALUE, timeout_s=120) for c in clients
+                threads.submit(
+                    c.get_or_load, key, lambda: VALUE, lease_s=LONG_LEASE_S, timeout_s=120
+                )
+                for c in clients
             ]
             for c in clients:
                 poll(lambda c=c: c.metrics().get("fill_waits", 0) >= 1, timeout=30, what="waiters")

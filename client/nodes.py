@@ -1,0 +1,252 @@
+"""The client's seam to nodes: one interface, and the network implementation.
+
+``NodeTransport`` is what the rest of the client knows of a node: put, get,
+head (versions only), delete and fill a batch of work items (client/items.py)
+at one member under one ring epoch, fence it, read its stats. Errors come
+out of it as the one exception tree (tensorcache.errors); a node that
+cannot be reached is ``Unavailable``, whatever the path.
+
+``NetworkTransport`` is the real thing: bulk bytes over each node's TCP data
+channel (client/datachannel.py), entries of a co-located node copied
+straight out of its memory (tensorcache/localread.py), gRPC byte streams as
+the fallback when the data channel fails and for everything small. The
+in-memory fake (tensorcache/testing.py) implements the same interface, so
+placement, striping, failover, replica confirmation and conditional puts are
+tested without processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from tensorcache import codec, localread
+from tensorcache.client.config import ClientConfig
+from tensorcache.client.datachannel import DataPool
+from tensorcache.client.items import (
+    DelItem,
+    FillItem,
+    GetItem,
+    PutItem,
+    apply_delete_reply,
+    apply_head_reply,
+    apply_put_reply,
+    check_payloads,
+    delete_request,
+    fill_request,
+    get_request,
+    payload_destinations,
+    put_request,
+)
+from tensorcache.client.transport import ConnPool, payload_messages, read_payload
+from tensorcache.errors import ProtocolError, Unavailable, from_rpc_error
+from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.ring import RingMember
+
+log = logging.getLogger("tensorcache.client")
+
+Count = Callable[..., None]  # Client._count: (name, n=1, **more)
+
+
+class NodeTransport(Protocol):
+    """Calls to one node. Each raises a TensorCacheError (Unavailable: unreachable)."""
+
+    def put(self, member: RingMember, epoch: int, batch: list[PutItem]) -> None: ...
+
+    def get(self, member: RingMember, epoch: int, batch: list[GetItem]) -> None: ...
+
+    def head(self, member: RingMember, epoch: int, batch: list[GetItem]) -> None: ...
+
+    def delete(self, member: RingMember, epoch: int, batch: list[DelItem]) -> None: ...
+
+    def fill(self, member: RingMember, epoch: int, batch: list[FillItem]) -> None: ...
+
+    def fence(self, member: RingMember, epoch: int, timeout_s: float) -> int | None:
+        """Bring the node up to ``epoch``; its epoch after, or None if it cannot be
+        reached at all (presumed dead: a dead process serves nothing)."""
+        ...
+
+    def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats: ...
+
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def rpc(where: str) -> Iterator[None]:
+    """The one place a gRPC error becomes the client's exception tree."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc, where) from exc
+
+
+class NetworkTransport:
+    """Nodes over the network: data channel, co-located reads, gRPC fallback."""
+
+    def __init__(self, config: ClientConfig, count: Count) -> None:
+        self._config = config
+        self._count = count
+        self._conns = ConnPool()
+        self._data = DataPool(config.timeout_s)
+        self._local: dict[bytes, bool] = {}
+
+    def close(self) -> None:
+        self._conns.close()
+        self._data.close()
+
+    def deadline(self, nbytes: int) -> float:
+        """An RPC's time limit: a base plus the bytes at the slowest rate we accept."""
+        return self._config.timeout_s + nbytes / self._config.min_throughput
+
+    # -- paths ----------------------------------------------------------------
+    def _data_channel(self, member: RingMember) -> bool:
+        return self._config.transport == "auto" and bool(member.data_address)
+
+    def _data_fallback(self, member: RingMember, exc: Exception) -> None:
+        """The data channel failed: this call goes over gRPC instead (counted)."""
+        self._count("data_fallbacks")
+        log.info("data channel of %s unavailable (%s); using gRPC", member.name, exc)
+
+    def _is_local(self, member: RingMember) -> bool:
+        """Whether this process can read ``member``'s memory (probed once per token)."""
+        if not (self._config.local_fastpath and member.local_pid and member.local_token):
+            return False
+        seen = self._local.get(member.local_token)
+        if seen is None:
+            seen = localread.probe(member.local_pid, member.local_token_addr, member.local_token)
+            self._local[member.local_token] = seen
+        return seen
+
+    def _read_local(self, member: RingMember, it: GetItem, chunks: list[tuple[int, int]]) -> bool:
+        assert it.dest is not None and it.meta is not None
+        if not localread.read_remote(member.local_pid, chunks, it.dest):
+            return False
+        self._count("local_reads")
+        it.ok = (
+            codec.crc32c(it.dest) == it.meta.crc32c if self._config.verify_local_checksums else True
+        )
+        if not it.ok:
+            self._count("corrupt")
+            it.found, it.array = False, None
+        return True
+
+    # -- calls ----------------------------------------------------------------
+    def put(self, member: RingMember, epoch: int, batch: list[PutItem]) -> None:
+        header, views = put_request(epoch, batch)
+        reply: pb.PutReply | None = None
+        if self._data_channel(member):
+            try:
+                with self._data.connection(member.data_address) as dc:
+                    reply = dc.put(header, views)
+            except Unavailable as exc:  # a put is all-or-nothing: safe to resend
+                self._data_fallback(member, exc)
+        if reply is None:
+            head = header.SerializeToString()
+
+            def stream() -> Iterable[bytes]:
+                yield head
+                yield from payload_messages(views, self._config.chunk_size)
+
+            nbytes = sum(v.nbytes for v in views)
+            with rpc(f"put to node {member.address}"):
+                reply = self._conns.get(member.address).put(stream(), timeout=self.deadline(nbytes))
+        apply_put_reply(batch, reply, f"node {member.address}")
+
+    def get(self, member: RingMember, epoch: int, batch: list[GetItem], local: bool = True) -> None:
+        request = get_request(epoch, batch)
+        where = f"get from node {member.address}"
+        carrying: list[GetItem] = []
+        shared: list[tuple[GetItem, list[tuple[int, int]]]] = []
+
+        def destinations(reply: pb.GetReply) -> list[np.ndarray]:
+            carrying[:], shared[:] = payload_destinations(batch, reply, where)
+            return [it.dest for it in carrying if it.dest is not None]
+
+        crcs: list[int] | None = None
+        if self._data_channel(member):
+            request.local = local and self._is_local(member)
+            gone: list[GetItem] = []
+            try:
+                with self._data.connection(member.data_address) as dc:
+                    _, crcs = dc.get(request, destinations)
+                    # Co-located: copy straight out of the node's memory while
+                    # we hold the connection (the node pins those buffers until
+                    # our next request on it). Failures refetch over the network.
+                    gone = [it for it, ch in shared if not self._read_local(member, it, ch)]
+                    if shared:
+                        dc.release()  # unpin now, not at our next request
+            except Unavailable as exc:
+                self._data_fallback(member, exc)
+                crcs = None
+                carrying.clear()
+                shared.clear()
+                request.local = False
+            else:
+                if gone:
+                    self._count("local_fallbacks", len(gone))
+                    for it in gone:
+                        it.found = False
+                    self.get(member, epoch, gone, local=False)
+        if crcs is None:
+            nbytes = sum(it.nbytes for it in batch)
+            with rpc(where):
+                stream = self._conns.get(member.address).get(request, timeout=self.deadline(nbytes))
+                first = next(stream, None)
+                if first is None:
+                    raise ProtocolError(f"{where}: empty reply stream")
+                crcs = read_payload(stream, destinations(pb.GetReply.FromString(first)), where)
+        for it in check_payloads(carrying, crcs):
+            self._count("corrupt")
+            log.warning("%s: %r failed its checksum; treated as a miss", where, it.key[:80])
+
+    def head(self, member: RingMember, epoch: int, batch: list[GetItem]) -> None:
+        """Versions only (GetRequest.head_only over gRPC: no payload)."""
+        where = f"version from node {member.address}"
+        with rpc(where):
+            first = next(
+                self._conns.get(member.address).get(
+                    get_request(epoch, batch, head_only=True), timeout=self._config.timeout_s
+                ),
+                None,
+            )
+        if first is None:
+            raise ProtocolError(f"{where}: empty reply stream")
+        apply_head_reply(batch, pb.GetReply.FromString(first), where)
+
+    def delete(self, member: RingMember, epoch: int, batch: list[DelItem]) -> None:
+        where = f"delete on node {member.address}"
+        with rpc(where):
+            reply = self._conns.get(member.address).delete(
+                delete_request(epoch, batch), timeout=self._config.timeout_s
+            )
+        apply_delete_reply(batch, reply, where)
+
+    def fill(self, member: RingMember, epoch: int, batch: list[FillItem]) -> None:
+        for it in batch:
+            with rpc(f"fill on node {member.address}"):
+                it.reply = self._conns.get(member.address).fill(
+                    fill_request(epoch, it), timeout=min(self._config.timeout_s, it.timeout_s)
+                )
+
+    def fence(self, member: RingMember, epoch: int, timeout_s: float) -> int | None:
+        try:
+            reply: pb.FenceReply = self._conns.get(member.address).fence(
+                pb.FenceRequest(epoch=epoch), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]  # grpc stubs
+                return None
+            raise from_rpc_error(exc, f"fence node {member.address}") from exc
+        return reply.epoch
+
+    def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats:
+        with rpc(f"stat of node {member.address}"):
+            stats: pb.NodeStats = self._conns.get(member.address).stat(
+                pb.StatRequest(), timeout=timeout_s
+            )
+        return stats
