@@ -23,6 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/python scripts/typecheck.py
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -35,6 +36,7 @@ integration: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/python scripts/typecheck.py
 	$(BIN)/ruff format --check .
 
 ## A bounded soak under faults (tests/soak): SOAK_SECONDS (default 120), SOAK_SEED to repeat one.

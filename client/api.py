@@ -238,6 +238,7 @@ class Client:
         older one is reported as a miss (None).
         """
         hit = self._near_get(key, out) if self._near is not None else None
+        array: np.ndarray | None
         if hit is not None:
             array, version = hit
         else:

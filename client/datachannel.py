@@ -151,7 +151,7 @@ class DataPool:
                     idle = self._idle.setdefault(address, [])
                     if not self._closed and len(idle) < self._max_idle:
                         idle.append(conn)
-                        conn = None  # type: ignore[assignment]
+                        conn = None
                 if conn is not None:
                     conn.close()
 

@@ -139,7 +139,7 @@ def wait_s(attempt: int, lease_left_s: float | None, lease_s: float, rng: float)
     pause = min(cap, FIRST_POLL_S * 2 ** min(attempt, 20)) * (0.5 + rng / 2)
     if lease_left_s is not None and lease_left_s < pause:
         pause = lease_left_s + rng * min(0.05, lease_s / 20)
-    return pause
+    return float(pause)
 
 
 class Renewal:

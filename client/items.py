@@ -17,6 +17,7 @@ import numpy as np
 
 from tensorcache import codec
 from tensorcache.errors import InvalidArgument, ProtocolError
+from tensorcache.keys import entry_kind
 from tensorcache.proto import tensorcache_pb2 as pb
 
 
@@ -105,13 +106,14 @@ def get_request(epoch: int, batch: list[GetItem], *, head_only: bool = False) ->
     return pb.GetRequest(
         epoch=epoch,
         head_only=head_only,
-        keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch],
+        keys=[pb.EntryKey(key=it.key.encode(), kind=entry_kind(it.kind)) for it in batch],
     )
 
 
 def delete_request(epoch: int, batch: list[DelItem]) -> pb.DeleteRequest:
     return pb.DeleteRequest(
-        epoch=epoch, keys=[pb.EntryKey(key=it.key.encode(), kind=it.kind) for it in batch]
+        epoch=epoch,
+        keys=[pb.EntryKey(key=it.key.encode(), kind=entry_kind(it.kind)) for it in batch],
     )
 
 

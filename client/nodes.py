@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import grpc
@@ -148,7 +148,7 @@ class NetworkTransport:
         if reply is None:
             head = header.SerializeToString()
 
-            def stream() -> Iterable[bytes]:
+            def stream() -> Iterator[bytes]:
                 yield head
                 yield from payload_messages(views, self._config.chunk_size)
 
@@ -239,7 +239,7 @@ class NetworkTransport:
                 pb.FenceRequest(epoch=epoch), timeout=timeout_s
             )
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]  # grpc stubs
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 return None
             raise from_rpc_error(exc, f"fence node {member.address}") from exc
         return reply.epoch

@@ -33,12 +33,12 @@ class NodeConn:
     def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.put = self.channel.stream_unary(
+        self.put: grpc.StreamUnaryMultiCallable[bytes, pb.PutReply] = self.channel.stream_unary(
             NODE_SERVICE + "Put",
             request_serializer=None,
             response_deserializer=pb.PutReply.FromString,
         )
-        self.get = self.channel.unary_stream(
+        self.get: grpc.UnaryStreamMultiCallable[pb.GetRequest, bytes] = self.channel.unary_stream(
             NODE_SERVICE + "Get",
             request_serializer=pb.GetRequest.SerializeToString,
             response_deserializer=None,

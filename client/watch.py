@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -48,7 +49,7 @@ class EventWatcher:
         self._last = 0.0  # monotonic time of the last message; 0: not connected
         self._complete = False  # the last message's WatchEvent.complete
         self._stop = threading.Event()
-        self._call: grpc.Future | None = None
+        self._call: grpc.Future[Any] | None = None
         self._lock = threading.Lock()
         self.events = 0
         self.resets = 0

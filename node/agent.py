@@ -162,7 +162,11 @@ class MembershipAgent:
         Returns the ring after leaving (installed, its epoch published): where
         this node's entries live now. None if it could not be had.
         """
-        ring = self.leave() if deregister else self._halt()
+        ring = None
+        if deregister:
+            ring = self.leave()
+        else:
+            self._halt()
         self.close()
         return ring
 

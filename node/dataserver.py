@@ -243,8 +243,8 @@ class DataServer:
                 while j < len(sizes) and 0 < sizes[j] < SMALL and run + sizes[j] <= SMALL_RUN:
                     run += sizes[j]
                     j += 1
-                buf = bytearray(run)
-                view = memoryview(buf)
+                run_buf = bytearray(run)
+                view = memoryview(run_buf)
                 reader.read_into(view, checksum=False)
                 off = 0
                 for k in range(i, j):

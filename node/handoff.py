@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from tensorcache.errors import CapacityExceeded, TensorCacheError
+from tensorcache.keys import entry_kind
 from tensorcache.node.payload import split_payload
 from tensorcache.node.peers import Peers
 from tensorcache.node.rings import RingView
@@ -182,7 +183,7 @@ class Handoff:
                     epoch=0,
                     handoff=True,
                     head_only=head_only,
-                    keys=[pb.EntryKey(key=k[1].encode(), kind=k[0]) for k in keys],
+                    keys=[pb.EntryKey(key=k[1].encode(), kind=entry_kind(k[0])) for k in keys],
                 )
                 # A batch of misses (a get_many) gets more time than one key.
                 timeout = self._timeout_s + PER_KEY_TIMEOUT_S * len(keys)

@@ -24,9 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch, Unavailable
@@ -59,6 +60,7 @@ MAX_FILL_TTL_MS = 60_000  # a fill lease's longest period (it is renewed, so sho
 # process_vm_readv call per entry costs more than a share of one socket read.
 LOCAL_MIN = 256 * 1024
 Buffer = bytes | bytearray | memoryview | np.ndarray
+M = TypeVar("M", bound=Message)
 
 
 class EpochView:
@@ -82,7 +84,7 @@ class EpochView:
             self._epoch = max(self._epoch, epoch)
 
 
-def parse_header(message_type: type, raw: bytes | None, what: str):  # type: ignore[no-untyped-def]
+def parse_header(message_type: type[M], raw: bytes | None, what: str) -> M:
     """Parse a header we received as raw bytes; InvalidArgument if it is not one."""
     if raw is None:
         raise InvalidArgument(f"{what}: the stream carried no header")

@@ -40,12 +40,12 @@ class Peers(Protocol):
 class _Conn:
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.get = self.channel.unary_stream(
+        self.get: grpc.UnaryStreamMultiCallable[pb.GetRequest, bytes] = self.channel.unary_stream(
             NODE_SERVICE + "Get",
             request_serializer=pb.GetRequest.SerializeToString,
             response_deserializer=None,
         )
-        self.put = self.channel.stream_unary(
+        self.put: grpc.StreamUnaryMultiCallable[bytes, pb.PutReply] = self.channel.stream_unary(
             NODE_SERVICE + "Put",
             request_serializer=None,
             response_deserializer=pb.PutReply.FromString,

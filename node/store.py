@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from tensorcache.errors import CapacityExceeded, VersionConflict
 from tensorcache.node.policy import EvictionPolicy, make_policy
@@ -48,6 +50,8 @@ from tensorcache.node.policy import EvictionPolicy, make_policy
 ENTRY_OVERHEAD = 768
 
 StoreKey = tuple[int, str]  # (EntryKind, key)
+#: A stored payload piece: bytes from gRPC, an ndarray or a slice from the data channel.
+Chunk = bytes | bytearray | memoryview | np.ndarray
 Holder = tuple[str, str, int]  # a member's (name, address, incarnation)
 NO_HOLDERS: frozenset[Holder] = frozenset()
 
@@ -60,7 +64,7 @@ class Entry:
 
     key: StoreKey
     meta: Any  # opaque to the store (the node keeps a serialized TensorMeta here)
-    chunks: tuple[bytes, ...]
+    chunks: tuple[Chunk, ...]
     version: int
     cost: int  # bytes charged against the budget
     stamp: int = 0  # the epoch the value was first committed at
@@ -83,7 +87,7 @@ class Judge(Protocol):
 class NewEntry:
     key: StoreKey
     meta: Any
-    chunks: tuple[bytes, ...]
+    chunks: tuple[Chunk, ...]
     cost: int
     if_version: int | None = None  # commit only if the current version is this (0: absent)
     #: > 0: store exactly this version (replica, handoff and drain writes),
@@ -543,8 +547,8 @@ class Store:
         self._uses += 1
         entry.used = self._uses
 
-    def _remove_locked(self, key: Hashable) -> Entry | None:
-        old = self._entries.pop(key, None)  # type: ignore[call-overload]
+    def _remove_locked(self, key: StoreKey) -> Entry | None:
+        old = self._entries.pop(key, None)
         if old is not None:
             self._used -= old.cost
             if old.demoted:
@@ -561,6 +565,6 @@ class Store:
         victim = self._policy.victim()
         if victim is None:
             return False
-        self._remove_locked(victim)
+        self._remove_locked(victim)  # type: ignore[arg-type]  # the policy holds our keys
         self._c.evictions += 1
         return True

@@ -116,9 +116,9 @@ class Watcher:
             for _ in range(min(max_batch, len(self._queue))):
                 item = self._queue.popleft()
                 if isinstance(item[0], bytes):
-                    keys.append(item)  # type: ignore[arg-type]
+                    keys.append(item)
                 else:
-                    invalidations.append(item)  # type: ignore[arg-type]
+                    invalidations.append(item)
             return Batch(tuple(keys), tuple(invalidations))
 
     def close(self) -> None:

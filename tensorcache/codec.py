@@ -35,7 +35,7 @@ class Layout:
 
 def crc32c(data: object, value: int = 0) -> int:
     """CRC32C of a bytes-like object (hardware-accelerated), chainable."""
-    return _crc32c.crc32c(data, value)
+    return int(_crc32c.crc32c(data, value))  # type: ignore[arg-type]  # any buffer, ndarray too
 
 
 def _check_dtype(dtype: np.dtype, field: str = "dtype") -> None:
@@ -113,7 +113,7 @@ def _check_layout(dtype: str, shape: tuple[int, ...], order: str, nbytes: int) -
 
 def allocate(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """Allocate the destination array for ``layout`` and its flat uint8 byte view."""
-    arr = np.empty(layout.shape, dtype=_np_dtype(layout.dtype), order=layout.order)  # type: ignore[call-overload]
+    arr = np.empty(layout.shape, dtype=_np_dtype(layout.dtype), order=layout.order)  # type: ignore[call-overload]  # order: "C"|"F", checked
     if arr.ndim <= 1:  # the common small case: skip the reshape
         return arr, arr.view(np.uint8) if arr.ndim else arr.reshape(-1).view(np.uint8)
     return arr, _byte_view(arr, layout.order)

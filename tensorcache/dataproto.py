@@ -75,9 +75,9 @@ class Reader:
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes (headers)."""
         if n > len(self._buf):
-            out = bytearray(n)
-            self.read_into(memoryview(out), checksum=False)
-            return bytes(out)
+            big = bytearray(n)
+            self.read_into(memoryview(big), checksum=False)
+            return bytes(big)
         self._buffer(n)
         out = bytes(self._view[self._pos : self._pos + n])
         self._pos += n
@@ -144,7 +144,7 @@ def kernel_timeouts(sock: socket.socket, seconds: float, *, send: bool) -> None:
 
 def send_buffers(sock: socket.socket, buffers: Sequence[object]) -> None:
     """Send every buffer in order with scatter-gather I/O, no joining copies."""
-    queue = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]
+    queue = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]  # bytes-likes
     queue = [q for q in queue if len(q)]
     i = 0
     while i < len(queue):

@@ -8,7 +8,10 @@ no user key can collide with a stripe key whatever characters it holds.
 
 from __future__ import annotations
 
+from typing import cast
+
 from tensorcache.errors import InvalidArgument
+from tensorcache.proto import tensorcache_pb2 as pb
 
 MAX_KEY_BYTES = 1024
 # A shard key is the user key plus "\0<put id hex>\0<index>".
@@ -42,3 +45,8 @@ def check_key_bytes(raw: bytes, *, limit: int, field: str = "key") -> str:
 def shard_key(key: str, put_id: int, index: int) -> str:
     """The key of stripe ``index`` of the put ``put_id`` of tensor ``key``."""
     return f"{key}\0{put_id:016x}\0{index}"
+
+
+def entry_kind(kind: int) -> pb.EntryKind:
+    """A stored entry's kind number (TENSOR, SHARD) as the generated code types it."""
+    return cast("pb.EntryKind", kind)

@@ -61,7 +61,7 @@ AVAILABLE = _readv is not None
 
 def address_of(buffer: object) -> int:
     """The address of a contiguous buffer's first byte (bytes, bytearray, ndarray)."""
-    return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)  # type: ignore[call-overload]
+    return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)  # type: ignore[call-overload]  # any buffer
 
 
 def allow_local_readers() -> None:

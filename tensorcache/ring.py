@@ -122,7 +122,7 @@ class Ring:
             if len(self._owner_cache) >= _OWNER_CACHE_SIZE:
                 self._owner_cache.clear()  # bounded; a snapshot is immutable
             self._owner_cache[key] = member
-        return member  # type: ignore[no-any-return]
+        return member
 
     def owners(self, key: str, n: int) -> list[RingMember]:
         """The first ``n`` distinct members clockwise from ``key`` (replica set)."""

@@ -186,7 +186,7 @@ class FakeCluster:
             EpochView(),
             rings=rings,
             peers=self._peers,
-            sync=lambda _epoch, n=name: self._install(n),
+            sync=lambda _epoch: self._install(name),
             rereplicate=False,  # settle() runs the scans
             incarnation=incarnation,
         )
@@ -266,7 +266,7 @@ class _Router:
         pass
 
 
-def _put(ops: NodeOps, request: pb.PutRequest, chunks: list[tuple[bytes, ...]]) -> pb.PutReply:
+def _put(ops: NodeOps, request: pb.PutRequest, chunks: Sequence[tuple[bytes, ...]]) -> pb.PutReply:
     plan = ops.plan_put(request)
     try:
         crcs = [codec.crc32c(b"".join(c)) if c else 0 for c in chunks]

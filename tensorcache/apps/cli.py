@@ -49,10 +49,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_stat(args: argparse.Namespace) -> int:
-    import tensorcache
+    from tensorcache.client.api import connect
 
     print(router_status_line(args.router, args.timeout))
-    with tensorcache.connect(args.router, timeout_s=args.timeout) as c:
+    with connect(args.router, timeout_s=args.timeout) as c:
         stats = c.stats()
         print(f"router {args.router}  epoch {c.epoch}  nodes {len(stats)}")
         print(stat_table(stats))

@@ -148,7 +148,7 @@ class LocalCluster:
         self.ttl = ttl
         self.startup_timeout = startup_timeout
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="tensorcache-")
-        self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)  # type: ignore[union-attr]
+        self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)  # type: ignore[union-attr]  # set when log_dir is not
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = {
             **os.environ,
@@ -326,9 +326,10 @@ class LocalCluster:
 
     def ring(self) -> pb.RingSnapshot:
         with grpc.insecure_channel(self.router_address, options=CHANNEL_OPTIONS) as ch:
-            return pb_grpc.RouterStub(ch).GetRing(
+            snap: pb.RingSnapshot = pb_grpc.RouterStub(ch).GetRing(
                 pb.GetRingRequest(), timeout=5, wait_for_ready=True
             )
+        return snap
 
     def wait_members(self, names: set[str], timeout: float) -> pb.RingSnapshot:
         """Poll the router until its ring lists exactly ``names``."""

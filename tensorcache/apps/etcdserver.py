@@ -32,7 +32,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (bound, then closed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def find_etcd() -> str | None:
@@ -158,7 +159,7 @@ class EtcdServer:
     def _healthy(client_url: str) -> bool:
         try:
             with urllib.request.urlopen(f"{client_url}/health", timeout=1) as reply:
-                return json.load(reply).get("health") == "true"
+                return bool(json.load(reply).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
 

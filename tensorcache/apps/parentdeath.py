@@ -65,4 +65,8 @@ _spawner = ThreadPoolExecutor(1, thread_name_prefix="tensorcache-spawner")
 
 def popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """``subprocess.Popen`` from the process-lifetime spawner thread (see above)."""
-    return _spawner.submit(subprocess.Popen, args, **kwargs).result()
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(args, **kwargs)
+
+    return _spawner.submit(spawn).result()

@@ -5,10 +5,11 @@ The demo prints the same table after its run.
 
 from __future__ import annotations
 
+from tensorcache.client.config import NodeStats
 from tensorcache.sizes import format_size
 
 
-def stat_table(stats: list) -> str:  # list[NodeStats]
+def stat_table(stats: list[NodeStats]) -> str:
     rows = [
         (
             "node",
