@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorcache import codec
+from tensorcache import codec, wire
 from tensorcache.client import striping
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.fanout import FanOut
@@ -127,6 +127,11 @@ class Client:
         if self._watch is not None:
             out["watch_events"] = self._watch.events
             out["watch_reconnects"] = self._watch.reconnects
+            # 1/0: the stream is up; its last message said complete; hits
+            # are being served without asking the owner (docs/consistency.md).
+            out["watch_connected"] = int(self._watch.connected)
+            out["watch_complete"] = int(self._watch.complete)
+            out["watch_live"] = int(self._watch.live)
         return out
 
     def _count(self, name: str, n: int = 1, **more: int) -> None:
@@ -413,38 +418,9 @@ class Client:
 
         def one(member: RingMember) -> NodeStats:
             try:
-                s = self._nodes.stat(member, self.config.timeout_s)
+                return wire.node_stats(self._nodes.stat(member, self.config.timeout_s))
             except TensorCacheError:
-                return NodeStats(
-                    member.name, member.address, 0, 0, member.capacity, 0, 0, 0, reachable=False
-                )
-            return NodeStats(
-                name=s.name,
-                address=s.address,
-                keys=s.keys,
-                bytes_used=s.bytes_used,
-                capacity=s.capacity,
-                hits=s.hits,
-                misses=s.misses,
-                evictions=s.evictions,
-                shards=s.shards,
-                bytes_reserved=s.bytes_reserved,
-                puts=s.puts,
-                deletes=s.deletes,
-                fills=s.fills,
-                fill_waits=s.fill_waits,
-                handoffs=s.handoffs,
-                drained=s.drained,
-                demoted=s.demoted,
-                invalidated=s.invalidated,
-                rereplicated=s.rereplicated,
-                moved=s.moved,
-                discarded=s.discarded,
-                pending=s.pending,
-                revived=s.revived,
-                policy=s.policy,
-                epoch=s.epoch,
-            )
+                return wire.unreachable(member)
 
         return list(self._pool.map(one, ring.members))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensorcache import wire
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -60,47 +62,5 @@ class ClientConfig:
             raise ValueError("parallelism >= 1, retries >= 0 and timeout_s > 0 are required")
 
 
-@dataclass(frozen=True)
-class NodeStats:
-    """One node's record from ``Client.stats()``."""
-
-    name: str
-    address: str
-    keys: int
-    bytes_used: int
-    capacity: int
-    hits: int
-    misses: int
-    evictions: int
-    shards: int = 0
-    bytes_reserved: int = 0
-    puts: int = 0
-    deletes: int = 0
-    fills: int = 0
-    fill_waits: int = 0
-    handoffs: int = 0  # entries fetched from a previous owner on a miss (warm rebalance)
-    drained: int = 0  # copies this node pushed to new owners on SIGTERM (confirmed)
-    demoted: int = 0  # entries held but no longer owned (on their way to the new owners)
-    invalidated: int = 0  # entries dropped by namespace invalidation
-    #: Copies pushed to replica-set members that lacked them after ring changes.
-    rereplicated: int = 0
-    #: Demoted entries dropped once every member of their replica set confirmed a copy.
-    moved: int = 0
-    #: Hidden copies dropped: a newer copy or a delete was found elsewhere.
-    discarded: int = 0
-    #: Hidden copies served again: nobody held a newer one or deleted the key.
-    revived: int = 0
-    #: Copies the last rebalance scan found missing and could not push yet.
-    pending: int = 0
-    policy: str = ""
-    epoch: int = 0
-    reachable: bool = True
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-    @property
-    def utilization(self) -> float:
-        return self.bytes_used / self.capacity if self.capacity else 0.0
+# Node statistics are a wire record (tensorcache/wire.py); the client's name for it.
+NodeStats = wire.NodeStats

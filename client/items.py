@@ -34,7 +34,6 @@ class PutItem:
     cond: int | None = None  # if_version of a conditional put
     replica: int = 0  # which copy: 0 = the primary, i = replica_set(key)[i]
     exact: int = 0  # a replica copy: store exactly this version (the primary's)
-    kept_newer: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -135,7 +134,6 @@ def apply_put_reply(batch: list[PutItem], reply: pb.PutReply, where: str) -> Non
     for it, res in zip(batch, reply.results, strict=True):
         it.version = res.version
         it.replaced = list(res.replaced_stripes)
-        it.kept_newer = res.kept_newer
 
 
 def apply_head_reply(batch: list[GetItem], reply: pb.GetReply, where: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from tensorcache import members
+from tensorcache import wire
 from tensorcache.client.transport import RouterTransport
 from tensorcache.errors import Unavailable
 from tensorcache.ring import Ring
@@ -36,7 +36,7 @@ class Placement:
             if ring is not None and ring is not seen and ring.epoch >= min_epoch:
                 return ring
             snap = self._router.get_ring(self._timeout_s)
-            ring = members.ring_from_snapshot(snap)
+            ring = wire.ring_from_snapshot(snap)
             self.stripe_size = snap.stripe_size
             self._ring = ring
             self.refreshes += 1

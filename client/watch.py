@@ -63,6 +63,16 @@ class EventWatcher:
         last = self._last
         return self._complete and last > 0 and time.monotonic() - last < self._live_s
 
+    @property
+    def connected(self) -> bool:
+        """A message arrived on the current stream (it may still say incomplete)."""
+        return self._last > 0
+
+    @property
+    def complete(self) -> bool:
+        """The last message said every node's events reach this stream."""
+        return self._complete
+
     def wait_live(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not self.live:

@@ -22,11 +22,11 @@ from collections.abc import Callable
 import grpc
 
 from tensorcache.grpcutil import CHANNEL_OPTIONS
-from tensorcache.members import ring_from_snapshot
 from tensorcache.node.ops import EpochView
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import Ring
+from tensorcache.wire import ring_from_snapshot
 
 log = logging.getLogger("tensorcache.node")
 
@@ -55,7 +55,6 @@ class MembershipAgent:
         self._interval = 1.0
         self._ttl = 3.0  # the router's lease (RegisterReply.ttl_s)
         self._last_ok = time.monotonic()  # last call the router answered
-        self.failures = 0
         self._thread = threading.Thread(target=self._loop, name="membership-agent", daemon=True)
 
     def start(self) -> None:
@@ -146,7 +145,6 @@ class MembershipAgent:
                 backoff = 0.1
                 self._stop.wait(self._interval)
             except grpc.RpcError as exc:
-                self.failures += 1
                 log.warning(
                     "router %s unreachable (%s); retrying in %.1fs",
                     self._router,

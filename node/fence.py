@@ -36,7 +36,6 @@ class Fencer:
         self._fenced = 0
         self._lock = threading.Lock()  # one fence round at a time; writers wait for it
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fence")
-        self.rounds = 0
 
     @property
     def fenced(self) -> int:
@@ -69,7 +68,6 @@ class Fencer:
                 if theirs < epoch:
                     log.warning("fence at epoch %d: %s is still at %d", epoch, name, theirs)
             self._fenced = epoch
-            self.rounds += 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -6,6 +6,7 @@ with tensorcache.connect("127.0.0.1:7070") as c:
     a = c.get("model/layer0.weight")
 """
 
+from tensorcache.client.api import Client, ClientConfig, NodeStats, connect
 from tensorcache.errors import (
     CapacityExceeded,
     DataCorruption,
@@ -32,13 +33,3 @@ __all__ = [
     "connect",
 ]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> object:
-    # The client pulls in grpc; import it on first use so that
-    # `tensorcache.errors` and friends stay cheap to import.
-    if name in ("connect", "Client", "NodeStats", "ClientConfig"):
-        from tensorcache.client import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'tensorcache' has no attribute {name!r}")

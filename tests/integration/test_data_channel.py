@@ -22,8 +22,8 @@ import pytest
 
 import tensorcache
 from tensorcache.codec import crc32c
-from tensorcache.members import ring_from_snapshot
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.wire import ring_from_snapshot
 
 from .helpers import assert_same, get_request, node_stat, poll, raw_delete, tensor_header
 

@@ -246,7 +246,11 @@ def test_key_events_are_relayed_to_the_routers_the_nodes_do_not_use(procs):
     poll(lambda: len(ring(b).members) == 2, what="router b to see both nodes")
     on_b, on_a, writer = _watch_clients(a, b)
     with on_b, on_a, writer:
-        poll(lambda: on_a._watch.live and on_b._watch.live, timeout=30, what="both streams live")
+        poll(
+            lambda: on_a.metrics()["watch_live"] and on_b.metrics()["watch_live"],
+            timeout=30,
+            what="both streams live",
+        )
         v1, v2 = np.arange(1000, dtype=np.int64), np.arange(1000, dtype=np.int64) * 2
         writer.put("r/k", v1)
         for c in (on_a, on_b):
@@ -270,9 +274,9 @@ def test_watch_mode_is_strict_on_a_router_no_event_reaches(procs):
     poll(lambda: len(ring(b).members) == 2, what="router b to see both nodes")
     on_b, on_a, writer = _watch_clients(a, b)
     with on_b, on_a, writer:
-        poll(lambda: on_a._watch.live, timeout=30, what="router a's stream complete")
+        poll(lambda: on_a.metrics()["watch_live"], timeout=30, what="router a's stream complete")
         poll(
-            lambda: on_b._watch._last > 0 and not on_b._watch._complete,
+            lambda: on_b.metrics()["watch_connected"] and not on_b.metrics()["watch_complete"],
             timeout=30,
             what="router b's stream incomplete",
         )

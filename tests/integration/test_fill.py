@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.members import ring_from_snapshot
+from tensorcache.wire import ring_from_snapshot
 
 from .fillworker import VALUE, counting_loader, die_while_filling, load_gated, load_once
 from .helpers import node_stat, poll

@@ -69,7 +69,7 @@ def test_watch_mode_hits_make_no_call_and_events_drop_stale_copies(cluster, pref
         ) as reader,
         tensorcache.connect(cluster.router_address) as writer,
     ):
-        poll(lambda: reader._watch is not None and reader._watch.live, what="event stream live")
+        poll(lambda: reader.metrics().get("watch_live") == 1, what="event stream live")
         writer.put(key, v1)
         np.testing.assert_array_equal(reader.get(key), v1)  # fills the near-cache
         hits = _node_hits(writer)

@@ -19,9 +19,9 @@ import pytest
 
 import tensorcache
 from tensorcache.grpcutil import CHANNEL_OPTIONS
-from tensorcache.members import ring_from_snapshot
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+from tensorcache.wire import ring_from_snapshot
 
 from .helpers import get_request, node_stat, raw_get, raw_put, rpc_error, tensor_header, total
 

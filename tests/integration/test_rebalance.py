@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tensorcache
-from tensorcache.members import ring_from_snapshot
+from tensorcache.wire import ring_from_snapshot
 
 from .helpers import TRANSPORTS, assert_same, node_stat, poll, total
 
