@@ -20,52 +20,12 @@ import numpy as np
 
 from tensorcache import codec
 from tensorcache.errors import ProtocolError, Unavailable, from_rpc_error
-from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.grpcutil import CHANNEL_OPTIONS, NodeStub
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 
-NODE_SERVICE = "/tensorcache.v1.Node/"
-
-
-class NodeConn:
-    """One node: a channel and its (raw and typed) method callables."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.put: grpc.StreamUnaryMultiCallable[bytes, pb.PutReply] = self.channel.stream_unary(
-            NODE_SERVICE + "Put",
-            request_serializer=None,
-            response_deserializer=pb.PutReply.FromString,
-        )
-        self.get: grpc.UnaryStreamMultiCallable[pb.GetRequest, bytes] = self.channel.unary_stream(
-            NODE_SERVICE + "Get",
-            request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=None,
-        )
-        self.delete = self.channel.unary_unary(
-            NODE_SERVICE + "Delete",
-            request_serializer=pb.DeleteRequest.SerializeToString,
-            response_deserializer=pb.DeleteReply.FromString,
-        )
-        self.fill = self.channel.unary_unary(
-            NODE_SERVICE + "Fill",
-            request_serializer=pb.FillRequest.SerializeToString,
-            response_deserializer=pb.FillReply.FromString,
-        )
-        self.fence = self.channel.unary_unary(
-            NODE_SERVICE + "Fence",
-            request_serializer=pb.FenceRequest.SerializeToString,
-            response_deserializer=pb.FenceReply.FromString,
-        )
-        self.stat = self.channel.unary_unary(
-            NODE_SERVICE + "Stat",
-            request_serializer=pb.StatRequest.SerializeToString,
-            response_deserializer=pb.NodeStats.FromString,
-        )
-
-    def close(self) -> None:
-        self.channel.close()
+# One node's methods (shared with peer nodes: tensorcache/grpcutil.py).
+NodeConn = NodeStub
 
 
 class ConnPool:

@@ -16,10 +16,9 @@ from typing import Protocol
 import grpc
 
 from tensorcache.errors import InvalidArgument, from_rpc_error
-from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.grpcutil import NodeStub
 from tensorcache.proto import tensorcache_pb2 as pb
 
-NODE_SERVICE = "/tensorcache.v1.Node/"
 MAX_CHANNELS = 256  # beyond this the cache starts over (members change rarely)
 
 
@@ -37,34 +36,14 @@ class Peers(Protocol):
     def fence(self, address: str, epoch: int, timeout: float) -> int: ...
 
 
-class _Conn:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.get: grpc.UnaryStreamMultiCallable[pb.GetRequest, bytes] = self.channel.unary_stream(
-            NODE_SERVICE + "Get",
-            request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=None,
-        )
-        self.put: grpc.StreamUnaryMultiCallable[bytes, pb.PutReply] = self.channel.stream_unary(
-            NODE_SERVICE + "Put",
-            request_serializer=None,
-            response_deserializer=pb.PutReply.FromString,
-        )
-        self.fence = self.channel.unary_unary(
-            NODE_SERVICE + "Fence",
-            request_serializer=pb.FenceRequest.SerializeToString,
-            response_deserializer=pb.FenceReply.FromString,
-        )
-
-
 class GrpcPeers:
     """``Peers`` over each node's gRPC server."""
 
     def __init__(self) -> None:
-        self._conns: dict[str, _Conn] = {}
+        self._conns: dict[str, NodeStub] = {}
         self._lock = threading.Lock()
 
-    def _conn(self, address: str) -> _Conn:
+    def _conn(self, address: str) -> NodeStub:
         conn = self._conns.get(address)
         if conn is None:
             with self._lock:
@@ -72,7 +51,7 @@ class GrpcPeers:
                 if conn is None:
                     if len(self._conns) >= MAX_CHANNELS:
                         self._close_locked()
-                    conn = self._conns[address] = _Conn(address)
+                    conn = self._conns[address] = NodeStub(address)
         return conn
 
     def get(

@@ -24,13 +24,14 @@ from tensorcache.errors import (
     TensorCacheError,
     status_code,
 )
+from tensorcache.grpcutil import NODE_SERVICE
 from tensorcache.node.ops import NodeOps, PutPlan, parse_header
 from tensorcache.node.payload import payload_chunks, split_payload
 from tensorcache.proto import tensorcache_pb2 as pb
 
 log = logging.getLogger("tensorcache.node")
 
-SERVICE = "tensorcache.v1.Node"
+SERVICE = NODE_SERVICE
 
 
 class NodeService:

@@ -14,6 +14,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tensorcache.proto import tensorcache_pb2 as pb
+
 MAX_MESSAGE = 64 * 1024 * 1024
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
@@ -64,3 +66,54 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     if bound == 0:
         raise OSError(f"could not bind {address}")
     return bound
+
+
+#: The node's gRPC service (proto/tensorcache.proto), named once.
+NODE_SERVICE = "tensorcache.v1.Node"
+
+
+class NodeStub:
+    """One node's gRPC methods on one channel, for clients and peer nodes alike.
+
+    Put and Get carry raw byte streams on their payload side (the header is
+    the first message; proto/tensorcache.proto says why), so they are bound
+    with identity (de)serializers there; the other methods are typed.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        method = f"/{NODE_SERVICE}/"
+        self.put: grpc.StreamUnaryMultiCallable[bytes, pb.PutReply] = self.channel.stream_unary(
+            method + "Put",
+            request_serializer=None,
+            response_deserializer=pb.PutReply.FromString,
+        )
+        self.get: grpc.UnaryStreamMultiCallable[pb.GetRequest, bytes] = self.channel.unary_stream(
+            method + "Get",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.delete = self.channel.unary_unary(
+            method + "Delete",
+            request_serializer=pb.DeleteRequest.SerializeToString,
+            response_deserializer=pb.DeleteReply.FromString,
+        )
+        self.fill = self.channel.unary_unary(
+            method + "Fill",
+            request_serializer=pb.FillRequest.SerializeToString,
+            response_deserializer=pb.FillReply.FromString,
+        )
+        self.fence = self.channel.unary_unary(
+            method + "Fence",
+            request_serializer=pb.FenceRequest.SerializeToString,
+            response_deserializer=pb.FenceReply.FromString,
+        )
+        self.stat = self.channel.unary_unary(
+            method + "Stat",
+            request_serializer=pb.StatRequest.SerializeToString,
+            response_deserializer=pb.NodeStats.FromString,
+        )
+
+    def close(self) -> None:
+        self.channel.close()

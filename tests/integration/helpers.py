@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from tensorcache.codec import crc32c
-from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.grpcutil import CHANNEL_OPTIONS, NODE_SERVICE
 from tensorcache.proto import tensorcache_pb2 as pb
 
 T = TypeVar("T")
 
-NODE = "/tensorcache.v1.Node/"
+NODE = f"/{NODE_SERVICE}/"
 # The client's bulk paths, as connect() options: "local" (the default) puts
 # over each node's TCP data channel and gets entries of 256 KiB and more
 # straight out of a co-located node's memory; "data" is the data channel
