@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from tensorcache import members
+from tensorcache import wire
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import RingMember
 
@@ -80,12 +80,12 @@ def parse_epoch(key: bytes, value: bytes) -> int | None:
 
 
 def member_record(member: RingMember) -> bytes:
-    return members.to_pb(member).SerializeToString()
+    return wire.to_pb(member).SerializeToString()
 
 
 def parse_member(key: bytes, value: bytes) -> RingMember | None:
     try:
-        return members.from_pb(pb.Member.FromString(value))
+        return wire.from_pb(pb.Member.FromString(value))
     except DecodeError:
         log.error("etcd key %r does not hold a pb.Member; ignored", key)
         return None

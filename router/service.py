@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from tensorcache import members
+from tensorcache import wire
 from tensorcache.errors import InvalidArgument, TensorCacheError, status_code
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -110,7 +110,7 @@ class RouterService(pb_grpc.RouterServicer):
         view = self._membership.view()
         return pb.RingSnapshot(
             epoch=view.epoch,
-            members=[members.to_pb(m) for m in view.members],
+            members=[wire.to_pb(m) for m in view.members],
             stripe_size=self._stripe_size,
             vnodes=self._vnodes,
             weight_unit=self._weight_unit,
@@ -123,7 +123,7 @@ class RouterService(pb_grpc.RouterServicer):
     ) -> pb.RegisterReply:
         with _status_on_error(context):
             _check_member(request.member)
-            epoch = self._membership.register(members.from_pb(request.member))
+            epoch = self._membership.register(wire.from_pb(request.member))
         return pb.RegisterReply(
             epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s, ttl_s=self._ttl_s
         )
