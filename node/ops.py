@@ -339,7 +339,13 @@ class NodeOps:
         results = [_kept(self.store, k) if k in ignored else next(committed) for k in plan.keys]
         if checked < self.rings.placement_epoch:
             self.rebalancer.dirty(plan.keys)  # the ring moved while it streamed in
-        self.handoff.settle(plan.keys)
+        if plan.req.epoch:
+            # A client's write settles its keys: no handoff or push of an older
+            # copy may replace it. A push (epoch 0) settles nothing: it only
+            # moves a value, and if this node later moved it on, a settled mark
+            # would make it ignore the next push of that key (answering "I keep
+            # newer" while holding nothing) and its sender drop the last copy.
+            self.handoff.settle(plan.keys)
         reply = pb.PutReply(epoch=self.epochs.epoch)
         for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
             kept = bool(e.version) and version != e.version

@@ -547,3 +547,28 @@ def test_a_node_back_from_a_gap_serves_its_copies_only_if_nobody_outdid_them(mea
     else:
         assert not got.found  # never v1 again
         assert (stat.revived, stat.discarded) == (0, 1)
+
+
+def test_a_push_does_not_settle_its_key_so_a_later_push_is_taken():
+    """A node that got a key by push, then moved it on, must take the next push
+    of it: answering "kept newer" while holding nothing made its sender drop the
+    last copy (found by the soak)."""
+    cl = Cluster("a", "b", "c")
+    r1 = cl.ring("a", "b")
+    cl.install(r1)
+    cl.install(cl.ring("a", "b", "c"))  # c joins: within the handoff window now
+    meta = pb.TensorMeta(dtype="|u1", shape=[1], order="C", nbytes=1, crc32c=codec.crc32c(b"v"))
+
+    def push(to: str, version: int) -> pb.PutResult:
+        req = pb.PutRequest(
+            epoch=0, entries=[pb.EntryPut(key=b"k", meta=meta, version=version, stamp=r1.epoch)]
+        )
+        return cl.peers.put(to, req, [b"v"], 1.0).results[0]
+
+    assert push("c", 10).version == 10
+    assert cl["c"].store.delete((0, "k")) is not None  # c moved it on (not a client delete)
+    again = push("c", 10)
+    assert (again.version, again.kept_newer) == (10, False)  # taken, not "kept newer"
+    assert delete(cl["c"], "k")  # a client's delete does settle it:
+    ignored = push("c", 10)
+    assert (ignored.version, ignored.kept_newer) == (0, True)  # never brought back
