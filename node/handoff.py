@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from tensorcache.errors import CapacityExceeded, TensorCacheError
@@ -86,36 +86,47 @@ class Handoff:
         self._peers = peers
         self._timeout_s = timeout_s
         self._clock = clock
-        self._settled: dict[StoreKey, float] = {}
+        self._settled: dict[StoreKey, tuple[float, int]] = {}  # key -> (when, floor)
         self._blind_until = 0.0  # too many settled keys: no handoffs until then
         self._lock = threading.Lock()
         self.handoffs = 0
 
     # -- settled keys -----------------------------------------------------------
-    def settle(self, keys: Iterable[StoreKey]) -> None:
-        """``keys`` were written here: a handoff must not replace them."""
+    # A key written or deleted here since the last ring change is *settled* at a
+    # version floor: the version written, or for a delete a tombstone version
+    # from this node's clock (above every version it has seen). A handoff or a
+    # push of an older copy must not replace it, but a copy at or above the
+    # floor is welcome: the value written here may have moved on since (pushed
+    # to another owner, dropped here) and be coming back. (A plain "settled"
+    # mark ignored such a copy and answered "kept newer" while holding
+    # nothing, and the sender dropped what was then the last copy.)
+    def settle(self, floors: Mapping[StoreKey, int]) -> None:
+        """``floors``: keys written here, with the version written."""
         if not self._rings.in_window():
             if self._settled:  # the window closed: forget
                 with self._lock:
                     self._settled.clear()
             return
         with self._lock:
-            self._settle_locked(keys)
+            self._settle_locked(floors)
 
     @contextmanager
-    def settling(self, keys: Iterable[StoreKey]) -> Iterator[None]:
-        """Run a delete of ``keys`` with no handoff commit interleaved."""
+    def settling(self, keys: Iterable[StoreKey], tombstone: int) -> Iterator[None]:
+        """Run a delete of ``keys`` with no handoff commit interleaved.
+
+        ``tombstone``: a version above every version this node has seen.
+        """
         with self._lock:
             if self._rings.in_window():
-                self._settle_locked(keys)
+                self._settle_locked(dict.fromkeys(keys, tombstone))
             yield
 
-    def _settle_locked(self, keys: Iterable[StoreKey]) -> None:
+    def _settle_locked(self, floors: Mapping[StoreKey, int]) -> None:
         now = self._clock()
         window = self._rings.window_s
-        for key in keys:
+        for key, version in floors.items():
             if len(self._settled) >= MAX_SETTLED:
-                self._settled = {k: t for k, t in self._settled.items() if now - t < window}
+                self._settled = {k: v for k, v in self._settled.items() if now - v[0] < window}
                 if len(self._settled) >= MAX_SETTLED:
                     log.warning(
                         "%d keys written since the last ring change: handoffs off for %.0fs",
@@ -125,16 +136,17 @@ class Handoff:
                     self._settled.clear()
                     self._blind_until = now + window
                     return
-            self._settled[key] = now
+            old = self._settled.get(key)
+            self._settled[key] = (now, max(version, old[1] if old else 0))
 
-    def _settled_locked(self, key: StoreKey, now: float) -> bool:
-        at = self._settled.get(key)
-        return at is not None and now - at < self._rings.window_s
+    def _floor_locked(self, key: StoreKey, now: float) -> int:
+        got = self._settled.get(key)
+        return got[1] if got is not None and now - got[0] < self._rings.window_s else 0
 
-    def settled(self, key: StoreKey) -> bool:
-        """Whether ``key`` was written or deleted here since the last ring change."""
+    def floor(self, key: StoreKey) -> int:
+        """The version below which a copy of ``key`` is stale here (0: none)."""
         with self._lock:
-            return self._settled_locked(key, self._clock())
+            return self._floor_locked(key, self._clock())
 
     def _candidates(self, keys: Iterable[StoreKey]) -> dict[StoreKey, list[RingMember]]:
         now = self._clock()
@@ -145,10 +157,6 @@ class Handoff:
             owners = self._rings.previous_owners(key[1])
             if owners:
                 out[key] = owners
-        if out:
-            with self._lock:
-                for key in [k for k in out if self._settled_locked(k, now)]:
-                    del out[key]
         return out
 
     # -- asking previous owners ---------------------------------------------------
@@ -158,13 +166,14 @@ class Handoff:
         *,
         head_only: bool,
         every: bool,
-        settled: set[StoreKey] | None = None,
+        settled: dict[StoreKey, int] | None = None,
     ) -> dict[StoreKey, list[tuple[RingMember, Found]]]:
         """Ask previous owners, by rank, for ``wanted`` keys; answers with who gave them.
 
         ``every``: ask each owner of a key (metadata: versions); otherwise stop
-        at the first that has it. ``settled`` collects the keys some owner
-        said were written or deleted there since its last ring change.
+        at the first that has it. ``settled`` collects, for keys some owner
+        does not hold but settled since its last ring change, the highest
+        version floor they answered (EntryGot.version of a settled miss).
         """
         found: dict[StoreKey, list[tuple[RingMember, Found]]] = {}
         pending = dict(wanted)
@@ -200,7 +209,7 @@ class Handoff:
                     continue
                 for key, answer, got in zip(keys, answers, reply.entries, strict=True):
                     if answer is None and got.settled and settled is not None:
-                        settled.add(key)
+                        settled[key] = max(settled.get(key, 0), got.version)
                     if answer is not None:
                         found.setdefault(key, []).append((members[address], answer))
                         if not every:
@@ -226,9 +235,9 @@ class Handoff:
         wanted = self._candidates(keys)
         if not wanted and not suspects:
             return {}
-        deleted: set[StoreKey] = set()
-        heads = self._ask(wanted, head_only=True, every=True, settled=deleted) if wanted else {}
-        out = self._judge_suspects(suspects, heads, deleted)
+        floors: dict[StoreKey, int] = {}
+        heads = self._ask(wanted, head_only=True, every=True, settled=floors) if wanted else {}
+        out = self._judge_suspects(suspects, heads, floors)
         newest = {
             key: [max(answers, key=lambda a: a[1][0].version)[0]]
             for key, answers in heads.items()
@@ -264,7 +273,7 @@ class Handoff:
         try:
             with self._lock:
                 now = self._clock()
-                items = [it for it in items if not self._settled_locked(it.key, now)]
+                items = [it for it in items if it.version >= self._floor_locked(it.key, now)]
                 results = self._store.commit(reservation, items)
         finally:
             self._store.release(reservation)
@@ -283,14 +292,15 @@ class Handoff:
         self,
         suspects: dict[StoreKey, Entry],
         heads: dict[StoreKey, list[tuple[RingMember, Found]]],
-        deleted: set[StoreKey],
+        floors: Mapping[StoreKey, int],
     ) -> dict[StoreKey, Entry]:
         """Serve again the hidden copies nobody outdid; drop those that were."""
         out: dict[StoreKey, Entry] = {}
         epoch = self._rings.placement_epoch
         for key, entry in suspects.items():
             newer = any(a[1][0].version > entry.version for a in heads.get(key, []))
-            if newer or key in deleted:
+            deleted = entry.version < max(floors.get(key, 0), self.floor(key))
+            if newer or deleted:
                 self._store.drop(entry)  # a newer copy elsewhere, or the key was deleted
             elif self._rings.owns(key[1]) and self._store.revive(entry, epoch, self._me):
                 out[key] = entry

@@ -311,12 +311,13 @@ class NodeOps:
             if lacking:
                 known = self.handoff.known_versions(lacking)
         stamp = max(self.epochs.epoch, plan.req.epoch)
-        # A pushed copy (handoff-style write: version and stamp given) of a key
-        # written or deleted here since the ring changed is stale: ignore it.
+        # A pushed copy (handoff-style write: version and stamp given) older
+        # than a write or delete made here since the ring changed is stale:
+        # ignore it (node/handoff.py, settled keys).
         ignored = {
             k
             for k, e in zip(plan.keys, entries, strict=True)
-            if e.version and e.stamp and self.handoff.settled(k)
+            if e.version and e.stamp and e.version < self.handoff.floor(k)
         }
         checked, holders = self._placed(plan)
         items = [
@@ -340,12 +341,12 @@ class NodeOps:
         if checked < self.rings.placement_epoch:
             self.rebalancer.dirty(plan.keys)  # the ring moved while it streamed in
         if plan.req.epoch:
-            # A client's write settles its keys: no handoff or push of an older
-            # copy may replace it. A push (epoch 0) settles nothing: it only
-            # moves a value, and if this node later moved it on, a settled mark
-            # would make it ignore the next push of that key (answering "I keep
-            # newer" while holding nothing) and its sender drop the last copy.
-            self.handoff.settle(plan.keys)
+            # A client's write settles its keys at the version written: no
+            # handoff or push of an older copy may replace it. A push (epoch 0)
+            # settles nothing: it only moves a value.
+            self.handoff.settle(
+                {k: v for k, (v, _) in zip(plan.keys, results, strict=True) if v}
+            )
         reply = pb.PutReply(epoch=self.epochs.epoch)
         for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
             kept = bool(e.version) and version != e.version
@@ -392,8 +393,9 @@ class NodeOps:
         for k, key, entry in zip(req.keys, keys, found, strict=True):
             got = reply.entries.add(key=k.key, found=entry is not None)
             if entry is None:
-                if req.handoff and self.handoff.settled(key):
-                    got.settled = True  # written or deleted here since the change
+                floor = self.handoff.floor(key) if req.handoff else 0
+                if floor:  # written or deleted here since the change, then gone
+                    got.settled, got.version = True, floor
                 continue
             got.version = entry.version
             got.stamp = entry.stamp
@@ -435,7 +437,8 @@ class NodeOps:
         self.check_epoch(req.epoch)
         keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
         reply = pb.DeleteReply(epoch=self.epochs.epoch)
-        with self.handoff.settling(keys):  # no handoff may bring them back
+        # No handoff or push of a copy older than this delete may bring them back.
+        with self.handoff.settling(keys, self.store.tombstone()):
             olds = [self.store.delete(key) for key in keys]
         for k, key, old in zip(req.keys, keys, olds, strict=True):
             r = reply.results.add(key=k.key, found=old is not None)

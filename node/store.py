@@ -349,6 +349,11 @@ class Store:
         """Drop a demoted ``entry`` whose holders cover ``wanted``; returns whether it was."""
         return self.add_holders(entry, (), wanted)
 
+    def tombstone(self) -> int:
+        """A version above every version this node has seen: a delete's, for settling."""
+        with self._lock:
+            return self._clock.tick()
+
     def absorb(self, version: int) -> None:
         """Move the version clock past ``version`` (a version heard of elsewhere)."""
         with self._lock:

@@ -572,3 +572,29 @@ def test_a_push_does_not_settle_its_key_so_a_later_push_is_taken():
     assert delete(cl["c"], "k")  # a client's delete does settle it:
     ignored = push("c", 10)
     assert (ignored.version, ignored.kept_newer) == (0, True)  # never brought back
+
+
+def test_a_key_written_here_takes_its_own_value_back_but_never_an_older_one(joined):
+    """The soak's case: a client wrote k here, the ring moved it away and back;
+    the push of that same value must be taken (not answered "kept newer" while
+    nothing is held), an older copy still never."""
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    cl.install(r2)
+    written = put(cl["c"], key, b"new").version  # a client's write at c: settled there
+    older = written - 5
+    assert cl["c"].store.delete((0, key)) is not None  # moved on from c (no client delete)
+    meta = pb.TensorMeta(dtype="|u1", shape=[3], order="C", nbytes=3, crc32c=codec.crc32c(b"new"))
+
+    def push(version: int, payload: bytes) -> pb.PutResult:
+        meta.crc32c = codec.crc32c(payload)
+        req = pb.PutRequest(
+            epoch=0, entries=[pb.EntryPut(key=key.encode(), meta=meta, version=version, stamp=1)]
+        )
+        return cl.peers.put("c", req, [payload], 1.0).results[0]
+
+    stale = push(older, b"old")
+    assert stale.kept_newer and stale.version == 0  # older than the write: ignored
+    back = push(written, b"new")
+    assert (back.version, back.kept_newer) == (written, False)  # its own value: taken
+    assert get(cl["c"], key)[1] == b"new"
