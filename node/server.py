@@ -282,10 +282,12 @@ def run(args: argparse.Namespace) -> int:
         rereplicate_timeout_s=args.rereplicate_timeout,
         health_port=None if args.health_port < 0 else args.health_port,
     )
-    node = NodeServer(config).start()
+    # Handlers first: a SIGTERM that arrives while the node starts (a restart
+    # followed at once by a scale-down) still gets a graceful leave and exit 0.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    node = NodeServer(config).start()
     print(
         f"tensorcache node {config.name} data {node.data_address or '-'} "
         f"listening on {node.address}",
