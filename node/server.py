@@ -296,4 +296,7 @@ def run(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us
         pass
     node.stop()
+    # Leaving: a second SIGTERM (a launcher's death signal, a kubelet's repeat)
+    # must not turn a clean exit into death by signal during interpreter shutdown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0

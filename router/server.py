@@ -241,4 +241,5 @@ def run(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us
         pass
     router.stop(grace=2)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving: exit 0, not by a late SIGTERM
     return 0
