@@ -272,7 +272,8 @@ class Rebalancer:
     def drain(self, fetch_ring: Callable[[], Ring | None], timeout_s: float) -> int:
         """Push every entry to its replica set in the ring without this node.
 
-        Rounds until a round finds nothing missing or ``timeout_s`` runs out;
+        Rounds until a round finds nothing missing, with no put committed or
+        in flight meanwhile, or ``timeout_s`` runs out;
         each round takes the newest ring from ``fetch_ring`` (other nodes may
         be leaving too: a copy pushed to one that left is pushed again to the
         key's owner after it). Returns the copies confirmed.
@@ -282,6 +283,10 @@ class Rebalancer:
         total = 0
         ring = fetch_ring()
         while ring is not None and ring.members and self._clock() < deadline:
+            # A client's put admitted just before we left the ring may still
+            # be streaming in and commit after a round looked: such a round
+            # cannot be the last (its put returned, so it must not be lost).
+            before = self._store.stats()
             rnd = _Round(ring, self._me)
             keys = [e.key for e in self._store.hottest()]  # what is read most goes first
             for i in range(0, len(keys), self._chunk):
@@ -291,8 +296,12 @@ class Rebalancer:
                 self._flush(rnd, final=False)
             self._flush(rnd, final=True)
             total += rnd.pushed
-            if not rnd.failed and (rnd.missing == rnd.pushed or rnd.pushed == 0):
+            after = self._store.stats()
+            quiet = after.puts == before.puts and after.bytes_reserved == 0
+            if quiet and not rnd.failed and (rnd.missing == rnd.pushed or rnd.pushed == 0):
                 break  # all there, or the rest refused for room: rounds won't help
+            if not quiet and rnd.missing == rnd.pushed:
+                time.sleep(min(0.02, max(0.0, deadline - self._clock())))  # let it land
             if rnd.failed:  # a target left or died: wait for the ring to say so
                 time.sleep(min(0.2, max(0.0, deadline - self._clock())))
             ring = fetch_ring() or ring
