@@ -734,6 +734,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.now(UTC)
+    code = code_version()  # at the start: others may commit while this runs
     scenarios = []
     if args.only in (None, "one"):
         scenarios.append(Scenario("1 node", 1, args.entries_one))
@@ -754,7 +755,6 @@ def main(argv: list[str] | None = None) -> int:
         f"(1/5/15 min) at start {scenarios[0].result.get('load_start')}, at end {load3()}"
     )
     print(header)
-    code = code_version()
     print(f"code: {code['head']}, modified: {', '.join(code['modified']) or 'nothing'}")
     print(f"command: python -m bench.scale {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(table(scenarios, args.batch))
