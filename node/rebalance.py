@@ -102,8 +102,6 @@ class Rebalancer:
         #: found missing and could not push yet (0: every entry held here is
         #: at every member of its replica set, as far as this node knows).
         self.pending = 0
-        self.scans = 0
-        self._busy = False
 
     # -- triggers -------------------------------------------------------------------
     def ring_changed(self) -> None:
@@ -139,11 +137,6 @@ class Rebalancer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def idle(self) -> bool:
-        """No scan running or scheduled (tests and stats)."""
-        with self._lock:
-            return not self._full and not self._dirty and not self._busy
-
     def scan_now(self) -> int:
         """Run one full scan in the caller's thread; returns the copies confirmed.
 
@@ -167,8 +160,7 @@ class Rebalancer:
                 dirty = self._dirty
                 self._full, self._dirty = False, set()
                 generation = self._generation
-                self._busy = full or bool(dirty)
-            if not self._busy:
+            if not full and not dirty:
                 continue
             try:
                 keys: Sequence[StoreKey] = self._store.keys() if full else list(dirty)
@@ -176,9 +168,6 @@ class Rebalancer:
             except Exception:  # background work: log, never kill the node
                 log.exception("rebalance scan failed")
                 done = None
-            finally:
-                with self._lock:
-                    self._busy = False
             if done is None or done.failed:
                 retry_at = self._clock() + retry_s
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
@@ -205,7 +194,6 @@ class Rebalancer:
         with self._lock:
             self.pushed += rnd.pushed
             self.pending = max(0, rnd.missing - rnd.pushed)
-            self.scans += 1
         if rnd.missing or rnd.moved:
             log.info(
                 "epoch %d: %d keys checked, %d copies pushed of %d missing, %d moved away "
