@@ -55,6 +55,12 @@ from tensorcache.ring import Ring
 log = logging.getLogger("tensorcache.node")
 
 MAX_BATCH_ENTRIES = 65536
+# The largest version a put may carry. Versions are wall-clock microseconds
+# (node/entry.py VersionClock: ~2**51 today, 2**62 in 146,000 years), and the
+# clock absorbs every version it is given: one push at 2**64-1 would leave no
+# next version and fail every later write on the node (found by the wire
+# fuzzer, tests/integration/fuzzwire.py).
+MAX_VERSION = 2**62
 MAX_FILL_TTL_MS = 60_000  # a fill lease's longest period (it is renewed, so short)
 # Smaller entries go in the payload even to co-located clients: one
 # process_vm_readv call per entry costs more than a share of one socket read.
@@ -272,6 +278,10 @@ class NodeOps:
             where = f"entries[{i}]"
             key = _store_key(e.key, e.kind, where)
             size = _check_meta(e.meta, e.kind, where)
+            if e.version > MAX_VERSION:
+                raise InvalidArgument(
+                    f"{where}.version {e.version} exceeds the limit of {MAX_VERSION}"
+                )
             if e.version and e.HasField("if_version"):
                 raise InvalidArgument(f"{where}: a versioned write cannot be conditional")
             keys.append(key)

@@ -87,7 +87,9 @@ def _check_layout(dtype: str, shape: tuple[int, ...], order: str, nbytes: int) -
         raise InvalidArgument(f"dtype {dtype!r} is empty or longer than {MAX_DTYPE_CHARS} chars")
     try:
         dt = np.dtype(dtype)
-    except (TypeError, ValueError) as exc:
+    # Any exception, not only TypeError/ValueError: numpy parses comma strings
+    # with ast, so "," raises SyntaxError (found by tests/unit/test_wire_properties.py).
+    except Exception as exc:
         raise InvalidArgument(f"dtype {dtype!r} is not a numpy dtype: {exc}") from exc
     if dt.str != dtype:
         raise InvalidArgument(
