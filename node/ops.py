@@ -49,6 +49,7 @@ from tensorcache.node.store import (
     StoreKey,
     entry_cost,
 )
+from tensorcache.node.tiered import TieredStore, disk_stats
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import Ring
 
@@ -354,9 +355,7 @@ class NodeOps:
             # A client's write settles its keys at the version written: no
             # handoff or push of an older copy may replace it. A push (epoch 0)
             # settles nothing: it only moves a value.
-            self.handoff.settle(
-                {k: v for k, (v, _) in zip(plan.keys, results, strict=True) if v}
-            )
+            self.handoff.settle({k: v for k, (v, _) in zip(plan.keys, results, strict=True) if v})
         reply = pb.PutReply(epoch=self.epochs.epoch)
         for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
             kept = bool(e.version) and version != e.version
@@ -466,7 +465,7 @@ class NodeOps:
 
     def stat(self) -> pb.NodeStats:
         s = self.store.stats()
-        return pb.NodeStats(
+        reply = pb.NodeStats(
             name=self.name,
             address=self.address,
             keys=s.entries_by_kind.get(pb.TENSOR, 0),
@@ -493,6 +492,9 @@ class NodeOps:
             pending=self.rebalancer.pending,
             revived=s.revived,
         )
+        if isinstance(self.store, TieredStore):
+            disk_stats(self.store, reply)
+        return reply
 
     def drain(self, fetch_ring: Callable[[], Ring | None], timeout_s: float) -> int:
         """SIGTERM: hand every entry to its replica set in the ring without this node.

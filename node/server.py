@@ -26,6 +26,7 @@ from tensorcache.node.policy import POLICIES
 from tensorcache.node.rings import RingView
 from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
+from tensorcache.node.tiered import TieredStore
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import Ring
 from tensorcache.sizes import parse_size
@@ -68,6 +69,15 @@ class NodeConfig:
     #: A plaintext port serving only grpc.health.v1, for Kubernetes' probes
     #: (None: none; health is on the main port in any case).
     health_port: int | None = None
+    #: A directory for the disk tier (node/tiered.py): entries evicted from
+    #: RAM are written there behind the data path, served from there on a
+    #: RAM miss, and found again after a restart (warm restart). None: no tier.
+    disk_path: str | None = None
+    #: Byte budget of the disk tier's files (needs ``disk_path``).
+    disk_capacity: int = 0
+    #: RAM set aside (out of ``capacity``) for evicted bytes waiting to be
+    #: written; 0: min(256 MiB, capacity / 8). Past it evictions are dropped.
+    disk_queue: int = 0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -86,6 +96,10 @@ class NodeConfig:
             raise ValueError(f"workers must be >= 4, got {self.workers}")
         if not 0 <= self.drain_timeout_s <= 3600:
             raise ValueError(f"drain_timeout_s must be 0..3600, got {self.drain_timeout_s}")
+        if self.disk_path is not None and self.disk_capacity <= 0:
+            raise ValueError(
+                f"disk_capacity must be > 0 with a disk_path, got {self.disk_capacity}"
+            )
         if not 0 <= self.rereplicate_timeout_s <= 3600:
             raise ValueError(
                 f"rereplicate_timeout_s must be 0..3600, got {self.rereplicate_timeout_s}"
@@ -98,7 +112,21 @@ class NodeServer:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.rings = RingView(config.name)
-        self.store = Store(config.capacity, config.policy, stale=self.rings.stale, judge=self.rings)
+        self.store: Store
+        if config.disk_path is not None:
+            self.store = TieredStore(
+                config.capacity,
+                config.policy,
+                disk_path=config.disk_path,
+                disk_capacity=config.disk_capacity,
+                queue_bytes=config.disk_queue or None,
+                stale=self.rings.stale,
+                judge=self.rings,
+            )
+        else:
+            self.store = Store(
+                config.capacity, config.policy, stale=self.rings.stale, judge=self.rings
+            )
         self.incarnation = secrets.randbits(63) | 1
         self.epochs = EpochView()
         self.peers = GrpcPeers()
@@ -216,6 +244,8 @@ class NodeServer:
         if self._data is not None:
             self._data.stop()
         self.ops.close()
+        if isinstance(self.store, TieredStore):
+            self.store.close()  # queued writes finish (bounded): they are kept for a restart
         self.peers.close()
         if self._health_server is not None:  # last: liveness holds until the very end
             self._health_server.stop(0).wait()
@@ -261,6 +291,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default -1: none; health is also on --port)",
     )
     p.add_argument(
+        "--disk-path",
+        default=None,
+        help="directory for a disk tier under RAM: evicted entries are written there "
+        "and served from there; a restart with the same name and path finds them again",
+    )
+    p.add_argument(
+        "--disk-capacity",
+        default=None,
+        help="byte budget of the disk tier (e.g. 100GiB; required with --disk-path)",
+    )
+    p.add_argument(
+        "--disk-queue",
+        default=None,
+        help="RAM (out of --capacity) for evicted bytes waiting to be written to the "
+        "disk tier (default: min(256MiB, capacity/8)); evictions past it are dropped",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -281,6 +328,9 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         rereplicate_timeout_s=args.rereplicate_timeout,
         health_port=None if args.health_port < 0 else args.health_port,
+        disk_path=args.disk_path,
+        disk_capacity=parse_size(args.disk_capacity) if args.disk_capacity else 0,
+        disk_queue=parse_size(args.disk_queue) if args.disk_queue else 0,
     )
     # Handlers first: a SIGTERM that arrives while the node starts (a restart
     # followed at once by a scale-down) still gets a graceful leave and exit 0.

@@ -205,7 +205,7 @@ class StatRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived")
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived", "disk_capacity", "disk_bytes", "disk_files", "disk_hits", "disk_spills", "disk_write_drops", "disk_evictions", "disk_corrupt", "disk_loaded")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,15 @@ class NodeStats(_message.Message):
     DISCARDED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     REVIVED_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FILES_FIELD_NUMBER: _ClassVar[int]
+    DISK_HITS_FIELD_NUMBER: _ClassVar[int]
+    DISK_SPILLS_FIELD_NUMBER: _ClassVar[int]
+    DISK_WRITE_DROPS_FIELD_NUMBER: _ClassVar[int]
+    DISK_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DISK_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    DISK_LOADED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     keys: int
@@ -256,7 +265,16 @@ class NodeStats(_message.Message):
     discarded: int
     pending: int
     revived: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ...) -> None: ...
+    disk_capacity: int
+    disk_bytes: int
+    disk_files: int
+    disk_hits: int
+    disk_spills: int
+    disk_write_drops: int
+    disk_evictions: int
+    disk_corrupt: int
+    disk_loaded: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ..., disk_capacity: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_files: _Optional[int] = ..., disk_hits: _Optional[int] = ..., disk_spills: _Optional[int] = ..., disk_write_drops: _Optional[int] = ..., disk_evictions: _Optional[int] = ..., disk_corrupt: _Optional[int] = ..., disk_loaded: _Optional[int] = ...) -> None: ...
 
 class FenceRequest(_message.Message):
     __slots__ = ("epoch",)

@@ -85,6 +85,16 @@ class NodeStats:
     revived: int = 0
     #: Copies the last rebalance scan found missing and could not push yet.
     pending: int = 0
+    #: The disk tier (node --disk-path), all 0 without one: see proto NodeStats.
+    disk_capacity: int = 0
+    disk_bytes: int = 0
+    disk_files: int = 0
+    disk_hits: int = 0
+    disk_spills: int = 0
+    disk_write_drops: int = 0
+    disk_evictions: int = 0
+    disk_corrupt: int = 0
+    disk_loaded: int = 0
     policy: str = ""
     epoch: int = 0
     reachable: bool = True

@@ -23,6 +23,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         etcd=args.etcd,
         replicas=args.replicas,
+        disk_path=args.disk_path,
+        disk_capacity=args.disk_capacity,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -101,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="membership store: auto (a private etcd if installed, else embedded; default), "
         "an etcd URL, or none (embedded in the router)",
     )
+    up.add_argument(
+        "--disk-path",
+        default=None,
+        help="a disk tier per node under DIR/<node name> (entries evicted from RAM go there)",
+    )
+    up.add_argument("--disk-capacity", default=None, help="disk tier budget per node (e.g. 10GiB)")
     up.set_defaults(fn=_cmd_up)
 
     node = sub.add_parser("node", help="run one cache node")

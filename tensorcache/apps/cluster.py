@@ -126,6 +126,8 @@ class LocalCluster:
         replicas: int = 1,
         router_args: list[str] | None = None,
         node_args: list[str] | None = None,
+        disk_path: str | Path | None = None,
+        disk_capacity: str | int | None = None,
     ) -> None:
         """``etcd``: None or "none" keeps membership in the router (embedded);
         "auto" starts a private etcd when the binary is installed (else
@@ -139,6 +141,12 @@ class LocalCluster:
         self.replicas = replicas
         self.router_args = list(router_args or [])
         self.node_args = list(node_args or [])  # more `tensorcache node` flags, every node
+        # A disk tier per node, in DIR/<node name>: a node started again under
+        # its name finds its files (warm restart).
+        if disk_path is not None and disk_capacity is None:
+            raise ValueError("disk_capacity is required with disk_path")
+        self.disk_path = Path(disk_path) if disk_path is not None else None
+        self.disk_capacity = parse_size(disk_capacity) if disk_capacity is not None else 0
         self.n_nodes = nodes
         self.capacity = parse_size(capacity)
         self.policy = policy
@@ -311,6 +319,7 @@ class LocalCluster:
                 str(cap),
                 "--policy",
                 policy,
+                *self._disk_args(name),
                 *self.node_args,
             ],
             name,
@@ -323,6 +332,12 @@ class LocalCluster:
         if wait:
             self.wait_members(set(self.nodes), self.startup_timeout)
         return proc
+
+    def _disk_args(self, name: str) -> list[str]:
+        if self.disk_path is None:
+            return []
+        path = self.disk_path / name
+        return ["--disk-path", str(path), "--disk-capacity", str(self.disk_capacity)]
 
     def ring(self) -> pb.RingSnapshot:
         with grpc.insecure_channel(self.router_address, options=CHANNEL_OPTIONS) as ch:
