@@ -22,7 +22,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +43,10 @@ from tensorcache.keys import encode_key
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import RingMember
 from tensorcache.sizes import parse_size
+
+if TYPE_CHECKING:
+    from tensorcache.kv.cache import KVCache
+    from tensorcache.kv.layout import KVLayout
 
 log = logging.getLogger("tensorcache.client")
 
@@ -227,6 +231,23 @@ class Client:
         items = [GetItem(key, pb.TENSOR)]
         self._read(items, self._nodes.head)
         return items[0].version if items[0].found else None
+
+    def versions(self, keys: Iterable[str]) -> dict[str, int | None]:
+        """``version`` of many keys at once: one head-only RPC per node and batch."""
+        if isinstance(keys, str):
+            raise InvalidArgument("versions takes an iterable of keys, not a single str")
+        items = [GetItem(key, pb.TENSOR) for key in dict.fromkeys(keys)]
+        for it in items:
+            encode_key(it.key)
+        if items:
+            self._read(items, self._nodes.head)
+        return {it.key: it.version if it.found else None for it in items}
+
+    def kv(self, layout: KVLayout) -> KVCache:
+        """The KV-cache API for one model layout (tensorcache/kv; needs torch)."""
+        from tensorcache.kv.cache import KVCache
+
+        return KVCache(self, layout)
 
     def get(
         self, key: str, *, out: np.ndarray | None = None, min_version: int | None = None
