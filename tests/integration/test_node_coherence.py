@@ -77,7 +77,12 @@ def test_commits_and_deletes_reach_watchers(make_cluster, prefix):
             stream = pb_grpc.RouterStub(ch).Watch(pb.WatchRequest(), timeout=30)
             try:
                 for msg in stream:
-                    started.set()
+                    # Only once the router hears every node: the message that
+                    # turns the stream complete is a reset, which would drop
+                    # events already queued (the router's contract: watchers
+                    # revalidate until then).
+                    if msg.complete:
+                        started.set()
                     seen.extend((e.key, e.version) for e in msg.keys)
                     if (key.encode(), 0) in seen:
                         done.set()
@@ -87,7 +92,7 @@ def test_commits_and_deletes_reach_watchers(make_cluster, prefix):
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
-    assert started.wait(30), "the router sent no first Watch message"
+    assert started.wait(30), "the router's event stream never became complete"
     with tensorcache.connect(cl.router_address) as c:
         version = c.put(key, np.arange(4))
         assert c.delete(key)
