@@ -60,6 +60,10 @@ class Judge(Protocol):
 
     def placement(self, key: str, checked: int, demoted: bool) -> str: ...
 
+    def in_window(self) -> bool:
+        """Whether a ring change is recent enough for handoffs and pushes (floors kept)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NewEntry:

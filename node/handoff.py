@@ -12,10 +12,10 @@ here the version the key already has elsewhere, so versions keep increasing
 across the change (docs/consistency.md, "Versions").
 
 A handoff must never bring back what this node has since overwritten or
-deleted: keys written or deleted here within the window are *settled* and
-never handed off. A delete settles its keys under the lock a handoff commit
-holds, so a handoff in flight cannot land after the delete. (Overwrites need
-no such care: the overwrite's version is newer, and the commit keeps it.)
+deleted: a key removed here within the window leaves a version floor in the
+store, and the commit of an older copy is refused under the store's lock, so
+a handoff in flight cannot land after a delete. (Overwrites need no floor:
+the overwrite's version is newer, and the commit keeps it.)
 Every failure of a previous owner is a miss, never an error to the client.
 """
 
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 
 from tensorcache.errors import CapacityExceeded, TensorCacheError
 from tensorcache.keys import entry_kind
@@ -42,9 +40,6 @@ log = logging.getLogger("tensorcache.node")
 # dead owner must cost little; a live one answers in milliseconds.
 HANDOFF_TIMEOUT_S = 2.0
 PER_KEY_TIMEOUT_S = 0.002
-# Keys settled (written or deleted here) remembered within the window. Past
-# this many, handoffs stop until the window ends: a miss is always safe.
-MAX_SETTLED = 1_000_000
 
 Found = tuple[pb.EntryGot, tuple[bytes, ...]]
 
@@ -77,7 +72,6 @@ class Handoff:
         peers: Peers,
         *,
         timeout_s: float = HANDOFF_TIMEOUT_S,
-        clock: Callable[[], float] = time.monotonic,
         me: Holder | None = None,
     ) -> None:
         self._me = frozenset((me,)) if me is not None else frozenset()
@@ -85,74 +79,29 @@ class Handoff:
         self._rings = rings
         self._peers = peers
         self._timeout_s = timeout_s
-        self._clock = clock
-        self._settled: dict[StoreKey, tuple[float, int]] = {}  # key -> (when, floor)
-        self._blind_until = 0.0  # too many settled keys: no handoffs until then
         self._lock = threading.Lock()
         self.handoffs = 0
 
-    # -- settled keys -----------------------------------------------------------
-    # A key written or deleted here since the last ring change is *settled* at a
-    # version floor: the version written, or for a delete a tombstone version
-    # from this node's clock (above every version it has seen). A handoff or a
-    # push of an older copy must not replace it, but a copy at or above the
-    # floor is welcome: the value written here may have moved on since (pushed
-    # to another owner, dropped here) and be coming back. (A plain "settled"
-    # mark ignored such a copy and answered "kept newer" while holding
-    # nothing, and the sender dropped what was then the last copy.)
-    def settle(self, floors: Mapping[StoreKey, int]) -> None:
-        """``floors``: keys written here, with the version written."""
-        if not self._rings.in_window():
-            if self._settled:  # the window closed: forget
-                with self._lock:
-                    self._settled.clear()
-            return
-        with self._lock:
-            self._settle_locked(floors)
-
-    @contextmanager
-    def settling(self, keys: Iterable[StoreKey], tombstone: int) -> Iterator[None]:
-        """Run a delete of ``keys`` with no handoff commit interleaved.
-
-        ``tombstone``: a version above every version this node has seen.
-        """
-        with self._lock:
-            if self._rings.in_window():
-                self._settle_locked(dict.fromkeys(keys, tombstone))
-            yield
-
-    def _settle_locked(self, floors: Mapping[StoreKey, int]) -> None:
-        now = self._clock()
-        window = self._rings.window_s
-        for key, version in floors.items():
-            if len(self._settled) >= MAX_SETTLED:
-                self._settled = {k: v for k, v in self._settled.items() if now - v[0] < window}
-                if len(self._settled) >= MAX_SETTLED:
-                    log.warning(
-                        "%d keys written since the last ring change: handoffs off for %.0fs",
-                        len(self._settled),
-                        window,
-                    )
-                    self._settled.clear()
-                    self._blind_until = now + window
-                    return
-            old = self._settled.get(key)
-            self._settled[key] = (now, max(version, old[1] if old else 0))
-
-    def _floor_locked(self, key: StoreKey, now: float) -> int:
-        got = self._settled.get(key)
-        return got[1] if got is not None and now - got[0] < self._rings.window_s else 0
-
+    # -- floors ------------------------------------------------------------------
+    # A handoff or a push of a copy older than what this node wrote or deleted
+    # since the ring changed must not bring it back: the store keeps each
+    # removed key's version (a delete's tombstone) as its floor while the
+    # window is open and refuses an older copy at commit, under its lock
+    # (node/store.py). A copy at or above the floor is welcome: the value
+    # written here may have moved on (pushed to another owner, dropped here)
+    # and be coming back. (A plain "settled" mark ignored such a copy and
+    # answered "kept newer" while holding nothing, and the sender dropped what
+    # was then the last copy.) A key still held needs no floor: the commit
+    # keeps the newer version. Floors cost nothing for keys only written,
+    # so a million puts since the change do not switch handoffs off.
     def floor(self, key: StoreKey) -> int:
         """The version below which a copy of ``key`` is stale here (0: none)."""
-        with self._lock:
-            return self._floor_locked(key, self._clock())
+        return self._store.floor(key)
 
     def _candidates(self, keys: Iterable[StoreKey]) -> dict[StoreKey, list[RingMember]]:
-        now = self._clock()
         out: dict[StoreKey, list[RingMember]] = {}
-        if now < self._blind_until:
-            return out
+        if self._store.floors_lost():
+            return out  # what was written or deleted here is not all known
         for key in keys:
             owners = self._rings.previous_owners(key[1])
             if owners:
@@ -271,10 +220,7 @@ class Handoff:
             log.warning("handoff: no room for %d entries: %s", len(items), exc)
             return out
         try:
-            with self._lock:
-                now = self._clock()
-                items = [it for it in items if it.version >= self._floor_locked(it.key, now)]
-                results = self._store.commit(reservation, items)
+            results = self._store.commit(reservation, items)  # floors apply there
         finally:
             self._store.release(reservation)
         stored = sum(version == it.version for it, (version, _) in zip(items, results, strict=True))
@@ -299,7 +245,7 @@ class Handoff:
         epoch = self._rings.placement_epoch
         for key, entry in suspects.items():
             newer = any(a[1][0].version > entry.version for a in heads.get(key, []))
-            deleted = entry.version < max(floors.get(key, 0), self.floor(key))
+            deleted = entry.version < max(floors.get(key, 0), self._store.floor(key))
             if newer or deleted:
                 self._store.drop(entry)  # a newer copy elsewhere, or the key was deleted
             elif self._rings.owns(key[1]) and self._store.revive(entry, epoch, self._me):

@@ -159,12 +159,6 @@ def tensor_meta(entry: Entry) -> pb.TensorMeta:
     return pb.TensorMeta.FromString(entry.meta)
 
 
-def _kept(store: Store, key: StoreKey) -> tuple[int, None]:
-    """The result of an ignored pushed copy: what this node keeps (0: nothing)."""
-    entry = store.get(key, demoted_ok=True)
-    return (entry.version if entry is not None else 0, None)
-
-
 class NodeOps:
     def __init__(
         self,
@@ -199,7 +193,9 @@ class NodeOps:
         self.me: Holder = (name, address, incarnation)
         self.handoff = Handoff(store, self.rings, self.peers, me=self.me)
         self.fencer = Fencer(self.rings, self.peers)
-        self.rebalancer = Rebalancer(name, store, self.rings, self.peers, enabled=rereplicate)
+        self.rebalancer = Rebalancer(
+            name, store, self.rings, self.peers, enabled=rereplicate, resolve=self.handoff.fetch
+        )
         self._sync = sync
         self._sync_lock = threading.Lock()
         #: Set when a SIGTERM drain begins: pushes from other nodes are refused
@@ -322,14 +318,6 @@ class NodeOps:
             if lacking:
                 known = self.handoff.known_versions(lacking)
         stamp = max(self.epochs.epoch, plan.req.epoch)
-        # A pushed copy (handoff-style write: version and stamp given) older
-        # than a write or delete made here since the ring changed is stale:
-        # ignore it (node/handoff.py, settled keys).
-        ignored = {
-            k
-            for k, e in zip(plan.keys, entries, strict=True)
-            if e.version and e.stamp and e.version < self.handoff.floor(k)
-        }
         checked, holders = self._placed(plan)
         items = [
             NewEntry(
@@ -345,17 +333,12 @@ class NodeOps:
                 holders=holders(k[1]),
             )
             for k, e, c, cost in zip(plan.keys, entries, chunks, plan.costs, strict=True)
-            if k not in ignored
         ]
-        committed = iter(self.store.commit(plan.reservation, items))
-        results = [_kept(self.store, k) if k in ignored else next(committed) for k in plan.keys]
+        # A pushed copy (explicit version) older than what was written or
+        # deleted here since the ring changed is refused there (store floors).
+        results = self.store.commit(plan.reservation, items)
         if checked < self.rings.placement_epoch:
             self.rebalancer.dirty(plan.keys)  # the ring moved while it streamed in
-        if plan.req.epoch:
-            # A client's write settles its keys at the version written: no
-            # handoff or push of an older copy may replace it. A push (epoch 0)
-            # settles nothing: it only moves a value.
-            self.handoff.settle({k: v for k, (v, _) in zip(plan.keys, results, strict=True) if v})
         reply = pb.PutReply(epoch=self.epochs.epoch)
         for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
             kept = bool(e.version) and version != e.version
@@ -402,7 +385,7 @@ class NodeOps:
         for k, key, entry in zip(req.keys, keys, found, strict=True):
             got = reply.entries.add(key=k.key, found=entry is not None)
             if entry is None:
-                floor = self.handoff.floor(key) if req.handoff else 0
+                floor = self.store.floor(key) if req.handoff else 0
                 if floor:  # written or deleted here since the change, then gone
                     got.settled, got.version = True, floor
                 continue
@@ -446,9 +429,10 @@ class NodeOps:
         self.check_epoch(req.epoch)
         keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
         reply = pb.DeleteReply(epoch=self.epochs.epoch)
-        # No handoff or push of a copy older than this delete may bring them back.
-        with self.handoff.settling(keys, self.store.tombstone()):
-            olds = [self.store.delete(key) for key in keys]
+        # No handoff or push of a copy older than this delete may bring them
+        # back: the tombstone is their floor (node/store.py).
+        tombstone = self.store.tombstone()
+        olds = [self.store.delete(key, tombstone=tombstone) for key in keys]
         for k, key, old in zip(req.keys, keys, olds, strict=True):
             r = reply.results.add(key=k.key, found=old is not None)
             if old is not None and not old.chunks:

@@ -23,6 +23,17 @@ elsewhere), so a ring change costs O(1) here and the node's background scan
 (node/rebalance.py) catches up with everything else in small steps. Each
 entry also remembers its *holders*: the members (by incarnation) known to
 hold a copy at least as new, which tells that scan whom to push it to.
+
+Version floors: while a ring change is recent (the judge's handoff window),
+every key removed here (moved away, dropped, evicted, deleted) leaves its
+*floor*: the removed version, or a delete's tombstone version. A copy with
+an explicit version (a push, a handoff) below the floor is stale and is not
+committed: the value it would bring back was overwritten or deleted here
+(docs/consistency.md, "Handoff"). A key still held needs no floor: the
+commit keeps the newer version. The check and the removal share the lock,
+so no push can slip in between. At most ``MAX_FLOORS`` are kept; past that
+the floors are dropped and ``floors_lost`` says so until the window closes
+(the node then hands nothing off: a miss is always safe).
 """
 
 from __future__ import annotations
@@ -47,6 +58,9 @@ from tensorcache.node.entry import (
     entry_cost,
 )
 from tensorcache.node.policy import EvictionPolicy, make_policy
+
+# Floors kept within one handoff window (about 100 B each).
+MAX_FLOORS = 1_000_000
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -114,6 +128,8 @@ class Store:
         self._used = 0
         self._reserved = 0
         self._clock = VersionClock()
+        self._floors: dict[StoreKey, int] = {}
+        self._floors_lost = False
         self._c = _Counters()
         self._lock = threading.Lock()
 
@@ -197,6 +213,22 @@ class Store:
                     if current is not None and current.version > item.version:
                         out.append((current.version, None))  # kept the newer one
                         continue
+                    if current is not None and current.version == item.version:
+                        # The same copy again (a push, a retried replica
+                        # write): keep it, and what it knows of its holders;
+                        # replacing it forgot them and the two holders pushed
+                        # it back and forth at every ring change.
+                        current.holders = self._intern(current.holders | item.holders)
+                        out.append((current.version, None))
+                        continue
+                    held = self._entries.get(item.key)  # hidden ones too
+                    if item.version < max(
+                        held.version if held is not None else 0, self._floor_locked(item.key)
+                    ):
+                        # A newer copy held hidden, or overwritten or deleted
+                        # here since: this one is stale.
+                        out.append((held.version if held is not None else 0, None))
+                        continue
                     version = item.version
                 else:
                     self._clock.absorb(item.known_version)
@@ -279,14 +311,31 @@ class Store:
         with self._lock:
             return self._visible_locked(key) is not None
 
-    def delete(self, key: StoreKey) -> Entry | None:
-        """Remove ``key``; returns the entry if it was visible (a hidden one goes silently)."""
+    def delete(self, key: StoreKey, *, tombstone: int = 0) -> Entry | None:
+        """Remove ``key``; returns the entry if it was visible (a hidden one goes silently).
+
+        ``tombstone``: the delete's version (``tombstone()``), kept as the
+        key's floor while the handoff window is open, held here or not.
+        """
         with self._lock:
             current = self._visible_locked(key)
             self._remove_locked(key)
+            if tombstone:
+                self._set_floor_locked(key, tombstone)
             if current is not None:
                 self._c.deletes += 1
             return current
+
+    def floor(self, key: StoreKey) -> int:
+        """The version below which a copy of ``key`` is stale here (0: none known)."""
+        with self._lock:
+            return self._floor_locked(key)
+
+    def floors_lost(self) -> bool:
+        """Whether floors were dropped (too many) in the open window: hand nothing off."""
+        with self._lock:
+            self._floor_locked(None)
+            return self._floors_lost
 
     def demote(self, keys: Iterable[StoreKey]) -> int:
         """Demote the visible entries of ``keys``; returns how many were."""
@@ -456,9 +505,31 @@ class Store:
         self._uses += 1
         entry.used = self._uses
 
+    def _window_open(self) -> bool:
+        return self._judge is not None and self._judge.in_window()
+
+    def _floor_locked(self, key: StoreKey | None) -> int:
+        if (self._floors or self._floors_lost) and not self._window_open():
+            self._floors.clear()  # the window closed: nothing older can come back
+            self._floors_lost = False
+        return self._floors.get(key, 0) if key is not None and self._floors else 0
+
+    def _set_floor_locked(self, key: StoreKey, version: int) -> None:
+        if not self._window_open() or self._floors_lost:
+            return
+        old = self._floors.get(key, 0)
+        if version <= old:
+            return
+        if not old and len(self._floors) >= MAX_FLOORS:
+            self._floors.clear()
+            self._floors_lost = True
+            return
+        self._floors[key] = version
+
     def _remove_locked(self, key: StoreKey) -> Entry | None:
         old = self._entries.pop(key, None)
         if old is not None:
+            self._set_floor_locked(key, old.version)
             self._used -= old.cost
             if old.demoted:
                 del self._demoted[old.key]

@@ -605,13 +605,18 @@ def test_explicit_version_older_than_the_stored_one_keeps_the_newer():
     assert s.bytes_used == 100 and s.bytes_reserved == 0 and s.puts == 1
 
 
-def test_explicit_version_equal_or_newer_replaces():
+def test_explicit_version_equal_keeps_the_entry_and_newer_replaces():
     store = Store(10_000)
     v1, _ = put(store, "k", 100)
-    version, old = commit_one(store, NewEntry((TENSOR, "k"), "same", (b"x",), 150, version=v1))
-    assert version == v1 and old.version == v1
+    holder = ("node-1", "127.0.0.1:1", "i1")
+    same = NewEntry((TENSOR, "k"), "same", (b"x",), 150, version=v1, holders=frozenset([holder]))
+    version, old = commit_one(store, same)
+    assert version == v1 and old is None  # the same copy: nothing replaced, nothing to free
+    entry = store.get((TENSOR, "k"))
+    assert entry.meta is None and holder in entry.holders  # kept, and it learnt a holder
+    assert store.stats().bytes_used == 100 and store.stats().bytes_reserved == 0
     version, old = commit_one(store, NewEntry((TENSOR, "k"), "new", (b"x",), 120, version=v1 + 9))
-    assert version == v1 + 9 and old.meta == "same"
+    assert version == v1 + 9 and old.version == v1
     assert store.stats().bytes_used == 120
 
 
@@ -654,7 +659,7 @@ def test_demoted_entries_are_hidden_but_readable_by_handoffs():
     assert sorted(store.keys()) == [(TENSOR, "a"), (TENSOR, "b")]
 
 
-def test_a_demoted_entry_counts_as_absent_for_conditional_and_versioned_writes():
+def test_a_demoted_entry_is_absent_for_conditional_writes_but_outranks_older_copies():
     store = Store(10_000)
     v1, _ = put(store, "a", 100)
     store.demote([(TENSOR, "a")])
@@ -664,9 +669,13 @@ def test_a_demoted_entry_counts_as_absent_for_conditional_and_versioned_writes()
     s = store.stats()
     assert (s.demoted, s.entries_by_kind, s.bytes_used) == (0, {TENSOR: 1}, 100)
     store.demote([(TENSOR, "a")])
+    newer = store.get((TENSOR, "a"), demoted_ok=True).version
     older = NewEntry((TENSOR, "a"), "older", (b"x",), 100, version=v1)
-    assert commit_one(store, older)[0] == v1  # replaced the demoted newer one
-    assert store.get((TENSOR, "a")).meta == "older"
+    # A pushed or handed-off copy older than the hidden one is stale: the
+    # hidden copy is kept (it may be the last of the newer value).
+    assert commit_one(store, older) == (newer, None)
+    assert store.get((TENSOR, "a"), demoted_ok=True).meta is None
+    assert store.stats().bytes_reserved == 0
 
 
 def test_delete_of_a_demoted_entry_removes_it_silently():
@@ -713,10 +722,14 @@ class Judge:
         self.placement_epoch = 1
         self.verdicts: dict[str, str] = {}
         self.asked: list[tuple[str, int, bool]] = []
+        self.window = False
 
     def placement(self, key: str, checked: int, demoted: bool) -> str:
         self.asked.append((key, checked, demoted))
         return self.verdicts.get(key, "keep")
+
+    def in_window(self) -> bool:
+        return self.window
 
 
 def test_placement_is_judged_once_per_change_when_an_entry_is_met():
@@ -792,3 +805,71 @@ def test_store_absorb_moves_the_clock():
     far = time.time_ns() // 1000 + 10**12
     store.absorb(far)
     assert put(store, "k", 100)[0] == far + 1
+
+
+# -- version floors (node/store.py, node/handoff.py) ---------------------------
+def _pushed(key: str, version: int) -> NewEntry:
+    return NewEntry((TENSOR, key), "pushed", (b"x",), 100, version=version, stamp=1)
+
+
+def test_a_removed_key_refuses_an_older_pushed_copy_while_the_window_is_open():
+    judge = Judge()
+    judge.window = True
+    store = Store(10_000, judge=judge)
+    v1, _ = put(store, "moved", 100)
+    v2, _ = put(store, "dropped", 100)
+    store.drop(store.get((TENSOR, "dropped")))
+    store.delete((TENSOR, "moved"))
+    assert store.floor((TENSOR, "moved")) == v1 and store.floor((TENSOR, "dropped")) == v2
+    assert commit_one(store, _pushed("moved", v1 - 1)) == (0, None)  # older: refused
+    assert commit_one(store, _pushed("dropped", v2 - 1)) == (0, None)
+    assert store.keys() == []
+    assert store.stats().bytes_reserved == 0
+    # The same version coming back (moved on, then pushed home) is welcome.
+    assert commit_one(store, _pushed("moved", v1))[0] == v1
+    assert store.get((TENSOR, "moved")).version == v1
+
+
+def test_a_delete_tombstone_is_a_floor_even_for_a_key_never_held():
+    judge = Judge()
+    judge.window = True
+    store = Store(10_000, judge=judge)
+    old = store.tombstone()
+    tomb = store.tombstone()
+    assert store.delete((TENSOR, "never"), tombstone=tomb) is None
+    assert store.floor((TENSOR, "never")) == tomb
+    assert commit_one(store, _pushed("never", old)) == (0, None)
+    assert commit_one(store, _pushed("never", tomb + 5))[0] == tomb + 5  # a newer write
+
+
+def test_floors_are_kept_only_while_the_window_is_open():
+    judge = Judge()
+    store = Store(10_000, judge=judge)
+    v1, _ = put(store, "k", 100)
+    store.delete((TENSOR, "k"), tombstone=store.tombstone())
+    assert store.floor((TENSOR, "k")) == 0  # no ring change: nothing can come back
+    judge.window = True
+    put(store, "k", 100)
+    store.delete((TENSOR, "k"), tombstone=store.tombstone())
+    assert store.floor((TENSOR, "k")) > v1
+    judge.window = False  # the window closed: forgotten
+    assert store.floor((TENSOR, "k")) == 0
+    assert commit_one(store, _pushed("k", v1))[0] == v1
+
+
+def test_writes_alone_cost_no_floors_and_too_many_removals_stop_handoffs(monkeypatch):
+    monkeypatch.setattr("tensorcache.node.store.MAX_FLOORS", 3)
+    judge = Judge()
+    judge.window = True
+    store = Store(100_000, judge=judge)
+    for i in range(10):  # more puts than MAX_FLOORS: nothing is lost track of
+        put(store, f"k{i}", 100)
+    assert not store.floors_lost()
+    for i in range(3):
+        store.delete((TENSOR, f"k{i}"), tombstone=store.tombstone())
+    assert not store.floors_lost() and store.floor((TENSOR, "k2")) > 0
+    store.delete((TENSOR, "k3"), tombstone=store.tombstone())
+    assert store.floors_lost()  # the node must now hand nothing off
+    assert store.floor((TENSOR, "k2")) == 0
+    judge.window = False
+    assert not store.floors_lost()
