@@ -68,6 +68,7 @@ class _Round:
     missing: int = 0  # copies found missing
     pushed: int = 0  # copies confirmed
     moved: int = 0
+    unresolved: int = 0  # hidden copies of our keys still undecided
 
 
 class Rebalancer:
@@ -81,8 +82,12 @@ class Rebalancer:
         enabled: bool = True,
         chunk: int = CHUNK,
         clock: Callable[[], float] = time.monotonic,
+        resolve: Callable[[list[StoreKey]], object] | None = None,
     ) -> None:
         self._me = me
+        # Decides hidden copies of keys this node owns (node/handoff.py
+        # ``fetch``: newest wins, dropped if outdone or deleted, else revived).
+        self._resolve = resolve
         self._store = store
         self._rings = rings
         self._peers = peers
@@ -168,7 +173,7 @@ class Rebalancer:
             except Exception:  # background work: log, never kill the node
                 log.exception("rebalance scan failed")
                 done = None
-            if done is None or done.failed:
+            if done is None or done.failed or done.unresolved:
                 retry_at = self._clock() + retry_s
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
             else:
@@ -186,7 +191,11 @@ class Rebalancer:
         for i in range(0, len(keys), self._chunk):
             if self._superseded(generation):
                 return rnd  # a newer ring: its scan covers everything
-            self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
+            suspects = self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
+            if suspects and self._resolve is not None:
+                self._decide(suspects, rnd)
+            else:
+                rnd.unresolved += len(suspects)
             self._flush(rnd, final=False)
             self.pending = len(keys) - i + rnd.missing - rnd.pushed
             time.sleep(0)  # let the data path have the interpreter
@@ -209,13 +218,31 @@ class Rebalancer:
         return rnd
 
     # -- one round's work ---------------------------------------------------------------
-    def _plan(self, entries: list[Entry], rnd: _Round) -> None:
+    def _decide(self, suspects: list[StoreKey], rnd: _Round) -> None:
+        """Decide hidden copies now, as a read would, then plan what survives.
+
+        Waiting for a read lost acknowledged puts: a copy hidden after a gap
+        (a pause) was the only one left once the key's other holder crashed,
+        and a crash of this node then took it too, with no read in between.
+        """
+        try:
+            self._resolve(suspects)  # type: ignore[misc]  # checked by the caller
+        except Exception:  # background work: a peer's failure is a retry
+            log.exception("rebalance: deciding %d hidden copies failed", len(suspects))
+            rnd.unresolved += len(suspects)
+            return
+        rnd.unresolved += len(self._plan(self._store.judge(suspects), rnd))
+
+    def _plan(self, entries: list[Entry], rnd: _Round) -> list[StoreKey]:
+        """Queue the missing copies of ``entries``; return the keys of hidden ones of ours."""
+        suspects: list[StoreKey] = []
         for entry in entries:
             replicas: tuple[RingMember, ...] = rnd.ring.replica_set(entry.key[1])
             if entry.demoted and any(m.name == self._me for m in replicas):
                 # Hidden although ours: its key lived elsewhere meanwhile, so it
                 # may be stale. Pushing it could bring back a key deleted there;
-                # a read here decides (node/handoff.py: newest wins, or revive).
+                # it is decided first (node/handoff.py: newest wins, or revive).
+                suspects.append(entry.key)
                 continue
             wanted = frozenset(m.incarnation_key for m in replicas)
             missing = [m for m in replicas if m.incarnation_key not in entry.holders]
@@ -232,6 +259,7 @@ class Rebalancer:
                 rnd.sizes[m.address] = rnd.sizes.get(m.address, 0) + sum(
                     len(c) for c in entry.chunks
                 )
+        return suspects
 
     def _flush(self, rnd: _Round, *, final: bool) -> None:
         for address in list(rnd.queues):
