@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tensorcache import codec, wire
-from tensorcache.client import striping
+from tensorcache.client import compress, striping
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.fanout import FanOut
 from tensorcache.client.fence import fence_all
@@ -145,18 +145,27 @@ class Client:
                 self._metrics[k] += v
 
     # ------------------------------------------------------------ public API
-    def put(self, key: str, value: np.ndarray, *, if_version: int | None = None) -> int:
+    def put(
+        self,
+        key: str,
+        value: np.ndarray,
+        *,
+        if_version: int | None = None,
+        compression: str | None = None,
+    ) -> int:
         """Store ``value`` under ``key``; returns its new version.
 
         ``if_version``: store only if the key's current version is this one
         (0: only if absent), checked atomically on the owner node; otherwise
         raise ``VersionConflict`` and leave the stored value as it was.
+        ``compression``: "lz4", "zstd" or "none" (default: the connection's
+        per-prefix default, else none); gets decompress transparently.
         """
         if if_version is not None and (not isinstance(if_version, int) or if_version < 0):
             raise InvalidArgument(f"if_version must be an int >= 0, got {if_version!r}")
-        return self._put_many({key: value}, {key: if_version} if if_version is not None else None)[
-            key
-        ]
+        return self._put_many(
+            {key: value}, {key: if_version} if if_version is not None else None, compression
+        )[key]
 
     def _near_get(self, key: str, out: np.ndarray | None) -> tuple[np.ndarray, int] | None:
         """A near-cache hit still current on the owner, copied out; else None."""
@@ -349,19 +358,26 @@ class Client:
         """Copies the cluster keeps of each entry (RingSnapshot.replicas)."""
         return self._placement.current().replicas
 
-    def put_many(self, values: Mapping[str, np.ndarray]) -> dict[str, int]:
+    def put_many(
+        self, values: Mapping[str, np.ndarray], *, compression: str | None = None
+    ) -> dict[str, int]:
         """Store several tensors (grouped per node into few RPCs); returns versions."""
-        return self._put_many(values, None)
+        return self._put_many(values, None, compression)
 
     def _put_many(
-        self, values: Mapping[str, np.ndarray], conditions: dict[str, int] | None
+        self,
+        values: Mapping[str, np.ndarray],
+        conditions: dict[str, int] | None,
+        compression: str | None = None,
     ) -> dict[str, int]:
         if not isinstance(values, Mapping):
             raise InvalidArgument(
                 f"put_many takes a mapping of key -> array, got {type(values).__name__}"
             )
         copies = self._replicas()
+        values, packed = compress.pack_many(values, compression, self.config.compression)
         tensors, shards = striping.plan(values, self.stripe_size, copies, conditions)
+        compress.describe(tensors, packed)
         if shards:
             striping.check_fits(self._placement.current(), shards)
             try:
@@ -416,14 +432,14 @@ class Client:
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
                 if it.found and it not in striped:
-                    out[it.key] = (it.array, it.version)
+                    out[it.key] = (compress.restore(it.meta, it.array, it.out), it.version)
             pending = []
             if striped:
                 for it, ok in zip(
                     striped, striping.fetch(striped, self._read, self._count), strict=True
                 ):
                     if ok:
-                        out[it.key] = (it.array, it.version)
+                        out[it.key] = (compress.restore(it.meta, it.array, it.out), it.version)
                     else:
                         pending.append(it.key)
             if not pending:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from tensorcache import wire
+from tensorcache.client.compress import check_defaults
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class ClientConfig:
     #: node verified them on arrival, stored bytes never change, and no wire
     #: lies between; the check would halve the speed of this path.
     verify_local_checksums: bool = False
+    #: Per-namespace compression defaults: key prefix -> "lz4", "zstd" or
+    #: "none"; the longest matching prefix wins, a put's own ``compression=``
+    #: overrides it (client/compress.py). Empty: nothing is compressed.
+    compression: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.stripe_size is not None and self.stripe_size < 4096:
@@ -58,6 +64,7 @@ class ClientConfig:
             raise ValueError(
                 f"near_cache_mode must be 'strict' or 'watch', got {self.near_cache_mode!r}"
             )
+        check_defaults(self.compression)
         if self.parallelism < 1 or self.retries < 0 or self.timeout_s <= 0:
             raise ValueError("parallelism >= 1, retries >= 0 and timeout_s > 0 are required")
 

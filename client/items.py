@@ -159,6 +159,11 @@ def layout_of(meta: pb.TensorMeta, where: str) -> codec.Layout:
         raise ProtocolError(f"{where}: node sent bad metadata: {exc}") from exc
 
 
+def packed(meta: pb.TensorMeta) -> bool:
+    """Whether an entry holds a tensor the client compressed (client/compress.py)."""
+    return meta.HasField("compression")
+
+
 def destination(out: np.ndarray | None, layout: codec.Layout) -> tuple[np.ndarray, np.ndarray]:
     """(the array to return, its flat byte view): a new one, or the caller's ``out``."""
     if out is None:
@@ -191,7 +196,8 @@ def payload_destinations(
             continue  # a manifest: no payload of its own
         layout = layout_of(got.meta, where)
         if it.expect is None:  # a tensor: its own (or the caller's) array
-            it.array, it.dest = destination(it.out, layout)
+            # Compressed: received into a buffer of its own, decompressed into out.
+            it.array, it.dest = destination(None if packed(got.meta) else it.out, layout)
         elif it.dest is None or it.dest.nbytes != layout.nbytes:
             it.dest = np.empty(layout.nbytes, np.uint8)  # unlike its manifest: a miss
         if got.local:

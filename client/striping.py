@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from tensorcache import codec
-from tensorcache.client.items import DelItem, GetItem, PutItem, destination, layout_of
+from tensorcache.client.items import DelItem, GetItem, PutItem, destination, layout_of, packed
 from tensorcache.errors import CapacityExceeded, ProtocolError, TensorCacheError
 from tensorcache.keys import encode_key, shard_key
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -107,7 +107,7 @@ def fetch(
     for t in tensors:
         assert t.meta is not None
         layout = layout_of(t.meta, f"manifest of {t.key!r}")
-        t.array, whole = destination(t.out, layout)
+        t.array, whole = destination(None if packed(t.meta) else t.out, layout)
         for ref in t.meta.stripes:
             if ref.offset + ref.nbytes > whole.nbytes:
                 raise ProtocolError(f"manifest of {t.key!r}: stripe beyond the tensor")

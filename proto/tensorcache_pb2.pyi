@@ -27,7 +27,7 @@ class StripeRef(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
-    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id")
+    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id", "compression")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class TensorMeta(_message.Message):
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     STRIPES_FIELD_NUMBER: _ClassVar[int]
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     order: str
@@ -42,7 +43,24 @@ class TensorMeta(_message.Message):
     crc32c: int
     stripes: _containers.RepeatedCompositeFieldContainer[StripeRef]
     put_id: int
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+
+class Compression(_message.Message):
+    __slots__ = ("codec", "shuffle", "dtype", "shape", "order", "nbytes")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SHUFFLE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    shuffle: bool
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    order: str
+    nbytes: int
+    def __init__(self, codec: _Optional[str] = ..., shuffle: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class EntryPut(_message.Message):
     __slots__ = ("key", "kind", "meta", "if_version", "version", "stamp")
