@@ -17,6 +17,7 @@ each process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import defaultdict
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tensorcache import codec, wire
-from tensorcache.client import compress, striping
+from tensorcache.client import compress, present, striping
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.fanout import FanOut
 from tensorcache.client.fence import fence_all
@@ -148,12 +149,12 @@ class Client:
     def put(
         self,
         key: str,
-        value: np.ndarray,
+        value: Any,
         *,
         if_version: int | None = None,
         compression: str | None = None,
     ) -> int:
-        """Store ``value`` under ``key``; returns its new version.
+        """Store ``value`` (numpy array or torch tensor) under ``key``; returns its new version.
 
         ``if_version``: store only if the key's current version is this one
         (0: only if absent), checked atomically on the owner node; otherwise
@@ -167,7 +168,9 @@ class Client:
             {key: value}, {key: if_version} if if_version is not None else None, compression
         )[key]
 
-    def _near_get(self, key: str, out: np.ndarray | None) -> tuple[np.ndarray, int] | None:
+    def _near_get(
+        self, key: str, out: np.ndarray | codec.OutView | None
+    ) -> tuple[np.ndarray, int, str] | None:
         """A near-cache hit still current on the owner, copied out; else None."""
         assert self._near is not None
         near = self._near.lookup(key)
@@ -184,22 +187,24 @@ class Client:
             return None
         self._count("near_hits")
         if out is None:
-            return near.array.copy(order="K"), near.version
+            return near.array.copy(order="K"), near.version, near.logical
         layout, _ = codec.encode(near.array)  # the cached copy is contiguous: no copy
+        layout = dataclasses.replace(layout, logical=near.logical)
         codec.view_for(out, layout)  # same checks as a get into out=
-        np.copyto(out, near.array)
-        return out, near.version
+        dest = out.array if isinstance(out, codec.OutView) else out
+        np.copyto(dest, near.array)
+        return dest, near.version, near.logical
 
     def get_or_load(
         self,
         key: str,
-        loader: Callable[[], np.ndarray],
+        loader: Callable[[], Any],
         *,
         lease_s: float = 2.0,
         max_load_s: float | None = None,
         timeout_s: float = 600.0,
         fill_ttl_s: float | None = None,
-    ) -> np.ndarray:
+    ) -> Any:
         """The tensor under ``key``; on a miss, load it with ``loader()`` and put it.
 
         One caller cluster-wide loads; the others wait and read what it put.
@@ -259,9 +264,19 @@ class Client:
         return KVCache(self, layout)
 
     def get(
-        self, key: str, *, out: np.ndarray | None = None, min_version: int | None = None
-    ) -> np.ndarray | None:
+        self,
+        key: str,
+        *,
+        out: Any = None,
+        min_version: int | None = None,
+        device: Any = None,
+        as_: str | None = None,
+    ) -> Any:
         """The tensor stored under ``key``, or None on a miss.
+
+        numpy array or torch tensor: as written, unless ``as_`` ("numpy",
+        "torch", "raw"), ``device`` ("cpu", "cuda:N") or a torch ``out`` says
+        otherwise; the full rule is in client/present.py.
 
         ``out``: an array of the stored dtype and shape (writable, contiguous
         in the stored order) to fill instead of allocating one. Reusing a
@@ -272,22 +287,35 @@ class Client:
         ``min_version``: never return a value older than this version; an
         older one is reported as a miss (None).
         """
-        hit = self._near_get(key, out) if self._near is not None else None
-        array: np.ndarray | None
-        if hit is not None:
-            array, version = hit
-        else:
-            seq = self._near.seq if self._near is not None else 0
-            array, version = self._get_many([key], {key: out} if out is not None else None)[key]
-            if self._near is not None:
-                if array is None:
-                    self._near.drop(key)
-                else:
-                    self._near.store(key, array, version, seq)
+        w = present.want(as_, device, out)
+        if w.cuda or (w.out is not None and present.on_cuda(w.out)):
+            from tensorcache.client import torchio
+
+            return torchio.get_cuda(self, key, w, min_version)
+        dest = present.out_dest(out)
+        array, version, logical = self._get_host(key, dest)
         if array is not None and min_version is not None and version < min_version:
             self._count("stale_rejected")
             return None
-        return array
+        return present.present(key, array, logical, w)
+
+    def _get_host(
+        self, key: str, dest: np.ndarray | codec.OutView | None
+    ) -> tuple[np.ndarray | None, int, str]:
+        """(stored array or None, version, logical dtype), near-cache first."""
+        hit = self._near_get(key, dest) if self._near is not None else None
+        if hit is not None:
+            return hit
+        seq = self._near.seq if self._near is not None else 0
+        array, version, logical = self._get_many([key], {key: dest} if dest is not None else None)[
+            key
+        ]
+        if self._near is not None:
+            if array is None:
+                self._near.drop(key)
+            else:
+                self._near.store(key, array, version, seq, logical)
+        return array, version, logical
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; returns whether it was present."""
@@ -359,14 +387,14 @@ class Client:
         return self._placement.current().replicas
 
     def put_many(
-        self, values: Mapping[str, np.ndarray], *, compression: str | None = None
+        self, values: Mapping[str, Any], *, compression: str | None = None
     ) -> dict[str, int]:
-        """Store several tensors (grouped per node into few RPCs); returns versions."""
+        """Store several numpy arrays or torch tensors (few RPCs per node); returns versions."""
         return self._put_many(values, None, compression)
 
     def _put_many(
         self,
-        values: Mapping[str, np.ndarray],
+        values: Mapping[str, Any],
         conditions: dict[str, int] | None,
         compression: str | None = None,
     ) -> dict[str, int]:
@@ -374,10 +402,12 @@ class Client:
             raise InvalidArgument(
                 f"put_many takes a mapping of key -> array, got {type(values).__name__}"
             )
+        encoded = present.encode_values(values)
         copies = self._replicas()
-        values, packed = compress.pack_many(values, compression, self.config.compression)
+        values, packed = compress.pack_many(encoded, compression, self.config.compression)
         tensors, shards = striping.plan(values, self.stripe_size, copies, conditions)
         compress.describe(tensors, packed)
+        present.keep_logical(tensors, packed, encoded)
         if shards:
             striping.check_fits(self._placement.current(), shards)
             try:
@@ -409,20 +439,33 @@ class Client:
         self._count("puts", len(tensors), bytes_put=sum(it.meta.nbytes for it in tensors))
         return {it.key: it.version for it in tensors}
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray | None]:
-        """Fetch several tensors (one RPC per node and batch); misses map to None."""
+    def get_many(
+        self, keys: Iterable[str], *, device: Any = None, as_: str | None = None
+    ) -> dict[str, Any]:
+        """Fetch several tensors (one RPC per node and batch); misses map to None.
+
+        ``device`` and ``as_`` apply to every key, as for ``get``.
+        """
         if isinstance(keys, str):
             raise InvalidArgument("get_many takes an iterable of keys, not a single str")
-        return {k: array for k, (array, _) in self._get_many(keys, None).items()}
+        w = present.want(as_, device, None)
+        if w.cuda:
+            from tensorcache.client import torchio
+
+            return torchio.get_many_cuda(self, list(keys), w)
+        return {
+            k: present.present(k, array, logical, w)
+            for k, (array, _, logical) in self._get_many(keys, None).items()
+        }
 
     def _get_many(
-        self, keys: Iterable[str], outs: dict[str, np.ndarray] | None
-    ) -> dict[str, tuple[np.ndarray | None, int]]:
-        """key -> (array or None, version) for every key."""
+        self, keys: Iterable[str], outs: dict[str, np.ndarray | codec.OutView] | None
+    ) -> dict[str, tuple[np.ndarray | None, int, str]]:
+        """key -> (array or None, version, logical dtype) for every key."""
         wanted = list(dict.fromkeys(keys))
         for key in wanted:
             encode_key(key)
-        out: dict[str, tuple[np.ndarray | None, int]] = dict.fromkeys(wanted, (None, 0))
+        out: dict[str, tuple[np.ndarray | None, int, str]] = dict.fromkeys(wanted, (None, 0, ""))
         pending = wanted
         # A stripe can vanish under a reader when a newer put replaced it;
         # read the manifest again (bounded) before calling it a miss.
@@ -432,20 +475,28 @@ class Client:
             striped = [it for it in items if it.found and it.meta is not None and it.meta.stripes]
             for it in items:
                 if it.found and it not in striped:
-                    out[it.key] = (compress.restore(it.meta, it.array, it.out), it.version)
+                    out[it.key] = (
+                        compress.restore(it.meta, it.array, it.out),
+                        it.version,
+                        _logical(it),
+                    )
             pending = []
             if striped:
                 for it, ok in zip(
                     striped, striping.fetch(striped, self._read, self._count), strict=True
                 ):
                     if ok:
-                        out[it.key] = (compress.restore(it.meta, it.array, it.out), it.version)
+                        out[it.key] = (
+                            compress.restore(it.meta, it.array, it.out),
+                            it.version,
+                            _logical(it),
+                        )
                     else:
                         pending.append(it.key)
             if not pending:
                 break
             self._count("stripe_retries", len(pending))
-        hits = sum(a is not None for a, _ in out.values())
+        hits = sum(a is not None for a, _, _ in out.values())
         self._count("gets", len(out), hits=hits, misses=len(out) - hits)
         return out
 
@@ -469,6 +520,10 @@ class Client:
             lambda items: self._fan.scatter(items, self._nodes.delete),
             self._count,
         )
+
+
+def _logical(it: GetItem) -> str:
+    return it.meta.logical_dtype if it.meta is not None else ""
 
 
 def connect(

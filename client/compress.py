@@ -126,18 +126,25 @@ def pack(array: object, name: str, *, threads: int = 0) -> tuple[np.ndarray, pb.
     return packed, info
 
 
-def unpack(info: pb.Compression, payload: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def unpack(
+    info: pb.Compression,
+    payload: np.ndarray,
+    out: np.ndarray | codec.OutView | None = None,
+    logical: str = "",
+) -> np.ndarray:
     """The tensor ``payload`` (compressed bytes, checksum already verified) stands for.
 
-    ``out``: the caller's array to fill (same checks as ``get(out=...)``).
+    ``out``: the caller's array to fill (same checks as ``get(out=...)``);
+    ``logical``: the torch dtype it was written as (TensorMeta.logical_dtype).
     """
     if info.codec not in ("lz4", "zstd"):
         raise DataCorruption(f"stored with unknown compression {info.codec!r}")
-    layout = codec.check_layout(info.dtype, tuple(info.shape), info.order, info.nbytes)
+    layout = codec.check_layout(info.dtype, tuple(info.shape), info.order, info.nbytes, logical)
     if out is None:
         array, dest = codec.allocate(layout)
     else:
-        array, dest = out, codec.view_for(out, layout)
+        dest = codec.view_for(out, layout)
+        array = out.array if isinstance(out, codec.OutView) else out
     blosc2 = _blosc2()
     src = payload.reshape(-1).view(np.uint8)
     pos = off = 0
@@ -193,9 +200,11 @@ def describe(tensors: Iterable[PutItem], packed: Mapping[str, pb.Compression]) -
 
 
 def restore(
-    meta: pb.TensorMeta | None, array: np.ndarray | None, out: np.ndarray | None
+    meta: pb.TensorMeta | None,
+    array: np.ndarray | None,
+    out: np.ndarray | codec.OutView | None,
 ) -> np.ndarray | None:
     """What a get returns for an entry read as ``array``: decompressed if it was stored so."""
     if array is None or meta is None or not meta.HasField("compression"):
         return array
-    return unpack(meta.compression, array, out)
+    return unpack(meta.compression, array, out, meta.logical_dtype)

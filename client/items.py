@@ -54,7 +54,7 @@ class GetItem:
     expect: pb.StripeRef | None = None  # for stripes: what the manifest promised
     put_id: int = 0
     ok: bool = False
-    out: np.ndarray | None = None  # the caller's array to fill (get(key, out=...))
+    out: np.ndarray | codec.OutView | None = None  # the caller's array to fill (get(out=...))
     replica: int = 0  # failover cursor into replica_set(key)
 
     @property
@@ -154,7 +154,8 @@ def apply_delete_reply(batch: list[DelItem], reply: pb.DeleteReply, where: str) 
 def layout_of(meta: pb.TensorMeta, where: str) -> codec.Layout:
     """A node's metadata as a layout; bad metadata is the node's protocol error."""
     try:
-        return codec.check_layout(meta.dtype, tuple(meta.shape), meta.order, meta.nbytes)
+        logical = "" if packed(meta) else meta.logical_dtype  # else: of the uncompressed tensor
+        return codec.check_layout(meta.dtype, tuple(meta.shape), meta.order, meta.nbytes, logical)
     except InvalidArgument as exc:
         raise ProtocolError(f"{where}: node sent bad metadata: {exc}") from exc
 
@@ -164,14 +165,17 @@ def packed(meta: pb.TensorMeta) -> bool:
     return meta.HasField("compression")
 
 
-def destination(out: np.ndarray | None, layout: codec.Layout) -> tuple[np.ndarray, np.ndarray]:
+def destination(
+    out: np.ndarray | codec.OutView | None, layout: codec.Layout
+) -> tuple[np.ndarray, np.ndarray]:
     """(the array to return, its flat byte view): a new one, or the caller's ``out``."""
     if out is None:
         try:
             return codec.allocate(layout)
         except (ValueError, MemoryError) as exc:
             raise ProtocolError(f"cannot allocate {layout}: {exc}") from exc
-    return out, codec.view_for(out, layout)
+    view = codec.view_for(out, layout)
+    return (out.array if isinstance(out, codec.OutView) else out), view
 
 
 def payload_destinations(

@@ -41,6 +41,7 @@ _RECENT_EVENTS = 65536
 class Near:
     array: np.ndarray  # owned by the cache, never handed out
     version: int
+    logical: str = ""  # TensorMeta.logical_dtype: the torch dtype it was written as
 
 
 class NearCache:
@@ -73,7 +74,9 @@ class NearCache:
                 self._entries.move_to_end(key)
             return near
 
-    def store(self, key: str, array: np.ndarray, version: int, seq: int | None = None) -> None:
+    def store(
+        self, key: str, array: np.ndarray, version: int, seq: int | None = None, logical: str = ""
+    ) -> None:
         """Keep a private copy of ``array`` at ``version`` (evicting LRU entries).
 
         ``seq``: the ``seq`` read before the value was fetched; the copy is
@@ -91,7 +94,7 @@ class NearCache:
             while self._entries and self._bytes + copy.nbytes > self.capacity:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= old.array.nbytes
-            self._entries[key] = Near(copy, version)
+            self._entries[key] = Near(copy, version, logical)
             self._bytes += copy.nbytes
 
     def drop(self, key: str) -> None:

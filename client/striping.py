@@ -51,7 +51,11 @@ def plan(
         cond = conditions.get(key) if conditions else None
         layout, view = codec.encode(value)
         meta = pb.TensorMeta(
-            dtype=layout.dtype, shape=layout.shape, order=layout.order, nbytes=layout.nbytes
+            dtype=layout.dtype,
+            shape=layout.shape,
+            order=layout.order,
+            nbytes=layout.nbytes,
+            logical_dtype=layout.logical,
         )
         if layout.nbytes <= stripe:
             meta.crc32c = codec.crc32c(view)

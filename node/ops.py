@@ -112,7 +112,16 @@ def _store_key(raw: bytes, kind: int, where: str) -> StoreKey:
 
 def _check_meta(meta: pb.TensorMeta, kind: int, where: str) -> int:
     """Validate a put's metadata; return the payload bytes the entry carries."""
-    codec.check_layout(meta.dtype, list(meta.shape), meta.order, meta.nbytes)
+    compressed = meta.HasField("compression")
+    codec.check_layout(
+        meta.dtype,
+        list(meta.shape),
+        meta.order,
+        meta.nbytes,
+        "" if compressed else meta.logical_dtype,
+    )
+    if compressed and meta.logical_dtype:  # it describes the uncompressed tensor
+        codec.check_logical(meta.logical_dtype, meta.compression.dtype)
     if not meta.stripes:
         return meta.nbytes
     if kind != pb.TENSOR:

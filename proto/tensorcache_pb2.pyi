@@ -27,7 +27,7 @@ class StripeRef(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
-    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id", "compression")
+    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id", "compression", "logical_dtype")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class TensorMeta(_message.Message):
     STRIPES_FIELD_NUMBER: _ClassVar[int]
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     order: str
@@ -44,7 +45,8 @@ class TensorMeta(_message.Message):
     stripes: _containers.RepeatedCompositeFieldContainer[StripeRef]
     put_id: int
     compression: Compression
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+    logical_dtype: str
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., logical_dtype: _Optional[str] = ...) -> None: ...
 
 class Compression(_message.Message):
     __slots__ = ("codec", "shuffle", "dtype", "shape", "order", "nbytes")
