@@ -120,7 +120,7 @@ class DiskStats:
     capacity: int
     bytes_used: int  # file bytes held
     files: int
-    hits: int  # gets served from a spilled entry
+    hits: int  # entries (tensors and stripes) gets read from disk
     spills: int  # entries written to disk
     write_drops: int  # evicted entries the write queue had no room for (lost)
     evictions: int  # files evicted for the disk budget
@@ -191,7 +191,7 @@ class TieredStore(Store):
         if entry is None or not spilled(entry):
             return entry
         # Handoffs to other nodes (demoted_ok) read without promoting or counting.
-        return self._materialize(entry, promote=not demoted_ok)
+        return self._materialize(entry, promote=not demoted_ok, counted=not demoted_ok)
 
     def peek(self, key: StoreKey) -> Entry | None:
         entry = super().peek(key)
@@ -201,7 +201,7 @@ class TieredStore(Store):
         entry = super().suspect(key)
         return self._materialize(entry, promote=True) if entry and spilled(entry) else entry
 
-    def _materialize(self, entry: Entry, *, promote: bool) -> Entry | None:
+    def _materialize(self, entry: Entry, *, promote: bool, counted: bool = False) -> Entry | None:
         """``entry`` (spilled) with its bytes; resident again if ``promote`` and possible.
 
         Its visibility was judged under the lock when it was looked up; the
@@ -220,13 +220,13 @@ class TieredStore(Store):
                 if self._entries.get(entry.key) is entry:
                     self._remove_locked(entry.key)
                     self._c.evictions += 1  # lost, like an entry evicted for room
-                if promote and entry.key[0] in self._counted:
+                if counted and entry.key[0] in self._counted:  # the get counted a hit
                     self._c.hits -= 1
                     self._c.misses += 1
             return None
         loaded = dataclasses.replace(entry, chunks=(data,), cost=ref.cost)
         with self._lock:
-            if promote:
+            if counted:
                 self._t.hits += 1
             if not promote or self._entries.get(entry.key) is not entry:
                 return loaded
