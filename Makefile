@@ -46,6 +46,7 @@ soak: $(STAMP)
 ## Side-by-side benchmark vs Redis, Arrow Flight, a raw socket, memcpy (QUICK=1: smoke run).
 bench: $(STAMP)
 	$(BIN)/python -m bench $(if $(QUICK),--quick)
+	$(BIN)/python -m bench.tiers $(if $(QUICK),--quick)  # compression per tensor kind; RAM vs disk tier vs file
 
 ## A local cluster in the foreground (Ctrl-C stops it).
 up: $(STAMP)
