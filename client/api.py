@@ -21,8 +21,8 @@ import dataclasses
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from tensorcache.client.items import DelItem, FillItem, GetItem, PutItem
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.nodes import NetworkTransport, NodeTransport
 from tensorcache.client.placement import Placement
+from tensorcache.client.prefetch import Prefetcher
 from tensorcache.client.transport import RouterConn, RouterTransport
 from tensorcache.client.watch import EventWatcher
 from tensorcache.errors import InvalidArgument, TensorCacheError
@@ -84,6 +85,8 @@ class Client:
             NearCache(self.config.near_cache_bytes) if self.config.near_cache_bytes else None
         )
         self._watch: EventWatcher | None = None
+        self._prefetcher = Prefetcher(self.config.parallelism)
+        self._staging: Any = None  # CUDA staging rings (client/staging.py), on first use
         self._closed = False
         try:
             self._placement.current()
@@ -102,6 +105,7 @@ class Client:
         self._closed = True
         if self._watch is not None:
             self._watch.close()
+        self._prefetcher.close()  # its gets wait on the pool: before the pool
         self._pool.shutdown(wait=True)
         self._nodes.close()
         self._control.close()
@@ -457,6 +461,41 @@ class Client:
             k: present.present(k, array, logical, w)
             for k, (array, _, logical) in self._get_many(keys, None).items()
         }
+
+    def prefetch(
+        self, keys: Iterable[str], *, device: Any = None, as_: str | None = None
+    ) -> Future[dict[str, Any]]:
+        """Start ``get_many(keys, device=, as_=)`` in the background; returns its Future.
+
+        ``result()`` gives the dict (misses: None) or raises the get's error.
+        """
+        if isinstance(keys, str):
+            raise InvalidArgument("prefetch takes an iterable of keys, not a single str")
+        wanted = list(keys)
+        for key in wanted:
+            encode_key(key)
+        present.want(as_, device, None)  # bad arguments fail here, not in the future
+        return self._prefetcher.prefetch(
+            wanted, lambda ks: self.get_many(ks, device=device, as_=as_)
+        )
+
+    def stream(
+        self,
+        keys: Iterable[str],
+        *,
+        lookahead: int = 4,
+        device: Any = None,
+        as_: str | None = None,
+    ) -> Iterator[tuple[str, Any]]:
+        """Yield ``(key, get(key, device=, as_=))`` in order, the next ``lookahead`` in flight.
+
+        A miss yields ``(key, None)``; a failed get raises at its item; stopping
+        early cancels or waits out the gets in flight (client/prefetch.py).
+        """
+        present.want(as_, device, None)
+        return self._prefetcher.stream(
+            keys, lookahead, lambda k: self.get(k, device=device, as_=as_)
+        )
 
     def _get_many(
         self, keys: Iterable[str], outs: dict[str, np.ndarray | codec.OutView] | None

@@ -120,3 +120,22 @@ def test_process_without_torch_reads_torch_entries(cluster: LocalCluster, prefix
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_prefetch_and_stream_torch(tc, prefix):
+    layers = {f"{prefix}layer{i}": rand(torch.bfloat16, (300, 257), seed=i) for i in range(6)}
+    tc.put_many(layers)
+    fut = tc.prefetch([*layers, f"{prefix}missing"], device="cpu")
+    got = fut.result(timeout=60)
+    assert got.pop(f"{prefix}missing") is None
+    assert all(same(layers[k], v) for k, v in got.items())
+    order = [*layers][::-1]
+    order.insert(2, f"{prefix}missing")
+    seen = list(tc.stream(order, lookahead=3))
+    assert [k for k, _ in seen] == order
+    for k, v in seen:
+        assert v is None if k.endswith("missing") else same(layers[k], v)
+    for i, _ in enumerate(tc.stream(list(layers), lookahead=2)):
+        if i == 1:
+            break  # an early stop; the client stays usable
+    assert same(layers[f"{prefix}layer5"], tc.get(f"{prefix}layer5"))
