@@ -36,6 +36,7 @@ from tensorcache.client.fill import FillOptions, RpcGrants, read_through, store_
 from tensorcache.client.items import DelItem, FillItem, GetItem, PutItem
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.nodes import NetworkTransport, NodeTransport
+from tensorcache.client.pins import PinResult, pin_all
 from tensorcache.client.placement import Placement
 from tensorcache.client.prefetch import Prefetcher
 from tensorcache.client.transport import RouterConn, RouterTransport
@@ -157,6 +158,7 @@ class Client:
         *,
         if_version: int | None = None,
         compression: str | None = None,
+        pin: bool = False,
     ) -> int:
         """Store ``value`` (numpy array or torch tensor) under ``key``; returns its new version.
 
@@ -165,12 +167,38 @@ class Client:
         raise ``VersionConflict`` and leave the stored value as it was.
         ``compression``: "lz4", "zstd" or "none" (default: the connection's
         per-prefix default, else none); gets decompress transparently.
+        ``pin``: never evict it, within each node's pinned quota (beyond it:
+        ``CapacityExceeded``); the pin belongs to this value (node/pins.py).
         """
         if if_version is not None and (not isinstance(if_version, int) or if_version < 0):
             raise InvalidArgument(f"if_version must be an int >= 0, got {if_version!r}")
         return self._put_many(
-            {key: value}, {key: if_version} if if_version is not None else None, compression
+            {key: value},
+            {key: if_version} if if_version is not None else None,
+            compression,
+            pin=pin,
         )[key]
+
+    def pin(self, prefix: str, *, timeout_s: float | None = None) -> PinResult:
+        """Pin every entry stored under ``prefix`` on every node (never evicted).
+
+        Each node pins its part all or nothing within its pinned quota, else
+        raises ``CapacityExceeded`` naming the node (others may have pinned
+        theirs: ``unpin`` undoes it). Covers what is stored now, which for a
+        model revision (an immutable namespace) is all of it; later puts are
+        pinned with ``put(..., pin=True)``. See client/pins.py, node/pins.py.
+        """
+        timeout = timeout_s if timeout_s is not None else self.config.timeout_s
+        return pin_all(
+            self._placement, self._nodes, self._pool, prefix, unpin=False, timeout_s=timeout
+        )
+
+    def unpin(self, prefix: str, *, timeout_s: float | None = None) -> PinResult:
+        """Make every entry under ``prefix`` evictable again (its bytes stay cached)."""
+        timeout = timeout_s if timeout_s is not None else self.config.timeout_s
+        return pin_all(
+            self._placement, self._nodes, self._pool, prefix, unpin=True, timeout_s=timeout
+        )
 
     def _near_get(
         self, key: str, out: np.ndarray | codec.OutView | None
@@ -391,16 +419,25 @@ class Client:
         return self._placement.current().replicas
 
     def put_many(
-        self, values: Mapping[str, Any], *, compression: str | None = None
+        self,
+        values: Mapping[str, Any],
+        *,
+        compression: str | None = None,
+        pin: bool = False,
     ) -> dict[str, int]:
-        """Store several numpy arrays or torch tensors (few RPCs per node); returns versions."""
-        return self._put_many(values, None, compression)
+        """Store several numpy arrays or torch tensors (few RPCs per node); returns versions.
+
+        ``compression`` and ``pin``: as for ``put``, every one of them.
+        """
+        return self._put_many(values, None, compression, pin=pin)
 
     def _put_many(
         self,
         values: Mapping[str, Any],
         conditions: dict[str, int] | None,
         compression: str | None = None,
+        *,
+        pin: bool = False,
     ) -> dict[str, int]:
         if not isinstance(values, Mapping):
             raise InvalidArgument(
@@ -409,7 +446,7 @@ class Client:
         encoded = present.encode_values(values)
         copies = self._replicas()
         values, packed = compress.pack_many(encoded, compression, self.config.compression)
-        tensors, shards = striping.plan(values, self.stripe_size, copies, conditions)
+        tensors, shards = striping.plan(values, self.stripe_size, copies, conditions, pin)
         compress.describe(tensors, packed)
         present.keep_logical(tensors, packed, encoded)
         if shards:

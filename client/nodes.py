@@ -73,6 +73,8 @@ class NodeTransport(Protocol):
 
     def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats: ...
 
+    def pin(self, member: RingMember, request: pb.PinRequest, timeout_s: float) -> pb.PinReply: ...
+
     def close(self) -> None: ...
 
 
@@ -243,6 +245,11 @@ class NetworkTransport:
                 return None
             raise from_rpc_error(exc, f"fence node {member.address}") from exc
         return reply.epoch
+
+    def pin(self, member: RingMember, request: pb.PinRequest, timeout_s: float) -> pb.PinReply:
+        with rpc(f"pin on node {member.name} ({member.address})"):
+            reply: pb.PinReply = self._conns.get(member.address).pin(request, timeout=timeout_s)
+        return reply
 
     def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats:
         with rpc(f"stat of node {member.address}"):

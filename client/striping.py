@@ -38,11 +38,13 @@ def plan(
     stripe: int,
     copies: int,
     conditions: dict[str, int] | None,
+    pin: bool = False,
 ) -> tuple[list[PutItem], list[PutItem]]:
     """(tensors, stripes) to write for ``values``: stripes carry every copy.
 
     A tensor's item is its whole payload, or a manifest (no payload) whose
-    stripes are items of their own, one per replica copy.
+    stripes are items of their own, one per replica copy. ``pin``: the
+    manifest and every stripe are pinned (node/pins.py).
     """
     tensors: list[PutItem] = []
     shards: list[PutItem] = []
@@ -56,6 +58,7 @@ def plan(
             order=layout.order,
             nbytes=layout.nbytes,
             logical_dtype=layout.logical,
+            pinned=pin,
         )
         if layout.nbytes <= stripe:
             meta.crc32c = codec.crc32c(view)
@@ -75,6 +78,7 @@ def plan(
                 nbytes=part.nbytes,
                 crc32c=ref.crc32c,
                 put_id=meta.put_id,
+                pinned=pin,
             )
             shards.extend(PutItem(skey, pb.SHARD, smeta, part, replica=c) for c in range(copies))
         tensors.append(PutItem(key, pb.TENSOR, meta, None, cond=cond))

@@ -50,6 +50,7 @@ class Entry:
     checked: int = 0  # the placement epoch this entry was last judged at
     holders: frozenset[Holder] = NO_HOLDERS  # who is known to hold a copy this new
     used: int = 0  # the store's use counter at this entry's last insert or get
+    pinned: bool = False  # never evicted; charged to the pinned quota (node/pins.py)
 
 
 class Judge(Protocol):
@@ -82,6 +83,11 @@ class NewEntry:
     known_version: int = 0
     checked: int = 0  # placement epoch the writer placed it under
     holders: frozenset[Holder] = NO_HOLDERS
+    #: Pin it (never evicted). ``pin_strict``: a client's write, refused with
+    #: CapacityExceeded beyond the pinned quota; otherwise (a copy moved
+    #: here) it is stored unpinned then, and counted (node/pins.py).
+    pinned: bool = False
+    pin_strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +107,10 @@ class StoreStats:
     moved: int = 0  # demoted entries dropped once their new owners confirmed a copy
     discarded: int = 0  # hidden copies dropped: a newer one or a delete was found elsewhere
     revived: int = 0  # hidden entries served again once no newer copy was found
+    pinned_bytes: int = 0  # bytes of pinned entries (within pinned_capacity)
+    pinned_capacity: int = 0
+    pinned: int = 0  # pinned entries
+    pins_dropped: int = 0  # pinned copies moved here stored unpinned: the quota was full
 
 
 def entry_cost(key: str, payload: int, meta_bytes: int) -> int:

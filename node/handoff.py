@@ -210,6 +210,7 @@ class Handoff:
                     stamp=meta.stamp,
                     checked=self._rings.placement_epoch,
                     holders=self._me,
+                    pinned=meta.meta.pinned,  # the pin moves with the copy (node/pins.py)
                 )
             )
         if not items:

@@ -299,6 +299,17 @@ class NodeOps:
         if self.leaving and req.epoch == 0 and any(e.version for e in req.entries):
             raise Unavailable(f"node {self.name} is leaving the ring: push to the new owners")
         ring = self.rings.current
+        # A client's pinned put beyond the quota is refused before its payload
+        # arrives (commit checks again); a pushed copy never is (node/pins.py).
+        if req.epoch and any(e.meta.pinned for e in req.entries):
+            self.store.check_pins(
+                [
+                    NewEntry(k, b"", (), cost, pinned=True, pin_strict=True)
+                    for k, e, cost in zip(keys, req.entries, costs, strict=True)
+                    if e.meta.pinned
+                ],
+                "put",
+            )
         reservation = self.store.reserve(sum(costs))
         return PutPlan(req, keys, sizes, costs, reservation, ring)
 
@@ -340,6 +351,8 @@ class NodeOps:
                 known_version=known.get(k, 0),
                 checked=checked,
                 holders=holders(k[1]),
+                pinned=e.meta.pinned,
+                pin_strict=bool(plan.req.epoch),  # a client's write, not a moved copy
             )
             for k, e, c, cost in zip(plan.keys, entries, chunks, plan.costs, strict=True)
         ]
@@ -450,6 +463,14 @@ class NodeOps:
                 self.events.publish(key[1], 0)
         return reply
 
+    def pin(self, req: pb.PinRequest) -> pb.PinReply:
+        """Pin or unpin every entry held under ``req.prefix`` (node/pins.py)."""
+        self.check_epoch(req.epoch)
+        if "\x00" in req.prefix or len(req.prefix.encode("utf-8")) > 1024:
+            raise InvalidArgument("pin.prefix must be at most 1024 UTF-8 bytes with no NUL")
+        entries, nbytes = self.store.pin_prefix(req.prefix, not req.unpin)
+        return pb.PinReply(entries=entries, bytes=nbytes)
+
     def fence(self, req: pb.FenceRequest) -> pb.FenceReply:
         """Bring this node's ring up to ``req.epoch`` (from its router) before answering."""
         if req.epoch > self.epochs.epoch and self._sync is not None:
@@ -484,6 +505,10 @@ class NodeOps:
             discarded=s.discarded,
             pending=self.rebalancer.pending,
             revived=s.revived,
+            pinned_bytes=s.pinned_bytes,
+            pinned_capacity=s.pinned_capacity,
+            pinned=s.pinned,
+            pins_dropped=s.pins_dropped,
         )
         if isinstance(self.store, TieredStore):
             disk_stats(self.store, reply)

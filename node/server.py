@@ -48,6 +48,9 @@ class NodeConfig:
     capacity: int = 4 * 1024**3
     #: Eviction policy: lru, lfu or fifo.
     policy: str = "lru"
+    #: Bytes of the budget that pinned entries (never evicted) may hold
+    #: (node/pins.py); None: half of ``capacity``; 0: pins are refused.
+    pinned_capacity: int | None = None
     #: Host to advertise to clients (default: host); ports are the bound ones.
     advertise: str | None = None
     #: TCP data channel port (0: any free port; None: no data channel, gRPC only).
@@ -86,6 +89,10 @@ class NodeConfig:
             raise ValueError(f"capacity must be > 0 bytes, got {self.capacity}")
         if self.policy.lower() not in POLICIES:
             raise ValueError(f"policy {self.policy!r} is not one of {sorted(POLICIES)}")
+        if self.pinned_capacity is not None and not 0 <= self.pinned_capacity <= self.capacity:
+            raise ValueError(
+                f"pinned_capacity must be 0..capacity ({self.capacity}), got {self.pinned_capacity}"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.data_port is not None and not 0 <= self.data_port < 65536:
@@ -122,10 +129,15 @@ class NodeServer:
                 queue_bytes=config.disk_queue or None,
                 stale=self.rings.stale,
                 judge=self.rings,
+                pinned_capacity=config.pinned_capacity,
             )
         else:
             self.store = Store(
-                config.capacity, config.policy, stale=self.rings.stale, judge=self.rings
+                config.capacity,
+                config.policy,
+                stale=self.rings.stale,
+                judge=self.rings,
+                pinned_capacity=config.pinned_capacity,
             )
         self.incarnation = secrets.randbits(63) | 1
         self.epochs = EpochView()
@@ -262,6 +274,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--capacity", default="4GiB", help="byte budget (default 4GiB)")
     p.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="eviction policy")
+    p.add_argument(
+        "--pinned-capacity",
+        default=None,
+        help="bytes of --capacity that pinned entries (never evicted) may hold; beyond it a "
+        "pin is refused (default: half of --capacity; 0: no pins)",
+    )
     p.add_argument("--advertise", default=None, help="host clients should use (default --host)")
     p.add_argument(
         "--data-port",
@@ -322,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         capacity=parse_size(args.capacity),
         policy=args.policy,
+        pinned_capacity=None if args.pinned_capacity is None else parse_size(args.pinned_capacity),
         advertise=args.advertise,
         data_port=None if args.data_port < 0 else args.data_port,
         local_readers=not args.no_local_readers,

@@ -98,6 +98,12 @@ class NodeService:
         except TensorCacheError as exc:
             self._abort(context, exc)
 
+    def pin(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self._ops.pin(parse_header(pb.PinRequest, raw, "pin")).SerializeToString()
+        except TensorCacheError as exc:
+            self._abort(context, exc)
+
     def stat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             parse_header(pb.StatRequest, raw, "stat")
@@ -118,5 +124,6 @@ class NodeService:
                 "Stat": grpc.unary_unary_rpc_method_handler(self.stat),
                 "Fill": grpc.unary_unary_rpc_method_handler(self.fill),
                 "Fence": grpc.unary_unary_rpc_method_handler(self.fence),
+                "Pin": grpc.unary_unary_rpc_method_handler(self.pin),
             },
         )

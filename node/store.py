@@ -57,6 +57,7 @@ from tensorcache.node.entry import (
     VersionClock,
     entry_cost,
 )
+from tensorcache.node.pins import PinQuota, default_pinned_capacity, with_pin
 from tensorcache.node.policy import EvictionPolicy, make_policy
 
 # Floors kept within one handoff window (about 100 B each).
@@ -112,10 +113,16 @@ class Store:
         counted_kinds: Sequence[int] = (0,),
         stale: Callable[[Entry], bool] | None = None,
         judge: Judge | None = None,
+        pinned_capacity: int | None = None,
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
         self._capacity = capacity
+        # Pinned entries (node/pins.py): never in the policy, so never a victim.
+        self._pins = PinQuota(
+            default_pinned_capacity(capacity) if pinned_capacity is None else pinned_capacity,
+            capacity,
+        )
         self._policy = make_policy(policy) if isinstance(policy, str) else policy
         self._counted = frozenset(counted_kinds)  # kinds whose gets count as hits/misses
         self._stale = stale
@@ -159,7 +166,8 @@ class Store:
                 if not self._evict_one_locked():
                     raise CapacityExceeded(
                         f"no room for {nbytes} bytes: {self._reserved} bytes are reserved by "
-                        f"puts in flight on a node of capacity {self._capacity}; retry later"
+                        f"puts in flight and {self._pins.used} are pinned on a node of "
+                        f"capacity {self._capacity}; retry later"
                     )
             self._reserved += nbytes
         return Reservation(nbytes)
@@ -204,6 +212,7 @@ class Store:
                             f"{item.key[1][:200]!r} is at version {have}, "
                             f"the put was conditional on {item.if_version}"
                         )
+            self._check_pins_locked(items, "put")
             reservation.done = True
             self._reserved -= reservation.nbytes
             for item in items:
@@ -234,6 +243,10 @@ class Store:
                     self._clock.absorb(item.known_version)
                     version = self._clock.tick()
                 old = self._remove_locked(item.key)
+                pinned = item.pinned
+                if pinned and not item.pin_strict and not self._pins.fits(item.cost):
+                    pinned = False  # a moved copy is kept, unpinned (node/pins.py)
+                    self._pins.dropped += 1
                 entry = Entry(
                     item.key,
                     item.meta,
@@ -243,6 +256,7 @@ class Store:
                     item.stamp,
                     checked=item.checked,
                     holders=self._intern(item.holders),
+                    pinned=pinned,
                 )
                 self._insert_locked(entry)
                 self._c.puts += 1
@@ -398,6 +412,48 @@ class Store:
         """Drop a demoted ``entry`` whose holders cover ``wanted``; returns whether it was."""
         return self.add_holders(entry, (), wanted)
 
+    def check_pins(self, items: Sequence[NewEntry], what: str) -> None:
+        """Raise CapacityExceeded if the strictly pinned ``items`` would not fit the quota.
+
+        The node asks before receiving a put's payload; commit checks again.
+        """
+        with self._lock:
+            self._check_pins_locked(items, what)
+
+    def pin_prefix(self, prefix: str, pinned: bool) -> tuple[int, int]:
+        """Pin (or unpin) every stored entry under ``prefix``; returns (entries, bytes) changed.
+
+        All or nothing: if the entries to pin do not fit in the quota, none
+        is pinned (CapacityExceeded). Demoted entries count: they may be the
+        only copy, on their way to the new owners, who then pin them too.
+        The entry's metadata is rewritten so the pin travels with it.
+        """
+        with self._lock:
+            todo = [
+                e
+                for key, e in list(self._entries.items())
+                if key[1].startswith(prefix)
+                and e.pinned != pinned
+                # Entries spilled to a disk tier (node/tiered.py; their chunks
+                # are a lazy file reference, not a tuple) keep their state:
+                # pinning is about RAM, and they are served from disk anyway.
+                and isinstance(e.chunks, tuple)
+                and self._visible_locked(key, demoted_ok=True) is e
+            ]
+            nbytes = sum(e.cost for e in todo)
+            if pinned:
+                self._pins.check(nbytes, f"pin {prefix!r}")
+            for e in todo:
+                e.meta = with_pin(e.meta, pinned)
+                e.pinned = pinned
+                if pinned:
+                    self._policy.removed(e.key)
+                    self._pins.add(e.cost)
+                else:
+                    self._pins.remove(e.cost)
+                    self._policy.inserted(e.key)
+            return len(todo), nbytes
+
     def tombstone(self) -> int:
         """A version above every version this node has seen: a delete's, for settling."""
         with self._lock:
@@ -426,6 +482,10 @@ class Store:
                 moved=self._c.moved,
                 discarded=self._c.discarded,
                 revived=self._c.revived,
+                pinned_bytes=self._pins.used,
+                pinned_capacity=self._pins.capacity,
+                pinned=self._pins.entries,
+                pins_dropped=self._pins.dropped,
             )
 
     def keys(self) -> list[StoreKey]:
@@ -488,6 +548,16 @@ class Store:
             got = self._interned[holders] = holders
         return got
 
+    def _check_pins_locked(self, items: Sequence[NewEntry], what: str) -> None:
+        need = 0
+        for item in items:
+            if item.pinned and item.pin_strict:
+                current = self._entries.get(item.key)
+                credit = current.cost if current is not None and current.pinned else 0
+                need += item.cost - credit
+        if need > 0:
+            self._pins.check(need, what)
+
     def _demote_locked(self, entry: Entry) -> None:
         entry.demoted = True
         self._c.by_kind[entry.key[0]] -= 1
@@ -501,7 +571,10 @@ class Store:
             self._demoted[key] = None
         else:
             self._c.by_kind[key[0]] = self._c.by_kind.get(key[0], 0) + 1
-        self._policy.inserted(key)
+        if entry.pinned:
+            self._pins.add(entry.cost)
+        else:
+            self._policy.inserted(key)
         self._uses += 1
         entry.used = self._uses
 
@@ -535,7 +608,10 @@ class Store:
                 del self._demoted[old.key]
             else:
                 self._c.by_kind[old.key[0]] -= 1
-            self._policy.removed(key)
+            if old.pinned:
+                self._pins.remove(old.cost)
+            else:
+                self._policy.removed(key)
         return old
 
     def _evict_one_locked(self) -> bool:

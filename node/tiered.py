@@ -163,6 +163,7 @@ class TieredStore(Store):
         counted_kinds: Sequence[int] = (0,),
         stale: Callable[[Entry], bool] | None = None,
         judge: Judge | None = None,
+        pinned_capacity: int | None = None,
     ) -> None:
         if disk_capacity <= 0:
             raise ValueError(f"disk_capacity must be > 0 bytes, got {disk_capacity}")
@@ -173,7 +174,12 @@ class TieredStore(Store):
                 f"the capacity ({capacity} bytes) for entries"
             )
         super().__init__(
-            capacity - queue, policy, counted_kinds=counted_kinds, stale=stale, judge=judge
+            capacity - queue,
+            policy,
+            counted_kinds=counted_kinds,
+            stale=stale,
+            judge=judge,
+            pinned_capacity=pinned_capacity,  # pinned entries are never evicted, so never spilled
         )
         self._files = DiskFiles(disk_path)
         self._disk_capacity = disk_capacity

@@ -27,7 +27,7 @@ class StripeRef(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
-    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id", "compression", "logical_dtype")
+    __slots__ = ("dtype", "shape", "order", "nbytes", "crc32c", "stripes", "put_id", "compression", "logical_dtype", "pinned")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class TensorMeta(_message.Message):
     PUT_ID_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     LOGICAL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     order: str
@@ -46,7 +47,8 @@ class TensorMeta(_message.Message):
     put_id: int
     compression: Compression
     logical_dtype: str
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., logical_dtype: _Optional[str] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., order: _Optional[str] = ..., nbytes: _Optional[int] = ..., crc32c: _Optional[int] = ..., stripes: _Optional[_Iterable[_Union[StripeRef, _Mapping]]] = ..., put_id: _Optional[int] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., logical_dtype: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class Compression(_message.Message):
     __slots__ = ("codec", "shuffle", "dtype", "shape", "order", "nbytes")
@@ -225,7 +227,7 @@ class StatRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived", "disk_capacity", "disk_bytes", "disk_files", "disk_hits", "disk_spills", "disk_write_drops", "disk_evictions", "disk_corrupt", "disk_loaded")
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived", "disk_capacity", "disk_bytes", "disk_files", "disk_hits", "disk_spills", "disk_write_drops", "disk_evictions", "disk_corrupt", "disk_loaded", "pinned_bytes", "pinned_capacity", "pinned", "pins_dropped")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +262,10 @@ class NodeStats(_message.Message):
     DISK_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     DISK_CORRUPT_FIELD_NUMBER: _ClassVar[int]
     DISK_LOADED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PINS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     keys: int
@@ -294,7 +300,29 @@ class NodeStats(_message.Message):
     disk_evictions: int
     disk_corrupt: int
     disk_loaded: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ..., disk_capacity: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_files: _Optional[int] = ..., disk_hits: _Optional[int] = ..., disk_spills: _Optional[int] = ..., disk_write_drops: _Optional[int] = ..., disk_evictions: _Optional[int] = ..., disk_corrupt: _Optional[int] = ..., disk_loaded: _Optional[int] = ...) -> None: ...
+    pinned_bytes: int
+    pinned_capacity: int
+    pinned: int
+    pins_dropped: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ..., disk_capacity: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_files: _Optional[int] = ..., disk_hits: _Optional[int] = ..., disk_spills: _Optional[int] = ..., disk_write_drops: _Optional[int] = ..., disk_evictions: _Optional[int] = ..., disk_corrupt: _Optional[int] = ..., disk_loaded: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., pinned_capacity: _Optional[int] = ..., pinned: _Optional[int] = ..., pins_dropped: _Optional[int] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("epoch", "prefix", "unpin")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    UNPIN_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    prefix: str
+    unpin: bool
+    def __init__(self, epoch: _Optional[int] = ..., prefix: _Optional[str] = ..., unpin: _Optional[bool] = ...) -> None: ...
+
+class PinReply(_message.Message):
+    __slots__ = ("entries", "bytes")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    bytes: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class FenceRequest(_message.Message):
     __slots__ = ("epoch",)

@@ -64,6 +64,11 @@ class NodeStub:
                 request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceRequest.SerializeToString,
                 response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceReply.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/tensorcache.v1.Node/Pin',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.PinRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.PinReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -107,6 +112,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +150,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Fence,
                     request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceRequest.FromString,
                     response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.FenceReply.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.PinRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.PinReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +319,33 @@ class Node:
             '/tensorcache.v1.Node/Fence',
             tensorcache_dot_proto_dot_tensorcache__pb2.FenceRequest.SerializeToString,
             tensorcache_dot_proto_dot_tensorcache__pb2.FenceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.Node/Pin',
+            tensorcache_dot_proto_dot_tensorcache__pb2.PinRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.PinReply.FromString,
             options,
             channel_credentials,
             insecure,

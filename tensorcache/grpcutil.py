@@ -109,6 +109,11 @@ class NodeStub:
             request_serializer=pb.FenceRequest.SerializeToString,
             response_deserializer=pb.FenceReply.FromString,
         )
+        self.pin = self.channel.unary_unary(
+            method + "Pin",
+            request_serializer=pb.PinRequest.SerializeToString,
+            response_deserializer=pb.PinReply.FromString,
+        )
         self.stat = self.channel.unary_unary(
             method + "Stat",
             request_serializer=pb.StatRequest.SerializeToString,

@@ -323,6 +323,9 @@ class _Nodes:
     def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats:
         return self._cluster._ops(member).stat()
 
+    def pin(self, member: RingMember, request: pb.PinRequest, timeout_s: float) -> pb.PinReply:
+        return self._cluster._ops(member).pin(request)
+
     def close(self) -> None:
         pass
 

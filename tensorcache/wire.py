@@ -95,6 +95,13 @@ class NodeStats:
     disk_evictions: int = 0
     disk_corrupt: int = 0
     disk_loaded: int = 0
+    #: Bytes of pinned entries (never evicted), within ``pinned_capacity`` (node/pins.py).
+    pinned_bytes: int = 0
+    pinned_capacity: int = 0
+    #: Pinned entries (tensors and stripes).
+    pinned: int = 0
+    #: Pinned copies moved here that found the quota full: stored unpinned.
+    pins_dropped: int = 0
     policy: str = ""
     epoch: int = 0
     reachable: bool = True

@@ -25,6 +25,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         disk_path=args.disk_path,
         disk_capacity=args.disk_capacity,
+        pinned_capacity=args.pinned_capacity,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--capacity", default="1GiB", help="byte budget per node (default 1GiB)")
     up.add_argument("--policy", default="lru", choices=["lru", "lfu", "fifo"])
+    up.add_argument(
+        "--pinned-capacity",
+        default=None,
+        help="bytes per node that pinned entries may hold (default: half of --capacity)",
+    )
     up.add_argument("--port", type=int, default=7070, help="router port (default 7070)")
     up.add_argument("--stripe-size", default="8MiB", help="stripe tensors above (default 8MiB)")
     up.add_argument("--log-dir", default=None, help="keep process logs here")

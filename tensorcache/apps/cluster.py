@@ -128,6 +128,7 @@ class LocalCluster:
         node_args: list[str] | None = None,
         disk_path: str | Path | None = None,
         disk_capacity: str | int | None = None,
+        pinned_capacity: str | int | None = None,
     ) -> None:
         """``etcd``: None or "none" keeps membership in the router (embedded);
         "auto" starts a private etcd when the binary is installed (else
@@ -147,6 +148,8 @@ class LocalCluster:
             raise ValueError("disk_capacity is required with disk_path")
         self.disk_path = Path(disk_path) if disk_path is not None else None
         self.disk_capacity = parse_size(disk_capacity) if disk_capacity is not None else 0
+        if pinned_capacity is not None:  # per node; default: half of capacity (node/pins.py)
+            self.node_args += ["--pinned-capacity", str(parse_size(pinned_capacity))]
         self.n_nodes = nodes
         self.capacity = parse_size(capacity)
         self.policy = policy

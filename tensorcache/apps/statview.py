@@ -19,6 +19,7 @@ def stat_table(stats: list[NodeStats]) -> str:
             "used",
             "capacity",
             "util",
+            "pinned",
             "hit rate",
             "hits",
             "misses",
@@ -40,6 +41,7 @@ def stat_table(stats: list[NodeStats]) -> str:
                     "-",
                     "-",
                     "-",
+                    "-",
                     "unreachable",
                     "-",
                 )
@@ -54,6 +56,8 @@ def stat_table(stats: list[NodeStats]) -> str:
                 format_size(s.bytes_used),
                 format_size(s.capacity),
                 f"{s.utilization:.1%}",
+                # Bytes never evicted, of the node's pinned quota (node/pins.py).
+                f"{format_size(s.pinned_bytes)}/{format_size(s.pinned_capacity)}",
                 f"{s.hit_rate:.1%}",
                 str(s.hits),
                 str(s.misses),
