@@ -1,4 +1,4 @@
-"""The ``tensorcache`` command: up, node, router, stat, demo."""
+"""The ``tensorcache`` command: up, node, router, stat, load, demo."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return server.run(args)
 
 
+def _cmd_load(args: argparse.Namespace) -> int:
+    from tensorcache.apps import loadcmd
+
+    return loadcmd.run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tensorcache.apps.demo import main as demo
 
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--router", default="127.0.0.1:7070", help="router host:port")
     stat.add_argument("--timeout", type=float, default=10.0, help="seconds")
     stat.set_defaults(fn=_cmd_stat)
+
+    from tensorcache.apps import loadcmd
+
+    load = sub.add_parser("load", help="stream a safetensors checkpoint into the cluster")
+    loadcmd.add_arguments(load)
+    load.set_defaults(fn=_cmd_load)
 
     demo = sub.add_parser("demo", help="share a model's weights between worker processes")
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
