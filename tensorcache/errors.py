@@ -8,7 +8,9 @@
     ├── StaleEpoch             a node's ring view is newer than the request's
     ├── VersionConflict        put(..., if_version=v) found another version
     ├── ProtocolError          a peer broke the wire contract
-    └── Cancelled              (node side) the peer went away mid-call
+    ├── Cancelled              (node side) the peer went away mid-call
+    ├── Unauthenticated        no token, or one no node or router knows
+    └── PermissionDenied       the token's grant does not cover this key / operation
 
 A cache miss is never an exception: reads say ``None`` / ``found``.
 """
@@ -54,6 +56,14 @@ class ProtocolError(TensorCacheError):
     """A peer sent something the wire contract does not allow."""
 
 
+class Unauthenticated(TensorCacheError):
+    """The call carried no token, or one the server does not know (docs/security.md)."""
+
+
+class PermissionDenied(TensorCacheError):
+    """The token is known but its grant does not cover the key prefix or operation."""
+
+
 EPOCH_METADATA_KEY = "tc-epoch"
 
 _BY_CODE: dict[grpc.StatusCode, type[TensorCacheError]] = {
@@ -66,6 +76,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorCacheError]] = {
     grpc.StatusCode.DATA_LOSS: DataCorruption,
     grpc.StatusCode.FAILED_PRECONDITION: StaleEpoch,
     grpc.StatusCode.ABORTED: VersionConflict,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 
@@ -82,6 +94,8 @@ _STATUS_OF: tuple[tuple[type[TensorCacheError], grpc.StatusCode], ...] = (
     (VersionConflict, grpc.StatusCode.ABORTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

@@ -13,9 +13,11 @@ from tensorcache.errors import (
     CapacityExceeded,
     DataCorruption,
     InvalidArgument,
+    PermissionDenied,
     ProtocolError,
     StaleEpoch,
     TensorCacheError,
+    Unauthenticated,
     Unavailable,
     VersionConflict,
     from_rpc_error,
@@ -56,6 +58,8 @@ class FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.DATA_LOSS, DataCorruption),
         (grpc.StatusCode.FAILED_PRECONDITION, StaleEpoch),
         (grpc.StatusCode.ABORTED, VersionConflict),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied),
     ],
 )
 def test_mapping_table(code, cls):
@@ -70,10 +74,8 @@ def test_mapping_table(code, cls):
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.UNAUTHENTICATED,
     ],
 )
 def test_unmapped_codes_are_the_base_error_naming_the_code(code):
@@ -125,6 +127,8 @@ def test_tree():
         DataCorruption,
         StaleEpoch,
         ProtocolError,
+        Unauthenticated,
+        PermissionDenied,
     ):
         assert issubclass(cls, TensorCacheError)
     assert issubclass(InvalidArgument, ValueError)
@@ -144,6 +148,19 @@ def test_package_reexports_the_tree():
         "DataCorruption",
         "StaleEpoch",
         "ProtocolError",
+        "Unauthenticated",
+        "PermissionDenied",
     ):
         assert getattr(tensorcache, name) is getattr(errors, name)
         assert name in tensorcache.__all__
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
+        (PermissionDenied("not yours"), grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+def test_auth_errors_have_their_own_status(exc, code):
+    assert errors.status_code(exc) == code
