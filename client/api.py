@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tensorcache import codec, wire
+from tensorcache.auth import TOKEN_ENV
+from tensorcache.authgrpc import Credentials
 from tensorcache.client import compress, present, striping
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.fanout import FanOut
@@ -75,7 +78,9 @@ class Client:
         self.config = config or ClientConfig()
         self._mlock = threading.Lock()
         self._metrics: dict[str, int] = defaultdict(int)
-        self._control: RouterTransport = control if control is not None else RouterConn(router)
+        self._control: RouterTransport = (
+            control if control is not None else RouterConn(router, Credentials(self.config.token))
+        )
         self._nodes: NodeTransport = (
             nodes if nodes is not None else NetworkTransport(self.config, self._count)
         )
@@ -609,6 +614,7 @@ def connect(
     near_cache: int | str | None = None,
     near_cache_mode: str | None = None,
     config: ClientConfig | None = None,
+    token: str | None = None,
     **options: Any,
 ) -> Client:
     """Connect to the cluster whose router listens at ``router`` (host:port).
@@ -616,8 +622,12 @@ def connect(
     ``stripe_size`` ("8MiB") overrides the cluster's default; ``near_cache``
     ("512MiB") keeps hot tensors in this process, revalidated per get; other keyword
     options are ClientConfig fields (timeout_s, parallelism, chunk_size, …).
+    ``token``: presented on every call when the cluster checks tokens
+    (docs/security.md); default: the TENSORCACHE_TOKEN environment variable.
     """
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     if config is None:
+        options["token"] = token
         if stripe_size is not None:
             options["stripe_size"] = parse_size(stripe_size)
         if near_cache is not None:
@@ -630,4 +640,6 @@ def connect(
             raise InvalidArgument(f"connect: {exc}") from exc
     if not isinstance(router, str) or ":" not in router:
         raise InvalidArgument(f"router must be 'host:port', got {router!r}")
+    elif token is not None and config.token is None:
+        config = dataclasses.replace(config, token=token)
     return Client(router, config)

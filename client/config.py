@@ -50,6 +50,9 @@ class ClientConfig:
     #: "none"; the longest matching prefix wins, a put's own ``compression=``
     #: overrides it (client/compress.py). Empty: nothing is compressed.
     compression: Mapping[str, str] = field(default_factory=dict)
+    #: Presented on every call to nodes and the router (docs/security.md);
+    #: never shown in a repr or a log.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.stripe_size is not None and self.stripe_size < 4096:

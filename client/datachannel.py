@@ -19,6 +19,7 @@ import numpy as np
 
 from tensorcache.dataproto import (
     MAGIC,
+    OP_AUTH,
     OP_GET,
     OP_PUT,
     OP_RELEASE,
@@ -39,7 +40,7 @@ def _split(address: str) -> tuple[str, int]:
 
 
 class DataConn:
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, token: str | None = None) -> None:
         self.address = address
         try:
             self.sock = socket.create_connection(_split(address), timeout=timeout_s)
@@ -48,7 +49,9 @@ class DataConn:
         try:  # a node that resets us right after accepting is unreachable too
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             kernel_timeouts(self.sock, timeout_s, send=True)
-            self.sock.sendall(MAGIC)
+            # A token goes first, unanswered: no round trip; a refusal is
+            # the reply the first request reads.
+            self.sock.sendall(MAGIC + (frame(OP_AUTH, token.encode()) if token else b""))
         except OSError as exc:
             self.close()
             raise Unavailable(f"data channel {address}: {exc}") from exc
@@ -113,8 +116,11 @@ class DataConn:
 class DataPool:
     """Idle data connections per node address (thread-safe)."""
 
-    def __init__(self, timeout_s: float, max_idle_per_node: int = 8) -> None:
+    def __init__(
+        self, timeout_s: float, max_idle_per_node: int = 8, token: str | None = None
+    ) -> None:
         self._timeout_s = timeout_s
+        self._token = token
         self._max_idle = max_idle_per_node
         self._idle: dict[str, list[DataConn]] = {}
         self._lock = threading.Lock()
@@ -128,7 +134,7 @@ class DataPool:
                 idle = self._idle.get(address)
                 conn = idle.pop() if idle else None
             if conn is None:
-                conn = DataConn(address, self._timeout_s)
+                conn = DataConn(address, self._timeout_s, self._token)
             elif not conn.alive():  # closed by the node while idle (idle timeout, restart)
                 conn.close()
                 conn = None

@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from tensorcache import codec, localread
+from tensorcache.authgrpc import Credentials
 from tensorcache.client.config import ClientConfig
 from tensorcache.client.datachannel import DataPool
 from tensorcache.client.items import (
@@ -93,8 +94,8 @@ class NetworkTransport:
     def __init__(self, config: ClientConfig, count: Count) -> None:
         self._config = config
         self._count = count
-        self._conns = ConnPool()
-        self._data = DataPool(config.timeout_s)
+        self._conns = ConnPool(Credentials(config.token))
+        self._data = DataPool(config.timeout_s, token=config.token)
         self._local: dict[bytes, bool] = {}
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from tensorcache import codec
+from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.errors import ProtocolError, Unavailable, from_rpc_error
 from tensorcache.grpcutil import CHANNEL_OPTIONS, NodeStub
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -31,7 +32,8 @@ NodeConn = NodeStub
 class ConnPool:
     """Node connections by address, created on first use, shared by threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, creds: Credentials = NO_CREDENTIALS) -> None:
+        self._creds = creds
         self._conns: dict[str, NodeConn] = {}
         self._lock = threading.Lock()
 
@@ -41,7 +43,7 @@ class ConnPool:
             with self._lock:
                 conn = self._conns.get(address)
                 if conn is None:
-                    conn = self._conns[address] = NodeConn(address)
+                    conn = self._conns[address] = NodeConn(address, self._creds)
         return conn
 
     def close(self) -> None:
@@ -66,9 +68,9 @@ class RouterTransport(Protocol):
 class RouterConn:
     """A router over gRPC."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, creds: Credentials = NO_CREDENTIALS) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = creds.channel(address, CHANNEL_OPTIONS)
         self.stub = pb_grpc.RouterStub(self.channel)
 
     def get_ring(self, timeout_s: float) -> pb.RingSnapshot:

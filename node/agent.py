@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import grpc
 
+from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.node.ops import EpochView
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -39,6 +40,7 @@ class MembershipAgent:
         epochs: EpochView,
         on_ring: Callable[[Ring], None] | None = None,
         on_forgotten: Callable[[], None] | None = None,
+        creds: Credentials = NO_CREDENTIALS,
     ) -> None:
         """``on_forgotten``: called when the router no longer knows this node
         (its lease expired: a pause, a partition), before it registers again."""
@@ -46,7 +48,7 @@ class MembershipAgent:
         self._member = member
         self._epochs = epochs
         self._on_ring = on_ring
-        self._channel = grpc.insecure_channel(router, options=CHANNEL_OPTIONS)
+        self._channel = creds.channel(router, CHANNEL_OPTIONS)
         self._stub = pb_grpc.RouterStub(self._channel)
         self._router = router
         self._stop = threading.Event()

@@ -25,9 +25,12 @@ import threading
 import numpy as np
 
 from tensorcache import codec
+from tensorcache.auth import Grant
+from tensorcache.authgrpc import PolicyFile
 from tensorcache.dataproto import (
     FRAME,
     MAGIC,
+    OP_AUTH,
     OP_GET,
     OP_PUT,
     OP_RELEASE,
@@ -44,8 +47,10 @@ from tensorcache.errors import (
     ProtocolError,
     StaleEpoch,
     TensorCacheError,
+    Unauthenticated,
     status_code,
 )
+from tensorcache.node.authz import check_get, check_put
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -75,7 +80,9 @@ class DataServer:
         port: int,
         *,
         max_connections: int = 1024,
+        tokens: PolicyFile | None = None,
     ) -> None:
+        """``tokens``: require an AUTH frame first and check every request's keys."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -84,6 +91,7 @@ class DataServer:
         self.port: int = self._listener.getsockname()[1]
         self._ops = ops
         self._max = max_connections
+        self._tokens = tokens
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopping = False
@@ -148,16 +156,24 @@ class DataServer:
             # Entries whose addresses the last local GET handed out: kept
             # alive (pinned) until the client sends its next request.
             pinned: list[Entry] = []
+            grant: Grant | None = None  # the connection's, from its AUTH frame
             while True:
                 got = reader.read_frame()
                 pinned.clear()  # the client finished reading the last local reply
                 if got is None:
                     return
                 op, header = got
+                if op == OP_AUTH:
+                    grant = self._authenticate(header)
+                    continue
+                if self._tokens is not None and grant is None:
+                    raise Unauthenticated(
+                        "data channel: this node requires a token (an AUTH frame first)"
+                    )
                 if op == OP_GET:
-                    pinned.extend(self._get(conn, header))
+                    pinned.extend(self._get(conn, header, grant))
                 elif op == OP_PUT:
-                    self._put(conn, reader, header)
+                    self._put(conn, reader, header, grant)
                 elif op == OP_RELEASE:
                     pass  # unpinned above; no reply
                 else:
@@ -176,14 +192,26 @@ class DataServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
+    def _authenticate(self, header: bytes) -> Grant | None:
+        """The grant of an AUTH frame's token (None: this node checks no tokens)."""
+        if self._tokens is None:
+            return None
+        try:
+            token = header.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unauthenticated("data channel: the token is not UTF-8") from None
+        return self._tokens.authenticate(token)
+
     @staticmethod
     def _fail(conn: socket.socket, exc: TensorCacheError) -> None:
         with contextlib.suppress(OSError):
             conn.sendall(_error_frame(exc))
 
-    def _get(self, conn: socket.socket, header: bytes) -> list[Entry]:
+    def _get(self, conn: socket.socket, header: bytes, grant: Grant | None) -> list[Entry]:
         try:
             req: pb.GetRequest = parse_header(pb.GetRequest, header, "get")
+            if grant is not None:
+                check_get(grant, req)
             reply, entries, pinned = self._ops.get(req, local_ok=True)
         except TensorCacheError as exc:
             conn.sendall(_error_frame(exc))  # the stream is still in step: keep it
@@ -196,8 +224,12 @@ class DataServer:
         send_buffers(conn, buffers)
         return pinned
 
-    def _put(self, conn: socket.socket, reader: Reader, header: bytes) -> None:
+    def _put(
+        self, conn: socket.socket, reader: Reader, header: bytes, grant: Grant | None
+    ) -> None:
         req: pb.PutRequest = parse_header(pb.PutRequest, header, "put")
+        if grant is not None:
+            check_put(grant, req)  # refused: the connection closes (payload unread)
         try:
             plan: PutPlan = self._ops.plan_put(req)
         except (CapacityExceeded, StaleEpoch) as exc:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import grpc
 
+from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
@@ -62,6 +63,7 @@ class EventPublisher:
         *,
         interval_s: float = FLUSH_INTERVAL_S,
         max_queued: int = MAX_QUEUED,
+        creds: Credentials = NO_CREDENTIALS,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {max_queued}")
@@ -73,7 +75,7 @@ class EventPublisher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._channel = grpc.insecure_channel(router, options=CHANNEL_OPTIONS)
+        self._channel = creds.channel(router, CHANNEL_OPTIONS)
         self._stub = pb_grpc.RouterStub(self._channel)
         self._off_until = 0.0
         self._logged: dict[str, float] = {}

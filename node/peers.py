@@ -15,6 +15,7 @@ from typing import Protocol
 
 import grpc
 
+from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.errors import InvalidArgument, from_rpc_error
 from tensorcache.grpcutil import NodeStub
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -39,7 +40,8 @@ class Peers(Protocol):
 class GrpcPeers:
     """``Peers`` over each node's gRPC server."""
 
-    def __init__(self) -> None:
+    def __init__(self, creds: Credentials = NO_CREDENTIALS) -> None:
+        self._creds = creds
         self._conns: dict[str, NodeStub] = {}
         self._lock = threading.Lock()
 
@@ -51,7 +53,7 @@ class GrpcPeers:
                 if conn is None:
                     if len(self._conns) >= MAX_CHANNELS:
                         self._close_locked()
-                    conn = self._conns[address] = NodeStub(address)
+                    conn = self._conns[address] = NodeStub(address, self._creds)
         return conn
 
     def get(

@@ -10,13 +10,16 @@ import signal
 import socket
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from tensorcache import localread
+from tensorcache.auth import TOKEN_ENV
+from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
+from tensorcache.node import authz
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
 from tensorcache.node.events import EventPublisher, NoEvents
@@ -81,6 +84,11 @@ class NodeConfig:
     #: RAM set aside (out of ``capacity``) for evicted bytes waiting to be
     #: written; 0: min(256 MiB, capacity / 8). Past it evictions are dropped.
     disk_queue: int = 0
+    #: JSON tokens file (tensorcache/auth.py): every call, on gRPC and the
+    #: data channel, needs a token and is checked against its grant.
+    auth_tokens: str | None = None
+    #: Presented to the router and to peer nodes (needs ``admin``); never in a repr.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -141,16 +149,21 @@ class NodeServer:
             )
         self.incarnation = secrets.randbits(63) | 1
         self.epochs = EpochView()
-        self.peers = GrpcPeers()
+        creds = Credentials(config.token)
+        self.peers = GrpcPeers(creds)
+        tokens = PolicyFile(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="node-rpc"),
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=config.workers,
+            interceptors=[authz.interceptor(tokens)] if tokens else None,
         )
         self.port = bind(self._server, config.host, config.port)
         host = config.advertise or config.host
         self.address = _join(host, self.port)
-        events = EventPublisher(config.router, config.name) if config.router else NoEvents()
+        events = (
+            EventPublisher(config.router, config.name, creds=creds) if config.router else NoEvents()
+        )
         self._agent: MembershipAgent | None = None
         self.ops = NodeOps(
             self.store,
@@ -181,7 +194,7 @@ class NodeServer:
         self._local_token = secrets.token_bytes(16)
         local = config.local_readers and config.data_port is not None and localread.AVAILABLE
         if config.data_port is not None:
-            self._data = DataServer(self.ops, config.host, config.data_port)
+            self._data = DataServer(self.ops, config.host, config.data_port, tokens=tokens)
             self.data_address = _join(host, self._data.port)
         if local:
             localread.allow_local_readers()
@@ -197,7 +210,7 @@ class NodeServer:
                 incarnation=self.incarnation,
             )
             self._agent = MembershipAgent(
-                config.router, member, self.epochs, self._on_ring, self.rings.mark_gap
+                config.router, member, self.epochs, self._on_ring, self.rings.mark_gap, creds
             )
 
     def _on_ring(self, ring: Ring) -> None:
@@ -326,6 +339,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "disk tier (default: min(256MiB, capacity/8)); evictions past it are dropped",
     )
     p.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        default=None,
+        help="JSON file of tokens and their grants (docs/security.md): every call then "
+        "needs a token; the node presents $TENSORCACHE_TOKEN (admin) to its router and peers",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -350,6 +370,8 @@ def run(args: argparse.Namespace) -> int:
         disk_path=args.disk_path,
         disk_capacity=parse_size(args.disk_capacity) if args.disk_capacity else 0,
         disk_queue=parse_size(args.disk_queue) if args.disk_queue else 0,
+        auth_tokens=args.auth_tokens,
+        token=os.environ.get(TOKEN_ENV) or None,
     )
     # Handlers first: a SIGTERM that arrives while the node starts (a restart
     # followed at once by a scale-down) still gets a graceful leave and exit 0.

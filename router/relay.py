@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.errors import TensorCacheError
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -42,9 +43,9 @@ SEND_TIMEOUT_S = 2.0
 
 
 class _Peer:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, creds: Credentials = NO_CREDENTIALS) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = creds.channel(address, CHANNEL_OPTIONS)
         self._stub = pb_grpc.RouterStub(self._channel)
         self._queue: deque[pb.PublishRequest] = deque()
         self._queued_events = 0
@@ -118,8 +119,10 @@ class Relay:
         keep_announced: Callable[[], None],
         *,
         every_s: float = PEERS_EVERY_S,
+        creds: Credentials = NO_CREDENTIALS,
     ) -> None:
         self.me = me
+        self._creds = creds
         self._list_peers = peers
         self._keep = keep_announced
         self._every_s = every_s
@@ -157,7 +160,7 @@ class Relay:
             gone = [self._peers.pop(a) for a in list(self._peers) if a not in wanted]
             for address in wanted - set(self._peers):
                 log.info("relaying key events to router %s", address)
-                self._peers[address] = _Peer(address)
+                self._peers[address] = _Peer(address, self._creds)
         for peer in gone:
             log.info("router %s is gone; no more relaying to it", peer.address)
             peer.close()

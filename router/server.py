@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from tensorcache.auth import TOKEN_ENV
+from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
+from tensorcache.router import authz
 from tensorcache.router.announce import Announcer, NoAnnouncer
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
@@ -57,6 +61,11 @@ class RouterConfig:
     #: A plaintext port serving only grpc.health.v1, for Kubernetes' probes
     #: (None: none; health is on the main port in any case).
     health_port: int | None = None
+    #: JSON tokens file (tensorcache/auth.py): every call needs a token and
+    #: is checked against its grant. None: no tokens checked.
+    auth_tokens: str | None = None
+    #: Presented to other routers (event relay); never shown in a repr.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -141,8 +150,11 @@ def create_server(config: RouterConfig) -> RunningRouter:
     hub = EventHub(max_watchers=config.max_watchers)
 
     # Each watch stream holds a thread for its lifetime; unary calls get their own 16.
+    tokens = PolicyFile(config.auth_tokens) if config.auth_tokens else None
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16 + config.max_watchers), options=SERVER_OPTIONS
+        futures.ThreadPoolExecutor(max_workers=16 + config.max_watchers),
+        options=SERVER_OPTIONS,
+        interceptors=[authz.interceptor(tokens)] if tokens else None,
     )
     servicer = RouterService(
         membership,
@@ -166,7 +178,12 @@ def create_server(config: RouterConfig) -> RunningRouter:
     server.start()
     # Embedded, the announcer finds no other router, so the relay forwards to nobody.
     me = f"{config.advertise or config.host}:{port}"
-    relay = Relay(me, announcer.routers, lambda: announcer.keep_announced(me))
+    relay = Relay(
+        me,
+        announcer.routers,
+        lambda: announcer.keep_announced(me),
+        creds=Credentials(config.token),
+    )
     servicer.relay = relay  # known only now that the port is bound
     running = RunningRouter(server, port, membership, hub, follower, relay)
     if config.health_port is not None:
@@ -217,6 +234,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="plaintext port serving only grpc.health.v1, for Kubernetes probes "
         "(default -1: none; health is also on --port)",
     )
+    p.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        default=None,
+        help="JSON file of tokens and their grants (docs/security.md): every call then "
+        "needs a token; this router presents $TENSORCACHE_TOKEN to other routers",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         max_watchers=args.max_watchers,
         advertise=args.advertise,
         health_port=None if args.health_port < 0 else args.health_port,
+        auth_tokens=args.auth_tokens,
+        token=os.environ.get(TOKEN_ENV) or None,
     )
     router = create_server(config)
     stop = threading.Event()

@@ -22,6 +22,7 @@ MAGIC = b"TCD1"
 OP_PUT = 1
 OP_GET = 2
 OP_RELEASE = 3
+OP_AUTH = 4  # header: the client's token; no reply (an error frame and close if refused)
 FRAME = struct.Struct("<BI")  # op or status, header length
 MAX_HEADER = 64 * 1024 * 1024
 # Receive in pieces of this size so each piece is checksummed while it is

@@ -14,6 +14,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.proto import tensorcache_pb2 as pb
 
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -80,9 +81,9 @@ class NodeStub:
     with identity (de)serializers there; the other methods are typed.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, creds: Credentials = NO_CREDENTIALS) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = creds.channel(address, CHANNEL_OPTIONS)
         method = f"/{NODE_SERVICE}/"
         self.put: grpc.StreamUnaryMultiCallable[bytes, pb.PutReply] = self.channel.stream_unary(
             method + "Put",

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from tensorcache.apps import parentdeath
 from tensorcache.apps.etcdserver import EtcdServer, find_etcd
+from tensorcache.auth import TOKEN_ENV
+from tensorcache.authgrpc import Credentials
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
@@ -343,7 +343,8 @@ class LocalCluster:
         return ["--disk-path", str(path), "--disk-capacity", str(self.disk_capacity)]
 
     def ring(self) -> pb.RingSnapshot:
-        with grpc.insecure_channel(self.router_address, options=CHANNEL_OPTIONS) as ch:
+        creds = Credentials(self.env.get(TOKEN_ENV) or None)  # the cluster's own token, if any
+        with creds.channel(self.router_address, CHANNEL_OPTIONS) as ch:
             snap: pb.RingSnapshot = pb_grpc.RouterStub(ch).GetRing(
                 pb.GetRingRequest(), timeout=5, wait_for_ready=True
             )

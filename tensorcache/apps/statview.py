@@ -74,14 +74,19 @@ def stat_table(stats: list[NodeStats]) -> str:
 
 def router_status_line(address: str, timeout: float) -> str:
     """One line on the router's health (Router.Status); says so if it cannot tell."""
+    import os
+
     import grpc
 
+    from tensorcache.auth import TOKEN_ENV
+    from tensorcache.authgrpc import Credentials
     from tensorcache.grpcutil import CHANNEL_OPTIONS
     from tensorcache.proto import tensorcache_pb2 as pb
     from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 
     try:
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        creds = Credentials(os.environ.get(TOKEN_ENV) or None)
+        with creds.channel(address, CHANNEL_OPTIONS) as ch:
             st = pb_grpc.RouterStub(ch).Status(pb.RouterStatusRequest(), timeout=timeout)
     except grpc.RpcError as exc:
         return f"router {address}  state unknown ({exc.code().name}: {exc.details()})"
