@@ -37,6 +37,7 @@ from tensorcache.client.fanout import FanOut
 from tensorcache.client.fence import fence_all
 from tensorcache.client.fill import FillOptions, RpcGrants, read_through, store_if_absent
 from tensorcache.client.items import DelItem, FillItem, GetItem, PutItem
+from tensorcache.client.metrics import timed
 from tensorcache.client.nearcache import NearCache
 from tensorcache.client.nodes import NetworkTransport, NodeTransport
 from tensorcache.client.pins import PinResult, pin_all
@@ -46,6 +47,7 @@ from tensorcache.client.transport import RouterConn, RouterTransport
 from tensorcache.client.watch import EventWatcher
 from tensorcache.errors import InvalidArgument, TensorCacheError
 from tensorcache.keys import encode_key
+from tensorcache.metrics import Recorder
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import RingMember
 from tensorcache.sizes import parse_size
@@ -78,6 +80,8 @@ class Client:
         self.config = config or ClientConfig()
         self._mlock = threading.Lock()
         self._metrics: dict[str, int] = defaultdict(int)
+        # Call latencies for Prometheus (client/metrics.py); None: not timed.
+        self._timing = Recorder() if self.config.metrics else None
         self._control: RouterTransport = (
             control if control is not None else RouterConn(router, Credentials(self.config.token))
         )
@@ -156,6 +160,7 @@ class Client:
                 self._metrics[k] += v
 
     # ------------------------------------------------------------ public API
+    @timed("put")
     def put(
         self,
         key: str,
@@ -300,6 +305,7 @@ class Client:
 
         return KVCache(self, layout)
 
+    @timed("get")
     def get(
         self,
         key: str,
@@ -423,6 +429,7 @@ class Client:
         """Copies the cluster keeps of each entry (RingSnapshot.replicas)."""
         return self._placement.current().replicas
 
+    @timed("put_many")
     def put_many(
         self,
         values: Mapping[str, Any],
@@ -485,6 +492,7 @@ class Client:
         self._count("puts", len(tensors), bytes_put=sum(it.meta.nbytes for it in tensors))
         return {it.key: it.version for it in tensors}
 
+    @timed("get_many")
     def get_many(
         self, keys: Iterable[str], *, device: Any = None, as_: str | None = None
     ) -> dict[str, Any]:
@@ -578,7 +586,8 @@ class Client:
                 break
             self._count("stripe_retries", len(pending))
         hits = sum(a is not None for a, _, _ in out.values())
-        self._count("gets", len(out), hits=hits, misses=len(out) - hits)
+        got = sum(a.nbytes for a, _, _ in out.values() if a is not None)
+        self._count("gets", len(out), hits=hits, misses=len(out) - hits, bytes_got=got)
         return out
 
     def stats(self) -> list[NodeStats]:

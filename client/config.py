@@ -53,6 +53,9 @@ class ClientConfig:
     #: Presented on every call to nodes and the router (docs/security.md);
     #: never shown in a repr or a log.
     token: str | None = field(default=None, repr=False)
+    #: Time get/put calls for Prometheus (client/metrics.py: serve_metrics).
+    #: Off by default: a worker that does not export them pays nothing.
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.stripe_size is not None and self.stripe_size < 4096:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 
 import numpy as np
 
@@ -51,6 +52,7 @@ from tensorcache.errors import (
     status_code,
 )
 from tensorcache.node.authz import check_get, check_put
+from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -81,6 +83,7 @@ class DataServer:
         *,
         max_connections: int = 1024,
         tokens: PolicyFile | None = None,
+        metrics: Transfers | None = None,
     ) -> None:
         """``tokens``: require an AUTH frame first and check every request's keys."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -93,6 +96,9 @@ class DataServer:
         self._max = max_connections
         self._tokens = tokens
         self._conns: set[socket.socket] = set()
+        # Each connection's entries pinned for a local reader (read at scrape time).
+        self._pins: dict[socket.socket, list[Entry]] = {}
+        self._metrics: Transfers = metrics if metrics is not None else NoMetrics()
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._accept_loop, name="data-accept", daemon=True)
@@ -111,6 +117,16 @@ class DataServer:
                 with contextlib.suppress(OSError):
                     c.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def pinned_bytes(self) -> int:
+        """Bytes of entries handed out by address and not yet released."""
+        with self._lock:
+            pins = [list(p) for p in self._pins.values()]  # list(): atomic under the GIL
+        return sum(len(c) for p in pins for e in p for c in e.chunks)
 
     def _accept_loop(self) -> None:
         while not self._stopping:
@@ -157,6 +173,8 @@ class DataServer:
             # alive (pinned) until the client sends its next request.
             pinned: list[Entry] = []
             grant: Grant | None = None  # the connection's, from its AUTH frame
+            with self._lock:
+                self._pins[conn] = pinned
             while True:
                 got = reader.read_frame()
                 pinned.clear()  # the client finished reading the last local reply
@@ -189,6 +207,7 @@ class DataServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._pins.pop(conn, None)
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -208,6 +227,7 @@ class DataServer:
             conn.sendall(_error_frame(exc))
 
     def _get(self, conn: socket.socket, header: bytes, grant: Grant | None) -> list[Entry]:
+        start = time.perf_counter()
         try:
             req: pb.GetRequest = parse_header(pb.GetRequest, header, "get")
             if grant is not None:
@@ -215,18 +235,43 @@ class DataServer:
             reply, entries, pinned = self._ops.get(req, local_ok=True)
         except TensorCacheError as exc:
             conn.sendall(_error_frame(exc))  # the stream is still in step: keep it
+            self._metrics.done(
+                "get", "data", status_code(exc).name, time.perf_counter() - start, 0, 0, 0
+            )
             return []
         head = reply.SerializeToString()
         buffers: list[Buffer] = [FRAME.pack(0, len(head)), head]
+        sent = 0
         if not req.head_only:
             for entry in entries:
                 buffers.extend(entry.chunks)
+            sent = sum(map(len, buffers)) - len(buffers[0]) - len(head)
         send_buffers(conn, buffers)
+        local = sum(len(c) for e in pinned for c in e.chunks) if pinned else 0
+        self._metrics.done("get", "data", "OK", time.perf_counter() - start, 0, sent, local)
         return pinned
 
-    def _put(
+    def _put(self, conn: socket.socket, reader: Reader, header: bytes, grant: Grant | None) -> None:
+        start = time.perf_counter()
+        status, received = "UNKNOWN", 0
+        try:
+            status, received = self._put_one(conn, reader, header, grant)
+        except TensorCacheError as exc:
+            status = status_code(exc).name
+            raise
+        except ProtocolError:
+            status = "INVALID_ARGUMENT"
+            raise
+        except (PeerClosed, OSError):
+            status = "CANCELLED"
+            raise
+        finally:
+            self._metrics.done("put", "data", status, time.perf_counter() - start, received, 0, 0)
+
+    def _put_one(
         self, conn: socket.socket, reader: Reader, header: bytes, grant: Grant | None
-    ) -> None:
+    ) -> tuple[str, int]:
+        """One put: (its status, the payload bytes it stored); a refusal is answered here."""
         req: pb.PutRequest = parse_header(pb.PutRequest, header, "put")
         if grant is not None:
             check_put(grant, req)  # refused: the connection closes (payload unread)
@@ -243,13 +288,14 @@ class DataServer:
                 raise
             conn.sendall(_error_frame(exc))
             reader.discard(declared)
-            return
+            return status_code(exc).name, 0
         try:
             chunks, crcs = self._receive(reader, plan.sizes)
             reply = self._ops.finish_put(plan, chunks, crcs)
         finally:
             self._ops.abort_put(plan)
         conn.sendall(frame(0, reply.SerializeToString()))
+        return "OK", plan.total
 
     @staticmethod
     def _receive(reader: Reader, sizes: list[int]) -> tuple[list[tuple[Buffer, ...]], list[int]]:

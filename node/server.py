@@ -19,10 +19,12 @@ from tensorcache import localread
 from tensorcache.auth import TOKEN_ENV
 from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
+from tensorcache.metrics import Exporter
 from tensorcache.node import authz
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
 from tensorcache.node.events import EventPublisher, NoEvents
+from tensorcache.node.metrics import NodeCollector, NodeMetrics
 from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.peers import GrpcPeers
 from tensorcache.node.policy import POLICIES
@@ -89,6 +91,9 @@ class NodeConfig:
     auth_tokens: str | None = None
     #: Presented to the router and to peer nodes (needs ``admin``); never in a repr.
     token: str | None = field(default=None, repr=False)
+    #: Port serving Prometheus metrics at /metrics on ``host`` (0: any free
+    #: port; None: no metrics, and nothing recorded on the data path).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -107,6 +112,8 @@ class NodeConfig:
             raise ValueError(f"data_port must be 0..65535 or None, got {self.data_port}")
         if self.health_port is not None and not 0 <= self.health_port < 65536:
             raise ValueError(f"health_port must be 0..65535 or None, got {self.health_port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be 0..65535 or None, got {self.metrics_port}")
         if self.workers < 4:
             raise ValueError(f"workers must be >= 4, got {self.workers}")
         if not 0 <= self.drain_timeout_s <= 3600:
@@ -177,7 +184,10 @@ class NodeServer:
             rereplicate=config.rereplicate_timeout_s > 0,
             incarnation=self.incarnation,
         )
-        self._server.add_generic_rpc_handlers((NodeService(self.ops).handler(),))
+        self.metrics = NodeMetrics() if config.metrics_port is not None else None
+        self._exporter: Exporter | None = None
+        self.metrics_port = 0
+        self._server.add_generic_rpc_handlers((NodeService(self.ops, self.metrics).handler(),))
         # Health: "" is SERVING while the process runs (liveness); SERVICE is
         # readiness: SERVING only while this node is in the ring it holds, so
         # NOT_SERVING while it joins and from the moment it starts to drain.
@@ -194,7 +204,9 @@ class NodeServer:
         self._local_token = secrets.token_bytes(16)
         local = config.local_readers and config.data_port is not None and localread.AVAILABLE
         if config.data_port is not None:
-            self._data = DataServer(self.ops, config.host, config.data_port, tokens=tokens)
+            self._data = DataServer(
+                self.ops, config.host, config.data_port, tokens=tokens, metrics=self.metrics
+            )
             self.data_address = _join(host, self._data.port)
         if local:
             localread.allow_local_readers()
@@ -233,6 +245,10 @@ class NodeServer:
             self._agent.sync(epoch)
 
     def start(self) -> NodeServer:
+        if self.metrics is not None and self.config.metrics_port is not None:
+            collector = NodeCollector(self.ops.stat, self.metrics, self._data)
+            self._exporter = Exporter([collector], self.config.host, self.config.metrics_port)
+            self.metrics_port = self._exporter.port
         self._server.start()
         if self.config.health_port is not None:
             self._health_server, self.health_port = health_server(
@@ -272,6 +288,8 @@ class NodeServer:
         if isinstance(self.store, TieredStore):
             self.store.close()  # queued writes finish (bounded): they are kept for a restart
         self.peers.close()
+        if self._exporter is not None:
+            self._exporter.close()
         if self._health_server is not None:  # last: liveness holds until the very end
             self._health_server.stop(0).wait()
 
@@ -346,6 +364,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "needs a token; the node presents $TENSORCACHE_TOKEN (admin) to its router and peers",
     )
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+        "default -1: off, nothing recorded)",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -372,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         disk_queue=parse_size(args.disk_queue) if args.disk_queue else 0,
         auth_tokens=args.auth_tokens,
         token=os.environ.get(TOKEN_ENV) or None,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
     )
     # Handlers first: a SIGTERM that arrives while the node starts (a restart
     # followed at once by a scale-down) still gets a graceful leave and exit 0.
@@ -379,9 +405,10 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     node = NodeServer(config).start()
+    metrics = f"metrics {_join(config.host, node.metrics_port)} " if node.metrics else ""
     print(
         f"tensorcache node {config.name} data {node.data_address or '-'} "
-        f"listening on {node.address}",
+        f"{metrics}listening on {node.address}",
         flush=True,
     )
     while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us

@@ -11,6 +11,7 @@ this one is the portable fallback and the home of Delete and Stat.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from typing import NoReturn
 
@@ -25,6 +26,7 @@ from tensorcache.errors import (
     status_code,
 )
 from tensorcache.grpcutil import NODE_SERVICE
+from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import NodeOps, PutPlan, parse_header
 from tensorcache.node.payload import payload_chunks, split_payload
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -37,8 +39,9 @@ SERVICE = NODE_SERVICE
 class NodeService:
     """Thin adapter between gRPC and NodeOps."""
 
-    def __init__(self, ops: NodeOps) -> None:
+    def __init__(self, ops: NodeOps, metrics: Transfers | None = None) -> None:
         self._ops = ops
+        self._metrics: Transfers = metrics if metrics is not None else NoMetrics()
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: TensorCacheError) -> NoReturn:
@@ -48,6 +51,8 @@ class NodeService:
         raise AssertionError("unreachable")  # context.abort raises
 
     def put(self, request_iterator: Iterable[bytes], context: grpc.ServicerContext) -> bytes:
+        start = time.perf_counter()
+        status = "CANCELLED"  # unless it ends otherwise: the stream broke
         messages = iter(request_iterator)
         plan: PutPlan | None = None
         try:
@@ -60,24 +65,38 @@ class NodeService:
                 if not context.is_active():
                     raise Cancelled("put: client went away mid-stream") from None
                 raise
-            return self._ops.finish_put(plan, chunks, crcs).SerializeToString()
+            reply = self._ops.finish_put(plan, chunks, crcs).SerializeToString()
+            status = "OK"
+            return reply
         except TensorCacheError as exc:
+            status = status_code(exc).name
             self._abort(context, exc)
         finally:
             if plan is not None:
                 self._ops.abort_put(plan)
+            received = plan.total if plan is not None and status == "OK" else 0
+            self._metrics.done("put", "grpc", status, time.perf_counter() - start, received, 0, 0)
 
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        start = time.perf_counter()
         try:
             req: pb.GetRequest = parse_header(pb.GetRequest, raw, "get")
             reply, entries, _ = self._ops.get(req)  # no pinning on gRPC: never local
         except TensorCacheError as exc:
+            self._metrics.done(
+                "get", "grpc", status_code(exc).name, time.perf_counter() - start, 0, 0, 0
+            )
             self._abort(context, exc)
-        yield reply.SerializeToString()
-        if req.head_only:
-            return
-        for chunk in payload_chunks(entries):
-            yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+        status, sent = "CANCELLED", 0  # unless the stream ends: the client went away
+        try:
+            yield reply.SerializeToString()
+            if not req.head_only:
+                for chunk in payload_chunks(entries):
+                    sent += len(chunk)
+                    yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+            status = "OK"
+        finally:
+            self._metrics.done("get", "grpc", status, time.perf_counter() - start, 0, sent, 0)
 
     def delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:

@@ -131,6 +131,11 @@ class Watcher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def queued(self) -> int:
+        """Events waiting in this watcher's queue (its lag behind the hub)."""
+        return len(self._queue)
+
 
 class EventHub:
     """Fans key events and invalidations out to every watcher."""
@@ -174,6 +179,12 @@ class EventHub:
     def __len__(self) -> int:
         with self._lock:
             return len(self._watchers)
+
+    def lag(self) -> int:
+        """The longest queue of any watcher: how far the slowest one is behind."""
+        with self._lock:
+            watchers = list(self._watchers)
+        return max((w.queued for w in watchers), default=0)
 
     def _fan_out(self, items: list[KeyEvent | Invalidation], wake: bool) -> None:
         with self._lock:

@@ -33,6 +33,9 @@ class ViewFollower:
         self._on_status = on_status
         self._interval_s = interval_s
         self._last = membership.view()  # changes from here on are followed
+        #: Ring epochs this router moved to since it started (membership
+        #: changes and invalidations): the metric tensorcache_router_ring_changes_total.
+        self.changes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="view-follower", daemon=True)
 
@@ -50,6 +53,7 @@ class ViewFollower:
                     seen = set(last.invalidations)
                     self._hub.epoch_changed(i for i in view.invalidations if i not in seen)
                     last = view
+                    self.changes += 1  # this thread is its only writer
                 status = self._membership.status()
                 if status.state != state:
                     if status.state == "ok":

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2
 from tensorcache.auth import TOKEN_ENV
 from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
+from tensorcache.metrics import Exporter
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router import authz
@@ -23,6 +24,7 @@ from tensorcache.router.announce import Announcer, NoAnnouncer
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
+from tensorcache.router.metrics import RouterCollector
 from tensorcache.router.relay import Relay
 from tensorcache.router.service import RouterService
 from tensorcache.sizes import parse_size
@@ -66,8 +68,13 @@ class RouterConfig:
     auth_tokens: str | None = None
     #: Presented to other routers (event relay); never shown in a repr.
     token: str | None = field(default=None, repr=False)
+    #: Port serving Prometheus metrics at /metrics on ``host`` (0: any free
+    #: port; None: none).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be 0..65535 or None, got {self.metrics_port}")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.etcd_timeout_s <= 0:
@@ -131,6 +138,11 @@ class RunningRouter:
     relay: Relay | None = None
     health: grpc.Server | None = None
     health_port: int = 0
+    exporter: Exporter | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        return self.exporter.port if self.exporter is not None else 0
 
     def stop(self, grace: float = 2.0) -> None:
         """End watch streams cleanly, stop serving, then let go of membership."""
@@ -140,6 +152,8 @@ class RunningRouter:
         self.server.stop(grace=grace).wait()
         self.follower.stop()
         self.membership.close()
+        if self.exporter is not None:
+            self.exporter.close()
         if self.health is not None:
             self.health.stop(0).wait()
 
@@ -186,14 +200,17 @@ def create_server(config: RouterConfig) -> RunningRouter:
     )
     servicer.relay = relay  # known only now that the port is bound
     running = RunningRouter(server, port, membership, hub, follower, relay)
-    if config.health_port is not None:
-        try:
+    try:
+        if config.health_port is not None:
             running.health, running.health_port = health_server(
                 health_servicer, config.host, config.health_port
             )
-        except BaseException:
-            running.stop(grace=0)
-            raise
+        if config.metrics_port is not None:
+            collector = RouterCollector(membership, hub, follower)
+            running.exporter = Exporter([collector], config.host, config.metrics_port)
+    except BaseException:
+        running.stop(grace=0)
+        raise
     return running
 
 
@@ -241,6 +258,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="JSON file of tokens and their grants (docs/security.md): every call then "
         "needs a token; this router presents $TENSORCACHE_TOKEN to other routers",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+        "default -1: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,12 +282,14 @@ def run(args: argparse.Namespace) -> int:
         health_port=None if args.health_port < 0 else args.health_port,
         auth_tokens=args.auth_tokens,
         token=os.environ.get(TOKEN_ENV) or None,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
     )
     router = create_server(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"tensorcache router listening on {config.host}:{router.port}", flush=True)
+    metrics = f"metrics {config.host}:{router.metrics_port} " if router.exporter else ""
+    print(f"tensorcache router {metrics}listening on {config.host}:{router.port}", flush=True)
     while not stop.wait(0.5):  # timed: a signal taken by another thread still wakes us
         pass
     router.stop(grace=2)

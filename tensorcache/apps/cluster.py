@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import subprocess
@@ -54,6 +55,8 @@ class Proc:
     popen: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    #: host:port of its /metrics ("" when started without --metrics-port).
+    metrics_address: str = ""
 
     @property
     def pid(self) -> int:
@@ -88,8 +91,11 @@ def _spawn(args: list[str], name: str, log_dir: Path, env: dict[str, str], timeo
             # os.read on the raw fd: a buffered read would pull bytes into
             # Python's buffer where select() can no longer see them.
             line += os.read(popen.stdout.fileno(), 4096)
-    address = line.decode().split("\n", 1)[0].rsplit(" ", 1)[-1].strip()
-    return Proc(name, popen, address, log_path)
+    first = line.decode().split("\n", 1)[0]
+    address = first.rsplit(" ", 1)[-1].strip()
+    found = re.search(r" metrics (\S+) listening on ", first)
+    metrics = found.group(1) if found else ""
+    return Proc(name, popen, address, log_path, metrics)
 
 
 def _stop(proc: Proc, sig: signal.Signals, timeout: float) -> int:
@@ -129,19 +135,24 @@ class LocalCluster:
         disk_path: str | Path | None = None,
         disk_capacity: str | int | None = None,
         pinned_capacity: str | int | None = None,
+        metrics: bool = False,
     ) -> None:
         """``etcd``: None or "none" keeps membership in the router (embedded);
         "auto" starts a private etcd when the binary is installed (else
         embedded); a URL uses that etcd. ``replicas``: copies of each entry
         (the router publishes it in every ring). ``router_args``: more
-        ``tensorcache router`` options (e.g. ``["--etcd-timeout", "2"]``)."""
+        ``tensorcache router`` options (e.g. ``["--etcd-timeout", "2"]``).
+        ``metrics``: every process serves Prometheus metrics on a free port
+        (``Proc.metrics_address``)."""
         if nodes < 0:
             raise ValueError(f"nodes must be >= 0, got {nodes}")
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.replicas = replicas
-        self.router_args = list(router_args or [])
-        self.node_args = list(node_args or [])  # more `tensorcache node` flags, every node
+        metrics_args = ["--metrics-port", "0"] if metrics else []
+        self.router_args = [*metrics_args, *(router_args or [])]
+        # more `tensorcache node` flags, every node
+        self.node_args = [*metrics_args, *(node_args or [])]
         # A disk tier per node, in DIR/<node name>: a node started again under
         # its name finds its files (warm restart).
         if disk_path is not None and disk_capacity is None:
