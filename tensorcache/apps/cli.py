@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from tensorcache.apps import logformat
 from tensorcache.apps.statview import router_status_line, stat_table
 
 
@@ -26,6 +27,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         disk_path=args.disk_path,
         disk_capacity=args.disk_capacity,
         pinned_capacity=args.pinned_capacity,
+        metrics=False if args.metrics_port < 0 else args.metrics_port,
+        router_args=["--log-format", args.log_format],
+        node_args=["--log-format", args.log_format],
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -33,8 +37,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cluster.start()
     try:
         print(f"tensorcache cluster up: router {cluster.router_address}", flush=True)
+        if cluster.router is not None and cluster.router.metrics_address:
+            print(f"  metrics    router {cluster.router.metrics_address}", flush=True)
         for name, proc in cluster.nodes.items():
-            print(f"  {name:<10} {proc.address:<22} pid {proc.pid}", flush=True)
+            metrics = f"  metrics {proc.metrics_address}" if proc.metrics_address else ""
+            print(f"  {name:<10} {proc.address:<22} pid {proc.pid}{metrics}", flush=True)
         print(f"logs in {cluster.log_dir}; Ctrl-C stops every process", flush=True)
         print(f"membership {cluster.membership}; replicas {cluster.replicas}", flush=True)
         while not stop.wait(0.5):
@@ -54,6 +61,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_stat(args: argparse.Namespace) -> int:
     from tensorcache.client.api import connect
 
+    if args.json or args.watch:
+        from tensorcache.apps import statwatch
+
+        with connect(args.router, timeout_s=args.timeout) as c:
+            if args.json:
+                status = statwatch.router_status(args.router, args.timeout)
+                print(statwatch.as_json(status, c.epoch, c.stats()))
+                return 0
+            return statwatch.watch(
+                args.router,
+                c.stats,
+                interval_s=args.interval,
+                count=args.count,
+                timeout_s=args.timeout,
+            )
     print(router_status_line(args.router, args.timeout))
     with connect(args.router, timeout_s=args.timeout) as c:
         stats = c.stats()
@@ -110,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas", type=int, default=1, help="copies of each entry on distinct nodes (default 1)"
     )
     up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="serve Prometheus metrics: the router on PORT, node i on PORT+1+i "
+        "(0: free ports, printed; default -1: off)",
+    )
+    up.add_argument(
         "--etcd",
         default="auto",
         help="membership store: auto (a private etcd if installed, else embedded; default), "
@@ -130,10 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     router = sub.add_parser("router", help="run the router")
     router_server.add_arguments(router)
     router.set_defaults(fn=_cmd_router)
+    for p in (up, node, router):
+        p.add_argument(
+            "--log-format",
+            choices=logformat.FORMATS,
+            default="text",
+            help="text (default) or json: one JSON object per line (ts, level, logger, msg, pid)",
+        )
 
     stat = sub.add_parser("stat", help="print per-node statistics")
     stat.add_argument("--router", default="127.0.0.1:7070", help="router host:port")
     stat.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    stat.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
+    stat.add_argument(
+        "--watch", action="store_true", help="a live view, redrawn in place (Ctrl-C stops)"
+    )
+    stat.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
+    )
+    stat.add_argument(
+        "--count", type=int, default=None, help="stop --watch after this many refreshes"
+    )
     stat.set_defaults(fn=_cmd_stat)
 
     from tensorcache.apps import loadcmd
@@ -153,11 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO
-        if args.verbose or args.command in ("node", "router")
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logformat.configure(
+        logging.INFO if args.verbose or args.command in ("node", "router") else logging.WARNING,
+        getattr(args, "log_format", "text"),
     )
     from tensorcache.errors import TensorCacheError
 

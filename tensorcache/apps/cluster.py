@@ -135,24 +135,28 @@ class LocalCluster:
         disk_path: str | Path | None = None,
         disk_capacity: str | int | None = None,
         pinned_capacity: str | int | None = None,
-        metrics: bool = False,
+        metrics: bool | int = False,
     ) -> None:
         """``etcd``: None or "none" keeps membership in the router (embedded);
         "auto" starts a private etcd when the binary is installed (else
         embedded); a URL uses that etcd. ``replicas``: copies of each entry
         (the router publishes it in every ring). ``router_args``: more
         ``tensorcache router`` options (e.g. ``["--etcd-timeout", "2"]``).
-        ``metrics``: every process serves Prometheus metrics on a free port
-        (``Proc.metrics_address``)."""
+        ``metrics``: every process serves Prometheus metrics
+        (``Proc.metrics_address``): True on free ports; a port number P puts
+        the router's on P and node i's on P + 1 + i (``up --metrics-port``)."""
         if nodes < 0:
             raise ValueError(f"nodes must be >= 0, got {nodes}")
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.replicas = replicas
-        metrics_args = ["--metrics-port", "0"] if metrics else []
+        # False: none; True (or 0): free ports; P: router on P, node i on P + 1 + i.
+        self.metrics_base: int | None = None if metrics is False else int(metrics)
+        metrics_args = (
+            [] if self.metrics_base is None else ["--metrics-port", str(self.metrics_base)]
+        )
         self.router_args = [*metrics_args, *(router_args or [])]
-        # more `tensorcache node` flags, every node
-        self.node_args = [*metrics_args, *(node_args or [])]
+        self.node_args = list(node_args or [])  # more `tensorcache node` flags, every node
         # A disk tier per node, in DIR/<node name>: a node started again under
         # its name finds its files (warm restart).
         if disk_path is not None and disk_capacity is None:
@@ -334,6 +338,7 @@ class LocalCluster:
                 "--policy",
                 policy,
                 *self._disk_args(name),
+                *self._metrics_args(name),
                 *self.node_args,
             ],
             name,
@@ -352,6 +357,16 @@ class LocalCluster:
             return []
         path = self.disk_path / name
         return ["--disk-path", str(path), "--disk-capacity", str(self.disk_capacity)]
+
+    def _metrics_args(self, name: str) -> list[str]:
+        if self.metrics_base is None:
+            return []
+        if self.metrics_base == 0:
+            return ["--metrics-port", "0"]
+        index = (
+            list(self._node_args).index(name) if name in self._node_args else len(self._node_args)
+        )
+        return ["--metrics-port", str(self.metrics_base + 1 + index)]
 
     def ring(self) -> pb.RingSnapshot:
         creds = Credentials(self.env.get(TOKEN_ENV) or None)  # the cluster's own token, if any
