@@ -25,8 +25,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "dashboard.json"
-RULES = MONITORING / "rules.yaml"
+PROMETHEUS_RULE = MONITORING / "prometheusrule.yaml"
 RULES_TEST = MONITORING / "rules_test.yaml"
+
+
+def rule_file(path: Path) -> Path:
+    """Write the PrometheusRule's spec to ``path``: it is a plain Prometheus rule file."""
+    import yaml
+
+    spec = yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of the Grafana dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [
+        (p["title"], t["expr"]) for p in dash["panels"] if p["type"] != "row" for t in p["targets"]
+    ]
+
+
+def alert_expressions() -> dict[str, str]:
+    import yaml
+
+    spec = yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]
+    return {r["alert"]: r["expr"] for g in spec["groups"] for r in g["rules"]}
 
 
 def require(binary: str) -> str:
