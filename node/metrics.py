@@ -112,6 +112,7 @@ class NodeCollector:
         s = self._stat()
         yield from self._store(s)
         yield from self._movement(s)
+        yield from self._disk(s)
         yield from self._requests()
         if self._data is not None:
             yield _gauge(
@@ -231,6 +232,49 @@ class NodeCollector:
             "tensorcache_node_fill_waits",
             "Fill requests told to wait for another caller's load (loads saved).",
             s.fill_waits,
+        )
+
+    @staticmethod
+    def _disk(s: pb.NodeStats) -> Iterator[Metric]:
+        """The disk tier under RAM (node --disk-path); nothing without one."""
+        if not s.disk_capacity:
+            return
+        yield _gauge(
+            "tensorcache_node_disk_capacity_bytes", "The disk tier's byte budget.", s.disk_capacity
+        )
+        yield _gauge(
+            "tensorcache_node_disk_stored_bytes", "File bytes held by the disk tier.", s.disk_bytes
+        )
+        yield _gauge(
+            "tensorcache_node_disk_entries",
+            "Entries with a file (spilled, or read back and resident).",
+            s.disk_files,
+        )
+        yield _counter(
+            "tensorcache_node_disk_hits",
+            "Gets served from a spilled entry (also counted as hits).",
+            s.disk_hits,
+        )
+        yield _counter("tensorcache_node_disk_spills", "Entries written to disk.", s.disk_spills)
+        yield _counter(
+            "tensorcache_node_disk_write_drops",
+            "Evicted entries the write queue had no room for (lost; also evictions).",
+            s.disk_write_drops,
+        )
+        yield _counter(
+            "tensorcache_node_disk_evictions",
+            "Files evicted for the disk budget.",
+            s.disk_evictions,
+        )
+        yield _counter(
+            "tensorcache_node_disk_corrupt",
+            "Torn or corrupt files found (at start or on read) and dropped.",
+            s.disk_corrupt,
+        )
+        yield _counter(
+            "tensorcache_node_disk_loaded",
+            "Entries found on disk at start (warm restart).",
+            s.disk_loaded,
         )
 
     def _requests(self) -> Iterator[Metric]:

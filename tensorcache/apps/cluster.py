@@ -151,7 +151,9 @@ class LocalCluster:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.replicas = replicas
         # False: none; True (or 0): free ports; P: router on P, node i on P + 1 + i.
-        self.metrics_base: int | None = None if metrics is False else int(metrics)
+        self.metrics_base: int | None = (
+            None if metrics is False else 0 if metrics is True else int(metrics)
+        )
         metrics_args = (
             [] if self.metrics_base is None else ["--metrics-port", str(self.metrics_base)]
         )

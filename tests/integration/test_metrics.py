@@ -167,3 +167,19 @@ def test_router_and_client_figures(expositions: dict[str, Any]) -> None:
     count = _sum(client, "tensorcache_client_request_duration_seconds_count", op="put")
     assert count == SMALL_PUTS + 2
     assert _sum(client, "tensorcache_client_errors_total", op="put", error="CapacityExceeded") == 1
+
+
+def test_disk_tier_metrics(make_cluster: Any, tmp_path: Any) -> None:
+    """A node with a disk tier exports its figures too, and they pass promtool."""
+    c = make_cluster(1, capacity="4MiB", metrics=True, disk_path=tmp_path, disk_capacity="64MiB")
+    with tensorcache.connect(c.router_address) as client:
+        for i in range(40):  # 40 x 256 KiB through a 4 MiB node: evictions spill to disk
+            client.put(f"{MARK}/disk/{i}", np.full(64 * 1024, i, np.float32))
+    (node,) = c.nodes.values()
+    text = scrape(node.metrics_address)
+    got = promtool("check", "metrics", stdin=text)
+    assert got.returncode == 0 and not got.stdout.strip(), got.stdout + got.stderr
+    assert MARK not in text
+    assert _sum(text, "tensorcache_node_disk_capacity_bytes") == 64 * 1024 * 1024
+    assert _sum(text, "tensorcache_node_disk_spills_total") > 0
+    assert _sum(text, "tensorcache_node_evictions_total") > 0
