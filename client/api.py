@@ -96,7 +96,7 @@ class Client:
         )
         self._watch: EventWatcher | None = None
         self._prefetcher = Prefetcher(self.config.parallelism)
-        self._staging: Any = None  # CUDA staging rings (client/staging.py), on first use
+        self._staging: dict[Any, Any] = {}  # device -> staging ring (client/staging.py)
         self._closed = False
         try:
             self._placement.current()

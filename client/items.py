@@ -11,6 +11,7 @@ once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,9 @@ class GetItem:
     put_id: int = 0
     ok: bool = False
     out: np.ndarray | codec.OutView | None = None  # the caller's array to fill (get(out=...))
+    # Where an uncompressed payload goes, chosen once its header is known:
+    # (array, flat byte view); a staged CUDA get's pinned slot (client/staging.py).
+    stage: Callable[[codec.Layout], tuple[np.ndarray, np.ndarray]] | None = None
     replica: int = 0  # failover cursor into replica_set(key)
 
     @property
@@ -201,7 +205,10 @@ def payload_destinations(
         layout = layout_of(got.meta, where)
         if it.expect is None:  # a tensor: its own (or the caller's) array
             # Compressed: received into a buffer of its own, decompressed into out.
-            it.array, it.dest = destination(None if packed(got.meta) else it.out, layout)
+            if it.stage is not None and not packed(got.meta):
+                it.array, it.dest = it.stage(layout)
+            else:
+                it.array, it.dest = destination(None if packed(got.meta) else it.out, layout)
         elif it.dest is None or it.dest.nbytes != layout.nbytes:
             it.dest = np.empty(layout.nbytes, np.uint8)  # unlike its manifest: a miss
         if got.local:

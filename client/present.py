@@ -17,7 +17,8 @@ The rule a get follows (``as_`` is its keyword argument):
   ``uint16``, float8 as ``uint8``, complex32 as ``uint32``; the torch dtype
   is in the message of the error above and in ``TensorMeta.logical_dtype``).
 * ``as_=None`` (the default): as it was written. A tensor put from torch
-  comes back as a torch tensor (CPU), a numpy array as a numpy array, so code
+  comes back as a torch tensor (on the CPU: a device is asked for with
+  ``device=``, whatever device it was put from), a numpy array as a numpy array, so code
   that only ever speaks one of them never sees the other. Where torch is not
   installed, a torch-written entry comes back as numpy if numpy can hold its
   values, else ``InvalidArgument`` as for ``as_="numpy"``.

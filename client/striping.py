@@ -130,22 +130,26 @@ def fetch(
     read([p for _, p in parts])
     good: dict[int, bool] = {id(t): True for t in tensors}
     for t, p in parts:
-        ok = (
-            p.found
-            and p.ok
-            and p.meta is not None
-            and p.expect is not None
-            and p.meta.put_id == p.put_id
-            and p.meta.nbytes == p.expect.nbytes
-            and p.meta.crc32c == p.expect.crc32c
-        )
-        if not ok:
+        if not stripe_ok(p):
             good[id(t)] = False
     for t in tensors:
         if not good[id(t)]:
             count("stripe_misses")
             t.array = None
     return [good[id(t)] for t in tensors]
+
+
+def stripe_ok(p: GetItem) -> bool:
+    """Whether a fetched stripe is exactly the one its manifest names (else: a miss)."""
+    return (
+        p.found
+        and p.ok
+        and p.meta is not None
+        and p.expect is not None
+        and p.meta.put_id == p.put_id
+        and p.meta.nbytes == p.expect.nbytes
+        and p.meta.crc32c == p.expect.crc32c
+    )
 
 
 def free(

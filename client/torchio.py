@@ -10,7 +10,9 @@ torch get costs what a numpy get costs.
 CUDA tensors: a put synchronizes the tensor's device before copying it to
 host (below: why the device, not a stream); a get with ``device="cuda..."``
 or a CUDA ``out`` goes through the staging ring (client/staging.py) so no
-full-size pageable host copy is made.
+full-size pageable host copy is made. Device gets skip the near-cache (it
+holds host copies; a device get reads the node), and a compressed entry is
+restored on the host and copied from there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from tensorcache import codec
+from tensorcache.client import staging
 from tensorcache.client.present import Want
 from tensorcache.errors import InvalidArgument
 
@@ -137,28 +140,139 @@ def to_torch(key: str, array: np.ndarray, logical: str, w: Want) -> Any:
 
 
 # ---------------------------------------------------------------- CUDA gets
-# (the staging ring replaces these host round trips: client/staging.py)
+class CudaDevice:
+    """The staging ring's device side (client/staging.py) on one CUDA device.
+
+    Copies run on a stream of their own, so they overlap the host's receive
+    of the next wave; each slot's reuse waits on an event recorded after the
+    copies that read it. Ordering with the caller's work, on the current
+    stream: copies start after what the caller already queued (``begin``:
+    a destination or ``out`` may still be in use there), and the caller's
+    later work sees every copy (``finish``: the current stream waits on
+    ours; no host synchronization). Tensors made here are allocated on the
+    copy stream and marked as used on the current stream (``record_stream``),
+    so the caching allocator never hands their memory out while either
+    stream may still touch it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        self._made: list[torch.Tensor] = []
+
+    def begin(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def host(self, nbytes: int) -> np.ndarray:
+        pinned = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        view: np.ndarray = pinned.numpy()[:nbytes]  # keeps the pinned tensor alive
+        return view
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        with torch.cuda.stream(self.stream):
+            t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._made.append(t)
+        return t
+
+    def copy(self, src: np.ndarray, dst: torch.Tensor, offset: int) -> None:
+        with torch.cuda.stream(self.stream):
+            dst[offset : offset + src.nbytes].copy_(torch.from_numpy(src), non_blocking=True)
+
+    def mark(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ev.record(self.stream)
+        return ev
+
+    def wait(self, token: Any) -> None:
+        token.synchronize()
+
+    def finish(self) -> None:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for t in self._made:
+            t.record_stream(current)
+        self._made.clear()
+
+
+def cuda_ring(client: Any, device: torch.device) -> staging.Ring:
+    """The client's staging ring for ``device`` (made on first use, then reused)."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    rings: dict[Any, staging.Ring] = client._staging
+    ring = rings.get(device)
+    if ring is None:
+        ring = rings.setdefault(
+            device, staging.Ring(CudaDevice(device), staging.SLOTS, client.stripe_size)
+        )
+    return ring
+
+
+def _torch_name(key: str, layout: codec.Layout) -> str:
+    name = codec.torch_dtype_of(layout)
+    if name is None:
+        raise InvalidArgument(
+            f"{key!r} holds numpy dtype {layout.dtype}, which torch has no dtype for; "
+            "get it with as_='numpy'"
+        )
+    return name
+
+
+def out_bytes(out: torch.Tensor, key: str, layout: codec.Layout) -> torch.Tensor:
+    """A caller's device ``out`` as flat bytes, if it holds ``layout`` exactly."""
+    name = _check_tensor(out, "out")
+    have = codec.torch_dtype_of(layout)
+    if name != have or tuple(out.shape) != layout.shape:
+        raise InvalidArgument(
+            f"out is {name} {tuple(out.shape)}, the stored tensor is "
+            f"{have or layout.dtype + ' (no torch dtype)'} {layout.shape}"
+        )
+    if not out.is_contiguous() or layout.order != "C":
+        raise InvalidArgument(f"out must be a contiguous tensor ({key!r} is stored in C order)")
+    return out.reshape(-1).view(torch.uint8)
+
+
+def as_tensor(key: str, flat: torch.Tensor, layout: codec.Layout) -> torch.Tensor:
+    """Flat bytes on a device as the stored tensor (dtype, shape, order)."""
+    t = flat.view(_torch_dtype(_torch_name(key, layout)))
+    if layout.order == "F" and len(layout.shape) > 1:
+        return t.reshape(layout.shape[::-1]).permute(*reversed(range(len(layout.shape))))
+    return t.reshape(layout.shape)
+
+
+def staged_get(
+    client: Any, keys: list[str], w: Want, ring: staging.Ring, min_version: int | None = None
+) -> dict[str, Any]:
+    """``keys`` onto ``ring``'s device through its staging slots; key -> tensor or None."""
+
+    def dest_for(key: str, layout: codec.Layout) -> Any:
+        if w.out is not None:
+            return out_bytes(w.out, key, layout)
+        _torch_name(key, layout)  # refuse before any byte moves
+        return ring.device.empty(layout.nbytes)
+
+    got = staging.get_many(keys, ring, client, dest_for)
+    hits = sum(s.dest is not None for s in got.values())
+    client._count("gets", len(got), hits=hits, misses=len(got) - hits, staged_gets=len(got))
+    out: dict[str, Any] = {}
+    for k, s in got.items():
+        if s.dest is None or s.layout is None:
+            out[k] = None
+        elif min_version is not None and s.version < min_version:
+            client._count("stale_rejected")
+            out[k] = None
+        else:
+            out[k] = w.out if w.out is not None else as_tensor(k, s.dest, s.layout)
+    return out
+
+
 def get_cuda(client: Any, key: str, w: Want, min_version: int | None) -> Any:
     """A get onto a CUDA device (``device=`` or a CUDA ``out``)."""
-    array, version, logical = client._get_host(key, None)
-    if array is None or (min_version is not None and version < min_version):
-        return None
-    return _to_device(key, array, logical, w)
+    dev = w.out.device if w.out is not None else torch.device(w.device or "cuda")
+    with torch.cuda.device(dev):
+        return staged_get(client, [key], w, cuda_ring(client, dev), min_version)[key]
 
 
 def get_many_cuda(client: Any, keys: list[str], w: Want) -> dict[str, Any]:
-    got = client._get_many(keys, None)
-    return {k: None if a is None else _to_device(k, a, lg, w) for k, (a, _, lg) in got.items()}
-
-
-def _to_device(key: str, array: np.ndarray, logical: str, w: Want) -> Any:
-    t = to_torch(key, array, logical, Want(w.as_, None, None))
-    if w.out is not None:
-        if w.out.dtype != t.dtype or tuple(w.out.shape) != tuple(t.shape):
-            raise InvalidArgument(
-                f"out is {w.out.dtype} {tuple(w.out.shape)}, the stored tensor is "
-                f"{t.dtype} {tuple(t.shape)}"
-            )
-        w.out.copy_(t)
-        return w.out
-    return t.to(w.device)
+    dev = torch.device(w.device or "cuda")
+    with torch.cuda.device(dev):
+        return staged_get(client, keys, w, cuda_ring(client, dev))
