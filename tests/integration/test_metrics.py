@@ -20,6 +20,7 @@ import tensorcache
 from tensorcache.apps.cluster import LocalCluster
 from tensorcache.client.metrics import serve_metrics
 
+from .helpers import poll
 from .promtools import promtool, scrape
 
 pytestmark = pytest.mark.integration
@@ -176,7 +177,16 @@ def test_disk_tier_metrics(make_cluster: Any, tmp_path: Any) -> None:
         for i in range(40):  # 40 x 256 KiB through a 4 MiB node: evictions spill to disk
             client.put(f"{MARK}/disk/{i}", np.full(64 * 1024, i, np.float32))
     (node,) = c.nodes.values()
-    text = scrape(node.metrics_address)
+    # Spills are written behind the data path: wait for the first one.
+    text = poll(
+        lambda: (
+            (t := scrape(node.metrics_address))
+            and _sum(t, "tensorcache_node_disk_spills_total") > 0
+            and t
+        ),
+        timeout=60,
+        what="a spill to the disk tier",
+    )
     got = promtool("check", "metrics", stdin=text)
     assert got.returncode == 0 and not got.stdout.strip(), got.stdout + got.stderr
     assert MARK not in text
