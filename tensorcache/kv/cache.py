@@ -59,7 +59,9 @@ class KVStore(Protocol):
 
     def versions(self, keys: Iterable[str]) -> dict[str, int | None]: ...
 
-    def get_many(self, keys: Iterable[str]) -> Mapping[str, Any]: ...
+    def get_many(
+        self, keys: Iterable[str], *, device: Any = None, as_: str | None = None
+    ) -> Mapping[str, Any]: ...
 
     def invalidate(self, prefix: str, *, timeout_s: float | None = None) -> int: ...
 
@@ -133,9 +135,7 @@ class KVCache:
             if have[key] is not None:
                 present += 1
                 continue
-            value = tensors.to_stored(
-                tensors.pack(layers, i * self.layout.chunk_tokens, self.layout)
-            )
+            value = tensors.pack(layers, i * self.layout.chunk_tokens, self.layout)
             try:
                 self._store.put(key, value, if_version=0)
                 stored += 1
@@ -203,18 +203,18 @@ class KVCache:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         keys = chunk_keys(self.layout, arr, limit=math.ceil(n / c))
         dests = tensors.destinations(out, self.layout, n, dev)
+        target = dests[0][0].device
         got = 0
         per_batch = max(1, READ_BATCH_BYTES // self.layout.chunk_nbytes)
         for b in range(0, len(keys), per_batch):
             batch = keys[b : b + per_batch]
-            values = self._store.get_many(batch)
+            # Straight to the destination's device (CUDA: through the client's
+            # staging ring), then sliced into the per-layer tensors there.
+            values = self._store.get_many(batch, device=target, as_="torch")
             for key in batch:
                 chunk = tensors.from_stored(values.get(key), self.layout)
                 if chunk is None:
                     break
-                target = dests[0][0].device
-                if chunk.device != target:
-                    chunk = chunk.to(target)  # one copy per chunk, then slices on the device
                 count = min(c, n - got)
                 tensors.unpack(chunk, dests, got, count)
                 got += count

@@ -1,10 +1,11 @@
 """Between per-layer K/V tensors and stored chunks (torch).
 
 A chunk is one contiguous tensor of ``layout.chunk_shape`` (layers, K/V,
-heads, tokens, head dim): the layout fixes its dtype and shape, so a chunk
-needs no description of its own beyond what the entry already carries, and
-a reader checks it against the layout before using a byte of it (a stored
-value of another shape or dtype is a miss, never garbage).
+heads, tokens, head dim) in the layout's dtype, put and read as a torch
+tensor by the client (client/torchio.py: bfloat16 and float8 travel as
+their own logical dtype). A reader checks it against the layout before
+using a byte of it: a stored value of another shape or dtype is a miss,
+never garbage.
 
 Per-layer tensors are ``(heads, tokens, head_dim)``, or ``(1, heads, tokens,
 head_dim)`` (a batch of one, as transformers' caches hold them).
@@ -15,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from tensorcache.errors import InvalidArgument
@@ -86,19 +86,16 @@ def pack(layers: Sequence[Pair], start: int, layout: KVLayout) -> torch.Tensor:
     return chunk
 
 
-def to_stored(chunk: torch.Tensor) -> np.ndarray:
-    """The value put for a chunk: its bytes, on the CPU (the layout says what they mean)."""
-    host = chunk.detach().to("cpu").contiguous()
-    flat: np.ndarray = host.view(torch.uint8).numpy()
-    return flat
-
-
 def from_stored(value: object, layout: KVLayout) -> torch.Tensor | None:
-    """A stored chunk as a tensor of ``layout.chunk_shape``; None if it is not one."""
-    shape = (*layout.chunk_shape[:-1], layout.head_dim * layout.itemsize)
-    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.shape != shape:
+    """A stored chunk (as ``get_many(..., as_="torch")`` returns it) if it has the
+    layout's dtype and shape; None if not (a miss, never garbage)."""
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.dtype != torch_dtype(layout)
+        or tuple(value.shape) != layout.chunk_shape
+    ):
         return None
-    return torch.from_numpy(value).view(torch_dtype(layout))
+    return value
 
 
 def destinations(

@@ -259,3 +259,16 @@ def test_bad_reads_are_refused() -> None:
             kv.get_prefix(TOKENS, 4, device="cpu", out=[])
         with pytest.raises(InvalidArgument, match="layout must be a KVLayout"):
             cluster.connect().kv("org/unit")  # type: ignore[arg-type]
+
+
+def test_a_stored_value_unlike_the_layout_is_a_miss_never_garbage() -> None:
+    lay = layout(dtype="float32")
+    with FakeCluster(2) as cluster:
+        c = cluster.connect()
+        kv = c.kv(lay)
+        kv.put_prefix(TOKENS, kv_of(lay, 16))
+        keys = kv.keys(TOKENS)
+        c.put(keys[1], torch.zeros(3, 2))  # a foreign writer's value under chunk 1's key
+        c.put(keys[2], torch.zeros(lay.chunk_shape, dtype=torch.float16))  # wrong dtype
+        got = kv.get_prefix(TOKENS, 16)
+        assert got.tokens == 4  # chunk 0 only: chunk 1 is not a chunk of this layout
