@@ -24,7 +24,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tensorcache.client")
 
 __all__ = ["Client", "ClientConfig", "NodeStats", "connect"]
+
+T = TypeVar("T")
 
 
 class Client:
@@ -268,6 +270,37 @@ class Client:
             lookup=lambda: self.get(key),
             load=loader,
             store=store_if_absent(lambda v: self.put(key, v, if_version=0), key, self._count),
+            grants=RpcGrants(self._fill),
+            options=FillOptions(lease_s=lease_s, max_load_s=max_load_s, timeout_s=timeout_s),
+            count=self._count,
+        )
+
+    def fill_once(
+        self,
+        key: str,
+        *,
+        lookup: Callable[[], T | None],
+        load: Callable[[], T],
+        store: Callable[[T], None],
+        lease_s: float = 2.0,
+        max_load_s: float | None = None,
+        timeout_s: float = 600.0,
+    ) -> T:
+        """``get_or_load`` for a value made of many keys (a state dict, a KV prefix).
+
+        ``lookup()`` if it finds something (not None); else exactly one caller
+        cluster-wide, holding the fill grant of ``key``, runs ``load()`` then
+        ``store(value)``; the grant ends when a put of ``key`` commits, so
+        ``store`` must put ``key`` last (its commit point) and should put it
+        conditionally on absence. The others wait, then ``lookup()`` again.
+        Options as for ``get_or_load``; details in client/fill.py.
+        """
+        encode_key(key)
+        return read_through(
+            key,
+            lookup=lookup,
+            load=load,
+            store=store,
             grants=RpcGrants(self._fill),
             options=FillOptions(lease_s=lease_s, max_load_s=max_load_s, timeout_s=timeout_s),
             count=self._count,

@@ -67,3 +67,11 @@ def from_buffer(dtype: str, shape: tuple[int, ...], buf: memoryview) -> Any:
     if len(buf) == 0:
         return torch.empty(shape, dtype=t_dtype)
     return torch.frombuffer(buf, dtype=t_dtype).reshape(shape)
+
+
+def as_torch(value: Any, device: Any = None) -> Any:
+    """``value`` as a torch tensor (numpy: shares its memory), moved to ``device`` if given."""
+    import torch
+
+    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+    return t if device is None else t.to(device)
