@@ -147,6 +147,24 @@ class NodeCollector:
             "Bytes reserved by puts in flight (0 on an idle node).",
             s.bytes_reserved,
         )
+        yield _gauge(
+            "tensorcache_node_pinned_bytes",
+            "Bytes of pinned entries (never evicted), within the pinned quota.",
+            s.pinned_bytes,
+        )
+        yield _gauge(
+            "tensorcache_node_pinned_capacity_bytes",
+            "The node's pinned quota (--pinned-capacity), part of its capacity.",
+            s.pinned_capacity,
+        )
+        yield _gauge(
+            "tensorcache_node_pinned_entries", "Pinned entries (tensors and stripes).", s.pinned
+        )
+        yield _counter(
+            "tensorcache_node_pins_dropped",
+            "Pinned copies moved here that found the quota full (stored unpinned).",
+            s.pins_dropped,
+        )
         entries = GaugeMetricFamily(
             "tensorcache_node_entries",
             "Entries served, by kind (tensor: a whole value or a manifest; shard: a stripe).",
