@@ -92,9 +92,13 @@ def kv_cache(quick: bool) -> tuple[np.ndarray, str]:
         model = GPT2LMHeadModel(cfg).eval()
         ids = torch.randint(0, 1000, (1, 128 if quick else 1024))
         with torch.no_grad():
-            past = model(ids, use_cache=True).past_key_values
-        layers = past.to_legacy_cache() if hasattr(past, "to_legacy_cache") else past
-        flat = torch.cat([t.reshape(-1) for kv in layers for t in kv])
+            out = model(ids, use_cache=True)
+        cache = out.get("cache") or out.get("past_key_values")  # renamed in transformers 5
+        if hasattr(cache, "layers"):
+            parts = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        else:  # legacy tuples of (key, value)
+            parts = [t for kv in cache for t in kv]
+        flat = torch.cat([t.reshape(-1) for t in parts])
         return flat.half().numpy(), "GPT-2 (random init, 4 layers) past_key_values"
     except Exception:  # no torch/transformers, or an API change: a labelled stand-in
         rng = np.random.default_rng(2)
@@ -204,7 +208,7 @@ def end_to_end_rows(quick: bool, budget: Budget, log_dir: Path) -> list[dict[str
 
 def disk_rows(quick: bool, budget: Budget, log_dir: Path) -> list[dict[str, Any]]:
     """get GB/s: entries in RAM vs served by the disk tier vs re-read from the file."""
-    n, size = (6, 1 * MIB) if quick else (24, 16 * MIB)
+    n, size = (12, 1 * MIB) if quick else (24, 16 * MIB)
     rng = np.random.default_rng(4)
     tensors = {
         f"t{i}": (rng.standard_normal(size // 2) * 0.02).astype(np.float16) for i in range(n)
@@ -240,9 +244,11 @@ def disk_rows(quick: bool, budget: Budget, log_dir: Path) -> list[dict[str, Any]
     # RAM: everything fits. Disk: RAM holds about a third of the set, so
     # reading keys in order through LRU misses RAM every time.
     ram_only = {"capacity": f"{4 * total // MIB}MiB"}
+    # The write queue takes the whole set, so no eviction is dropped while
+    # the puts outrun the writer (a real node spills as RAM fills, slower).
     small = {
-        "capacity": f"{(total // 3 + 4 * size) // MIB}MiB",
-        "node_args": ["--disk-queue", f"{2 * size // MIB}MiB"],
+        "capacity": f"{(total // 3 + 2 * size + total) // MIB}MiB",
+        "node_args": ["--disk-queue", f"{total // MIB}MiB"],
         "disk_path": log_dir / "disk",
         "disk_capacity": f"{4 * total // MIB}MiB",
     }
@@ -255,7 +261,7 @@ def disk_rows(quick: bool, budget: Budget, log_dir: Path) -> list[dict[str, Any]
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
                     s = c.stats()[0]
-                    if s.disk_files >= n - 4:
+                    if s.disk_spills >= n and s.disk_files >= n - 4:
                         break
                     time.sleep(0.1)
             outs = {k: np.empty_like(v) for k, v in tensors.items()}
