@@ -635,6 +635,32 @@ class Client:
 
         return list(self._pool.map(one, ring.members))
 
+    def hot_keys(self, limit: int = 1000) -> list[tuple[str, int]]:
+        """Up to ``limit`` of the cluster's most recently used keys: (key, nbytes).
+
+        Each node ranks its own keys by last use; the lists are merged rank
+        by rank (each node's hottest, then each one's second, ...), replicas
+        counted once. What ``tensorcache hot`` exports to re-warm a cluster.
+        """
+        if not isinstance(limit, int) or not 0 < limit <= 100_000:
+            raise InvalidArgument(f"limit must be an int in 1..100000, got {limit!r}")
+        ring = self._placement.refresh(self._placement.current())
+        request = pb.StatRequest(hot_keys=limit)
+
+        def one(member: RingMember) -> list[pb.HotKey]:
+            try:
+                return list(self._nodes.stat(member, self.config.timeout_s, request).hot)
+            except TensorCacheError:
+                return []
+
+        lists = list(self._pool.map(one, ring.members))
+        out: dict[str, int] = {}
+        for rank in range(max((len(x) for x in lists), default=0)):
+            for hot in lists:
+                if rank < len(hot) and len(out) < limit:
+                    out.setdefault(hot[rank].key.decode(), hot[rank].nbytes)
+        return list(out.items())
+
     def _free_stripes(self, refs: list[pb.StripeRef]) -> None:
         """Delete stripes of replaced/deleted tensors; best effort."""
         striping.free(

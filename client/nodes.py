@@ -72,7 +72,9 @@ class NodeTransport(Protocol):
         reached at all (presumed dead: a dead process serves nothing)."""
         ...
 
-    def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats: ...
+    def stat(
+        self, member: RingMember, timeout_s: float, request: pb.StatRequest | None = None
+    ) -> pb.NodeStats: ...
 
     def pin(self, member: RingMember, request: pb.PinRequest, timeout_s: float) -> pb.PinReply: ...
 
@@ -252,9 +254,11 @@ class NetworkTransport:
             reply: pb.PinReply = self._conns.get(member.address).pin(request, timeout=timeout_s)
         return reply
 
-    def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats:
+    def stat(
+        self, member: RingMember, timeout_s: float, request: pb.StatRequest | None = None
+    ) -> pb.NodeStats:
         with rpc(f"stat of node {member.address}"):
             stats: pb.NodeStats = self._conns.get(member.address).stat(
-                pb.StatRequest(), timeout=timeout_s
+                request or pb.StatRequest(), timeout=timeout_s
             )
         return stats

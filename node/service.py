@@ -26,6 +26,7 @@ from tensorcache.errors import (
     status_code,
 )
 from tensorcache.grpcutil import NODE_SERVICE
+from tensorcache.node.hot import hot_keys
 from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import NodeOps, PutPlan, parse_header
 from tensorcache.node.payload import payload_chunks, split_payload
@@ -125,10 +126,13 @@ class NodeService:
 
     def stat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            parse_header(pb.StatRequest, raw, "stat")
+            req = parse_header(pb.StatRequest, raw, "stat")
         except TensorCacheError as exc:
             self._abort(context, exc)
-        return self._ops.stat().SerializeToString()
+        reply = self._ops.stat()
+        if req.hot_keys:
+            hot_keys(self._ops.store, req.hot_keys, reply)
+        return reply.SerializeToString()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler: identity (de)serializers on the raw streams."""

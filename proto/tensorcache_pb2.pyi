@@ -223,11 +223,23 @@ class FillReply(_message.Message):
     def __init__(self, granted: _Optional[bool] = ..., found: _Optional[bool] = ..., lease_left_ms: _Optional[int] = ..., holder: _Optional[str] = ..., filler: _Optional[str] = ...) -> None: ...
 
 class StatRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("hot_keys",)
+    HOT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    hot_keys: int
+    def __init__(self, hot_keys: _Optional[int] = ...) -> None: ...
+
+class HotKey(_message.Message):
+    __slots__ = ("key", "nbytes", "version")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    nbytes: int
+    version: int
+    def __init__(self, key: _Optional[bytes] = ..., nbytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived", "disk_capacity", "disk_bytes", "disk_files", "disk_hits", "disk_spills", "disk_write_drops", "disk_evictions", "disk_corrupt", "disk_loaded", "pinned_bytes", "pinned_capacity", "pinned", "pins_dropped")
+    __slots__ = ("name", "address", "keys", "shards", "bytes_used", "bytes_reserved", "capacity", "hits", "misses", "evictions", "puts", "deletes", "policy", "epoch", "fills", "fill_waits", "handoffs", "drained", "demoted", "invalidated", "rereplicated", "moved", "discarded", "pending", "revived", "disk_capacity", "disk_bytes", "disk_files", "disk_hits", "disk_spills", "disk_write_drops", "disk_evictions", "disk_corrupt", "disk_loaded", "hot", "pinned_bytes", "pinned_capacity", "pinned", "pins_dropped")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +274,7 @@ class NodeStats(_message.Message):
     DISK_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     DISK_CORRUPT_FIELD_NUMBER: _ClassVar[int]
     DISK_LOADED_FIELD_NUMBER: _ClassVar[int]
+    HOT_FIELD_NUMBER: _ClassVar[int]
     PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PINNED_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
@@ -300,11 +313,12 @@ class NodeStats(_message.Message):
     disk_evictions: int
     disk_corrupt: int
     disk_loaded: int
+    hot: _containers.RepeatedCompositeFieldContainer[HotKey]
     pinned_bytes: int
     pinned_capacity: int
     pinned: int
     pins_dropped: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ..., disk_capacity: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_files: _Optional[int] = ..., disk_hits: _Optional[int] = ..., disk_spills: _Optional[int] = ..., disk_write_drops: _Optional[int] = ..., disk_evictions: _Optional[int] = ..., disk_corrupt: _Optional[int] = ..., disk_loaded: _Optional[int] = ..., pinned_bytes: _Optional[int] = ..., pinned_capacity: _Optional[int] = ..., pinned: _Optional[int] = ..., pins_dropped: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., keys: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., deletes: _Optional[int] = ..., policy: _Optional[str] = ..., epoch: _Optional[int] = ..., fills: _Optional[int] = ..., fill_waits: _Optional[int] = ..., handoffs: _Optional[int] = ..., drained: _Optional[int] = ..., demoted: _Optional[int] = ..., invalidated: _Optional[int] = ..., rereplicated: _Optional[int] = ..., moved: _Optional[int] = ..., discarded: _Optional[int] = ..., pending: _Optional[int] = ..., revived: _Optional[int] = ..., disk_capacity: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_files: _Optional[int] = ..., disk_hits: _Optional[int] = ..., disk_spills: _Optional[int] = ..., disk_write_drops: _Optional[int] = ..., disk_evictions: _Optional[int] = ..., disk_corrupt: _Optional[int] = ..., disk_loaded: _Optional[int] = ..., hot: _Optional[_Iterable[_Union[HotKey, _Mapping]]] = ..., pinned_bytes: _Optional[int] = ..., pinned_capacity: _Optional[int] = ..., pinned: _Optional[int] = ..., pins_dropped: _Optional[int] = ...) -> None: ...
 
 class PinRequest(_message.Message):
     __slots__ = ("epoch", "prefix", "unpin")

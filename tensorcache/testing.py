@@ -52,6 +52,7 @@ from tensorcache.client.items import (
     put_request,
 )
 from tensorcache.errors import Unavailable
+from tensorcache.node.hot import hot_keys
 from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.payload import split_payload
 from tensorcache.node.rings import RingView
@@ -320,8 +321,14 @@ class _Nodes:
             return None
         return ops.fence(pb.FenceRequest(epoch=epoch)).epoch
 
-    def stat(self, member: RingMember, timeout_s: float) -> pb.NodeStats:
-        return self._cluster._ops(member).stat()
+    def stat(
+        self, member: RingMember, timeout_s: float, request: pb.StatRequest | None = None
+    ) -> pb.NodeStats:
+        ops = self._cluster._ops(member)
+        reply = ops.stat()
+        if request is not None and request.hot_keys:
+            hot_keys(ops.store, request.hot_keys, reply)
+        return reply
 
     def pin(self, member: RingMember, request: pb.PinRequest, timeout_s: float) -> pb.PinReply:
         return self._cluster._ops(member).pin(request)

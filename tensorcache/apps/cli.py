@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     loadcmd.add_arguments(load)
     load.set_defaults(fn=_cmd_load)
 
+    from tensorcache.apps import warm
+
+    warm.add_arguments(sub)
+
     demo = sub.add_parser("demo", help="share a model's weights between worker processes")
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     demo.add_argument("--model-mb", type=int, default=384, help="model size in MB (default 384)")
