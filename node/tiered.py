@@ -31,7 +31,10 @@ States of an entry's bytes:
 Eviction from RAM never waits on the disk: a victim is handed to the writer
 queue if it has room, else dropped (``write_drops``, and counted in
 ``evictions`` like any entry lost). Entries smaller than ``min_spill`` are
-dropped as before (their index would cost nearly what they do). A spilled
+dropped as before (their index would cost nearly what they do), except
+manifests (no bytes: the stripe list of a striped tensor), which spill to a
+file of their metadata: dropping one would lose a tensor whose stripes are
+on disk. A spilled
 entry read by a get is loaded outside the store's lock (the file is read
 and its CRC32C checked), then *promoted*: made resident again if nothing
 changed meanwhile, RAM victims spilling to make room. If RAM has no room
@@ -96,18 +99,19 @@ class DiskChunks(Sequence[np.ndarray]):
         self.ref = ref
 
     def __len__(self) -> int:
-        return 1
+        return 1 if self.ref.nbytes else 0
 
     def __bool__(self) -> bool:
         return self.ref.nbytes > 0
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        if i not in (0, -1):
+        if i not in (0, -1) or not self.ref.nbytes:
             raise IndexError(i)
         return self._files.read(self.ref)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        yield self._files.read(self.ref)
+        if self.ref.nbytes:  # a manifest has no chunks (its file only holds its metadata)
+            yield self._files.read(self.ref)
 
 
 def spilled(entry: Entry) -> bool:
@@ -230,7 +234,7 @@ class TieredStore(Store):
                     self._c.hits -= 1
                     self._c.misses += 1
             return None
-        loaded = dataclasses.replace(entry, chunks=(data,), cost=ref.cost)
+        loaded = dataclasses.replace(entry, chunks=(data,) if ref.nbytes else (), cost=ref.cost)
         with self._lock:
             if counted:
                 self._t.hits += 1
@@ -271,7 +275,9 @@ class TieredStore(Store):
             self._swap_locked(entry, self._as_spilled(entry, ref))
             return True
         nbytes = sum(_nbytes(c) for c in entry.chunks)
-        if nbytes < self._min_spill or nbytes >= self._disk_capacity:
+        # A manifest (no bytes: a striped tensor's stripe list) spills too:
+        # dropping it would lose the whole tensor while its stripes sit on disk.
+        if 0 < nbytes < self._min_spill or nbytes >= self._disk_capacity:
             return False
         pending = dataclasses.replace(entry, cost=index)
         if not self._writer.offer(_Write(pending), nbytes):

@@ -299,3 +299,20 @@ def test_disk_options_are_checked(tmp_path):
         TieredStore(1 << 20, disk_path=tmp_path, disk_capacity=0)
     with pytest.raises(ValueError, match="queue"):
         TieredStore(1 << 20, disk_path=tmp_path, disk_capacity=1 << 20, queue_bytes=1 << 20)
+
+
+def test_a_manifest_spills_with_its_stripes_and_comes_back_without_bytes(tmp_path):
+    """A striped tensor's manifest (no bytes) must not be dropped while its stripes spill."""
+    store = make(tmp_path)
+    cost = entry_cost("m", 0, 4)
+    res = store.reserve(cost)
+    [(version, _)] = store.commit(res, [NewEntry((TENSOR, "m"), b"meta", (), cost)])
+    for i in range(4):
+        put(store, f"k{i}", i)
+    store.flush(10)
+    entries = {e.key[1]: e for e in store.judge(store.keys())}
+    assert spilled(entries["m"]) and not entries["m"].chunks and list(entries["m"].chunks) == []
+    got = store.get((TENSOR, "m"))
+    assert got is not None and got.version == version and got.chunks == ()
+    assert store.stats().evictions == 0
+    store.close()
