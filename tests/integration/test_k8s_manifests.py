@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tensorcache.apps.cli import build_parser
 from tensorcache.sizes import parse_size
@@ -46,7 +47,6 @@ from .k8s_render import (
     pods,
     quantity_bytes,
     render,
-    render_text,
     selects,
     tensorcache_containers,
 )
@@ -95,7 +95,10 @@ def test_every_object_passes_strict_schema_validation(path: str, tmp_path: Path)
     """
     newest = _validate_module()
     rendered = tmp_path / "rendered.yaml"
-    rendered.write_text(render_text(path))
+    # Custom resources have no schema in kubernetes-validate (it would only
+    # warn); test_monitoring_custom_resources checks them instead.
+    core = [o for o in render(path) if (o["apiVersion"], o["kind"]) not in CUSTOM_RESOURCES]
+    rendered.write_text(yaml.safe_dump_all(core, sort_keys=False))
     out = subprocess.run(
         [
             *(sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"),
@@ -108,6 +111,39 @@ def test_every_object_passes_strict_schema_validation(path: str, tmp_path: Path)
     )
     report = out.stdout + out.stderr
     assert out.returncode == 0 and not report.strip(), f"k8s/{path}:\n{report}"
+
+
+# The Prometheus Operator's kinds (k8s/monitoring, in the prod overlay).
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+
+
+def test_monitoring_custom_resources() -> None:
+    """PodMonitors scrape each node and router pod on its named metrics port;
+    the PrometheusRule and the dashboard ConfigMap are k8s/monitoring's files."""
+    objects = render(PROD)
+    monitors = by_kind(objects, "PodMonitor")
+    scraped = set()
+    for m in monitors:
+        selected = [p for p in pods(objects) if selects(m["spec"]["selector"], p.labels)]
+        assert selected, m["metadata"]["name"]
+        for pod in selected:
+            for endpoint in m["spec"]["podMetricsEndpoints"]:
+                assert endpoint["port"] in pod.container_ports(), (pod.name, endpoint)
+                assert endpoint["path"] == "/metrics"
+            scraped.add(pod.component)
+    assert scraped == {"node", "router"}
+    rule = named(objects, "PrometheusRule", "tensorcache")
+    source = yaml.safe_load((K8S / "monitoring" / "prometheusrule.yaml").read_text())
+    assert rule["spec"] == source["spec"]
+    dashboard = named(objects, "ConfigMap", "tensorcache-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    text = (K8S / "monitoring" / "dashboard.json").read_text()
+    assert dashboard["data"]["tensorcache.json"] == text
+    kinds = {(o["apiVersion"], o["kind"]) for o in objects if "coreos" in o["apiVersion"]}
+    assert kinds == CUSTOM_RESOURCES
 
 
 def test_validates_against_more_than_one_version() -> None:
@@ -247,7 +283,11 @@ def test_tensorcache_ports_and_probes_match_their_flags(path: str) -> None:
         assert int(flag(args, "health-port")) == named_ports["health"]
         if pod.component == "node":
             assert int(flag(args, "data-port")) == named_ports["data"]
-        expected = {"node": {"grpc", "data", "health"}, "router": {"grpc", "health"}}
+        assert int(flag(args, "metrics-port")) == named_ports["metrics"]
+        expected = {
+            "node": {"grpc", "data", "health", "metrics"},
+            "router": {"grpc", "health", "metrics"},
+        }
         assert set(named_ports) == expected[pod.component]
         probes = dict(_probes(c))
         assert set(probes) == {"startupProbe", "livenessProbe", "readinessProbe"}
@@ -459,6 +499,8 @@ REQUIRED_PATHS = {
     ("router", "etcd", 2379, "TCP"),
     ("etcd", "etcd", 2380, "TCP"),
     *((c, "dns", 53, proto) for c in ("node", "router", "etcd") for proto in ("UDP", "TCP")),
+    ("prometheus", "node", 9090, "TCP"),
+    ("prometheus", "router", 9090, "TCP"),
 }
 
 
@@ -477,6 +519,8 @@ def test_network_policy_admits_exactly_the_required_paths(path: str) -> None:
         worker,
         elsewhere,
         Peer("dns", "kube-system", (("k8s-app", "kube-dns"),), ((53, "UDP"), (53, "TCP"))),
+        # The Prometheus Operator's server, scraping /metrics.
+        Peer("prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),), ()),
         # An unlabelled pod next to ours, and one copying our names from elsewhere.
         Peer("stranger", NAMESPACE, (("app", "other"),), ((8080, "TCP"),)),
         Peer("impostor", "other", next(p for p in ours if p.role == "node").labels, ()),
