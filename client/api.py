@@ -506,11 +506,22 @@ class Client:
             if copies > 1:
                 # Then every other replica stores exactly that version. The
                 # put returns only once all of them have (docs/consistency.md).
+                # They are placed with the ring of now, leaving out the member
+                # that took the primary write: if the ring changed in between,
+                # the key's new primary must get a copy too.
                 self._fan.scatter(
                     [
-                        PutItem(it.key, it.kind, it.meta, it.view, replica=i, exact=it.version)
+                        PutItem(
+                            it.key,
+                            it.kind,
+                            it.meta,
+                            it.view,
+                            replica=i if it.placed else i + 1,
+                            exact=it.version,
+                            skip=it.placed,
+                        )
                         for it in tensors
-                        for i in range(1, copies)
+                        for i in range(copies - 1)
                     ],
                     self._nodes.put,
                 )

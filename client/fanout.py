@@ -36,6 +36,8 @@ class Item(Protocol):
 
     key: str
     replica: int
+    skip: str  # a member to leave out of the key's replica set ("": none)
+    placed: str  # set here once the item succeeded: the member that took it
 
     @property
     def nbytes(self) -> int: ...
@@ -93,6 +95,8 @@ class FanOut:
             members: dict[str, RingMember] = {}
             for it in pending:
                 copies = ring.replica_set(it.key)
+                if it.skip:
+                    copies = tuple(m for m in copies if m.name != it.skip)
                 if it.replica >= len(copies):
                     continue  # fewer members than replicas: this copy has no home
                 member = copies[it.replica]
@@ -110,8 +114,10 @@ class FanOut:
             moved: list[T] = []
             fatal: TensorCacheError | None = None
             stale_epoch = 0
-            for (_member, batch), exc in zip(tasks, results, strict=True):
+            for (member, batch), exc in zip(tasks, results, strict=True):
                 if exc is None:
+                    for it in batch:
+                        it.placed = member.name
                     continue
                 if isinstance(exc, StaleEpoch):
                     stale_epoch = max(stale_epoch, exc.epoch)

@@ -35,6 +35,10 @@ class PutItem:
     cond: int | None = None  # if_version of a conditional put
     replica: int = 0  # which copy: 0 = the primary, i = replica_set(key)[i]
     exact: int = 0  # a replica copy: store exactly this version (the primary's)
+    #: A replica copy: the member that took the primary write, left out of
+    #: the replica set when placing it (the ring may have changed meanwhile).
+    skip: str = ""
+    placed: str = ""  # set by the fan-out: the member that took this item
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +64,8 @@ class GetItem:
     # (array, flat byte view); a staged CUDA get's pinned slot (client/staging.py).
     stage: Callable[[codec.Layout], tuple[np.ndarray, np.ndarray]] | None = None
     replica: int = 0  # failover cursor into replica_set(key)
+    skip: str = ""
+    placed: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +85,8 @@ class FillItem:
     reply: pb.FillReply | None = None
     nbytes = 0
     replica = 0
+    skip = ""
+    placed = ""
 
 
 @dataclass(eq=False)
@@ -88,6 +96,8 @@ class DelItem:
     found: bool = False
     stripes: list[pb.StripeRef] = field(default_factory=list)
     replica: int = 0  # which copy to delete
+    skip: str = ""
+    placed: str = ""
 
     nbytes = 0
 

@@ -339,6 +339,7 @@ class NodeOps:
                 known = self.handoff.known_versions(lacking)
         stamp = max(self.epochs.epoch, plan.req.epoch)
         checked, holders = self._placed(plan)
+        mine = frozenset((self.me,))
         items = [
             NewEntry(
                 k,
@@ -350,7 +351,10 @@ class NodeOps:
                 stamp=e.stamp or stamp,
                 known_version=known.get(k, 0),
                 checked=checked,
-                holders=holders(k[1]),
+                # An exact-version copy (a client's replica write, a push)
+                # vouches only for this node: the client placed it with a
+                # ring that may not be the one its primary write went by.
+                holders=mine if e.version else holders(k[1]),
                 pinned=e.meta.pinned,
                 pin_strict=bool(plan.req.epoch),  # a client's write, not a moved copy
             )

@@ -178,3 +178,35 @@ def test_check_fits_charges_each_copy_to_the_member_that_holds_it():
     striping.check_fits(ring, shards)  # a: 3 x 300, b: 3 x 300, both under 1000
     with pytest.raises(CapacityExceeded, match="node"):
         striping.check_fits(ring, [*shards, PutItem(keys[0], pb.SHARD, pb.TensorMeta(), view)])
+
+
+def test_replica_copies_follow_a_ring_change_between_primary_and_replicas():
+    """Found by the soak: the ring changed after the primary write, and the
+    exact-version copy went to replica index 1 of the new ring, which was the
+    old primary again, so the key's new primary never got a copy and the put
+    returned with one copy at R=2. Replica copies now leave out the member
+    that took the primary write."""
+    with FakeCluster(["a", "b", "c"], replicas=2) as cluster:
+        c = cluster.connect()
+        real_put = cluster.transport.put
+        joined = []
+
+        def put(member, epoch, batch):  # type: ignore[no-untyped-def]
+            real_put(member, epoch, batch)
+            if not joined and not any(it.exact for it in batch):
+                joined.append(True)
+                cluster.add_node("d")  # between the primary and the replica writes
+
+        cluster.transport.put = put  # type: ignore[method-assign]
+        vals = {f"k{i}": np.arange(8) + i for i in range(300)}
+        c.put_many(vals)
+        assert joined
+        ring = cluster.ring
+        moved = 0
+        for key in vals:
+            holding = {
+                m.name for m in ring.members if _local_get(cluster, m.name, key)[0].found
+            }
+            assert len(holding) >= 2, (key, holding, [m.name for m in ring.replica_set(key)])
+            moved += ring.replica_set(key)[0].name == "d"
+        assert moved > 0  # some keys' new primary is the node that joined
