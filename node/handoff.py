@@ -108,6 +108,28 @@ class Handoff:
                 out[key] = owners
         return out
 
+    def _suspect_owners(self, keys: Iterable[StoreKey]) -> dict[StoreKey, list[RingMember]]:
+        """Whom to ask about hidden copies: every other member that may hold the key.
+
+        The previous owners, and the key's current co-replicas too: a copy
+        hidden after a gap may be older than what they took while this node
+        was away (the rule of ``previous_owners``, that a current replica got
+        every write, holds only for writes made while this node was one).
+        """
+        ring = self._rings.current
+        out: dict[StoreKey, list[RingMember]] = {}
+        for key in keys:
+            owners = list(self._rings.previous_owners(key[1]))
+            if ring is not None:
+                seen = {m.address for m in owners}
+                owners += [
+                    m
+                    for m in ring.replica_set(key[1])
+                    if m.name != self._rings.name and m.address not in seen
+                ]
+            out[key] = owners
+        return out
+
     # -- asking previous owners ---------------------------------------------------
     def _ask(
         self,
@@ -116,6 +138,7 @@ class Handoff:
         head_only: bool,
         every: bool,
         settled: dict[StoreKey, int] | None = None,
+        unanswered: set[StoreKey] | None = None,
     ) -> dict[StoreKey, list[tuple[RingMember, Found]]]:
         """Ask previous owners, by rank, for ``wanted`` keys; answers with who gave them.
 
@@ -123,6 +146,7 @@ class Handoff:
         at the first that has it. ``settled`` collects, for keys some owner
         does not hold but settled since its last ring change, the highest
         version floor they answered (EntryGot.version of a settled miss).
+        ``unanswered`` collects the keys some owner asked did not answer for.
         """
         found: dict[StoreKey, list[tuple[RingMember, Found]]] = {}
         pending = dict(wanted)
@@ -150,11 +174,15 @@ class Handoff:
                     answers = split_entries(reply, messages, head_only=head_only)
                 except TensorCacheError as exc:
                     log.info("handoff: previous owner %s did not answer: %s", address, exc)
+                    if unanswered is not None:
+                        unanswered.update(keys)
                     continue
                 if len(answers) != len(keys):
                     log.warning(
                         "handoff: %s answered %d of %d keys", address, len(answers), len(keys)
                     )
+                    if unanswered is not None:
+                        unanswered.update(keys)
                     continue
                 for key, answer, got in zip(keys, answers, reply.entries, strict=True):
                     if answer is None and got.settled and settled is not None:
@@ -182,11 +210,17 @@ class Handoff:
         keys = list(keys)
         suspects = {k: e for k in keys if (e := self._store.suspect(k)) is not None}
         wanted = self._candidates(keys)
+        wanted.update(self._suspect_owners(suspects))
         if not wanted and not suspects:
             return {}
         floors: dict[StoreKey, int] = {}
-        heads = self._ask(wanted, head_only=True, every=True, settled=floors) if wanted else {}
-        out = self._judge_suspects(suspects, heads, floors)
+        unanswered: set[StoreKey] = set()
+        heads = (
+            self._ask(wanted, head_only=True, every=True, settled=floors, unanswered=unanswered)
+            if wanted
+            else {}
+        )
+        out = self._judge_suspects(suspects, heads, floors, unanswered)
         newest = {
             key: [max(answers, key=lambda a: a[1][0].version)[0]]
             for key, answers in heads.items()
@@ -240,8 +274,13 @@ class Handoff:
         suspects: dict[StoreKey, Entry],
         heads: dict[StoreKey, list[tuple[RingMember, Found]]],
         floors: Mapping[StoreKey, int],
+        unanswered: set[StoreKey],
     ) -> dict[StoreKey, Entry]:
-        """Serve again the hidden copies nobody outdid; drop those that were."""
+        """Serve again the hidden copies nobody outdid; drop those that were.
+
+        One that some member asked did not answer for stays hidden: that
+        member may hold a newer copy. The next read or scan decides it.
+        """
         out: dict[StoreKey, Entry] = {}
         epoch = self._rings.placement_epoch
         for key, entry in suspects.items():
@@ -249,6 +288,8 @@ class Handoff:
             deleted = entry.version < max(floors.get(key, 0), self._store.floor(key))
             if newer or deleted:
                 self._store.drop(entry)  # a newer copy elsewhere, or the key was deleted
+            elif key in unanswered:
+                continue
             elif self._rings.owns(key[1]) and self._store.revive(entry, epoch, self._me):
                 out[key] = entry
         if out:

@@ -549,6 +549,37 @@ def test_a_node_back_from_a_gap_serves_its_copies_only_if_nobody_outdid_them(mea
         assert (stat.revived, stat.discarded) == (0, 1)
 
 
+@pytest.mark.parametrize("peer", ["up", "down"])
+def test_a_gap_copy_asks_its_co_replicas_and_stays_hidden_while_one_is_silent(peer):
+    """At R=2 the key's other current replica took the writes made while this
+    node was away: it must be asked too (it was not, as a current replica, and
+    the soak read the old copy back). If it cannot answer, the copy is not
+    served: it stays hidden until a read or the scan can decide."""
+    cl = Cluster("a", "b")
+
+    def ring(*names: str) -> Ring:
+        cl.epoch += 1
+        return Ring(cl.epoch, [RingMember(n, n, 1) for n in names], weight_unit=1, replicas=2)
+
+    cl.install(ring("a", "b"))
+    v1 = put(cl["a"], "k", b"v1").version
+    put(cl["b"], "k", b"v1", version=v1)
+    cl["a"].rings.mark_gap()  # a is paused; the ring goes on without it
+    cl.install(ring("b"), "b")
+    v2 = put(cl["b"], "k", b"v2").version
+    cl.install(ring("a", "b"))  # a is back: b is its co-replica, not a previous owner
+    if peer == "down":
+        cl.peers.down.add("b")
+        got, _ = get(cl["a"], "k")
+        assert not got.found  # never v1: b may hold newer
+        stat = cl["a"].stat()
+        assert (stat.revived, stat.discarded, stat.demoted) == (0, 0, 1)  # undecided, kept
+        cl.peers.down.discard("b")
+    got, data = get(cl["a"], "k")
+    assert got.found and (got.version, data) == (v2, b"v2")
+    assert cl["a"].stat().discarded == 1
+
+
 def test_a_push_does_not_settle_its_key_so_a_later_push_is_taken():
     """A node that got a key by push, then moved it on, must take the next push
     of it: answering "kept newer" while holding nothing made its sender drop the
