@@ -89,17 +89,29 @@ class FanOut:
         pending = list(items)
         last: TensorCacheError | None = None
         attempt = 0
+        # Writes: the members that took a copy of each key. A retry places the
+        # copies still missing on the other members of the ring of the
+        # moment; by index, two copies could land on one node (the ring moved
+        # a key's old primary to index 1), and a crash of it lost both.
+        taken: dict[str, set[str]] = defaultdict(set)
         while True:
             ring = self._placement.current()
             groups: dict[str, list[T]] = defaultdict(list)
             members: dict[str, RingMember] = {}
+            nth: dict[str, int] = defaultdict(int)
             for it in pending:
                 copies = ring.replica_set(it.key)
                 if it.skip:
                     copies = tuple(m for m in copies if m.name != it.skip)
-                if it.replica >= len(copies):
+                slot = it.replica
+                done = taken.get(it.key)
+                if done:
+                    copies = tuple(m for m in copies if m.name not in done)
+                    slot = nth[it.key]
+                    nth[it.key] += 1
+                if slot >= len(copies):
                     continue  # fewer members than replicas: this copy has no home
-                member = copies[it.replica]
+                member = copies[slot]
                 members[member.name] = member
                 groups[member.name].append(it)
             tasks = [
@@ -118,6 +130,8 @@ class FanOut:
                 if exc is None:
                     for it in batch:
                         it.placed = member.name
+                        if not failover:
+                            taken[it.key].add(member.name)
                     continue
                 if isinstance(exc, StaleEpoch):
                     stale_epoch = max(stale_epoch, exc.epoch)

@@ -210,3 +210,27 @@ def test_replica_copies_follow_a_ring_change_between_primary_and_replicas():
             assert len(holding) >= 2, (key, holding, [m.name for m in ring.replica_set(key)])
             moved += ring.replica_set(key)[0].name == "d"
         assert moved > 0  # some keys' new primary is the node that joined
+
+
+def test_stripe_copies_retried_after_a_crash_land_on_distinct_nodes():
+    """Found by test_churn's kill -9 at R=2: a copy retried after its node died
+    was placed by index in the new ring, where the key's other copy already
+    was (the old primary moved to index 1): two copies on one node, and its
+    crash lost the stripe. Retries now go to members without a copy."""
+    with FakeCluster(["a", "b", "c"], replicas=2) as cluster:
+        c = cluster.connect(stripe_size="4KiB")
+        real_put = cluster.transport.put
+
+        def put(member, epoch, batch):  # type: ignore[no-untyped-def]
+            if member.name == "b" and "b" in {m.name for m in cluster.ring.members}:
+                cluster.kill("b")  # dies as the put reaches it
+                cluster.remove_node("b", drain=False)  # its lease expired
+            real_put(member, epoch, batch)
+
+        cluster.transport.put = put  # type: ignore[method-assign]
+        value = np.arange(40_000, dtype=np.int64)  # 320 KB: 79 stripes of 4 KiB
+        c.put("big", value)
+        assert [m.name for m in cluster.ring.members] == ["a", "c"]
+        shards = {name: cluster.node(name).stat().shards for name in ("a", "c")}
+        assert shards["a"] == shards["c"] == 79, shards  # R=2 over two live nodes: both
+        np.testing.assert_array_equal(c.get("big"), value)
