@@ -51,6 +51,7 @@ from tensorcache.metrics import Recorder
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import RingMember
 from tensorcache.sizes import parse_size
+from tensorcache.tls import TLSFiles
 
 if TYPE_CHECKING:
     from tensorcache.kv.cache import KVCache
@@ -85,7 +86,9 @@ class Client:
         # Call latencies for Prometheus (client/metrics.py); None: not timed.
         self._timing = Recorder() if self.config.metrics else None
         self._control: RouterTransport = (
-            control if control is not None else RouterConn(router, Credentials(self.config.token))
+            control
+            if control is not None
+            else RouterConn(router, Credentials(self.config.token, self.config.tls))
         )
         self._nodes: NodeTransport = (
             nodes if nodes is not None else NetworkTransport(self.config, self._count)
@@ -694,6 +697,7 @@ def connect(
     near_cache_mode: str | None = None,
     config: ClientConfig | None = None,
     token: str | None = None,
+    tls: TLSFiles | None = None,
     **options: Any,
 ) -> Client:
     """Connect to the cluster whose router listens at ``router`` (host:port).
@@ -703,10 +707,14 @@ def connect(
     options are ClientConfig fields (timeout_s, parallelism, chunk_size, …).
     ``token``: presented on every call when the cluster checks tokens
     (docs/security.md); default: the TENSORCACHE_TOKEN environment variable.
+    ``tls``: mutual TLS (``tensorcache.TLSFiles(cert, key, ca)``) on every
+    channel; default: TENSORCACHE_TLS_CERT/_KEY/_CA when set.
     """
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    tls = tls if tls is not None else TLSFiles.from_env()
     if config is None:
         options["token"] = token
+        options["tls"] = tls
         if stripe_size is not None:
             options["stripe_size"] = parse_size(stripe_size)
         if near_cache is not None:
@@ -719,6 +727,9 @@ def connect(
             raise InvalidArgument(f"connect: {exc}") from exc
     if not isinstance(router, str) or ":" not in router:
         raise InvalidArgument(f"router must be 'host:port', got {router!r}")
-    elif token is not None and config.token is None:
-        config = dataclasses.replace(config, token=token)
+    else:
+        if token is not None and config.token is None:
+            config = dataclasses.replace(config, token=token)
+        if tls is not None and config.tls is None:
+            config = dataclasses.replace(config, tls=tls)
     return Client(router, config)

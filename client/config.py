@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tensorcache import wire
 from tensorcache.client.compress import check_defaults
+from tensorcache.tls import TLSFiles
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class ClientConfig:
     #: Time get/put calls for Prometheus (client/metrics.py: serve_metrics).
     #: Off by default: a worker that does not export them pays nothing.
     metrics: bool = False
+    #: Mutual TLS on every channel to nodes and the router (docs/security.md).
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if self.stripe_size is not None and self.stripe_size < 4096:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -40,7 +41,13 @@ def _split(address: str) -> tuple[str, int]:
 
 
 class DataConn:
-    def __init__(self, address: str, timeout_s: float, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.address = address
         try:
             self.sock = socket.create_connection(_split(address), timeout=timeout_s)
@@ -49,6 +56,8 @@ class DataConn:
         try:  # a node that resets us right after accepting is unreachable too
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             kernel_timeouts(self.sock, timeout_s, send=True)
+            if tls is not None:  # mutual TLS: the node checks our certificate too
+                self.sock = tls.wrap_socket(self.sock, server_hostname=_split(address)[0])
             # A token goes first, unanswered: no round trip; a refusal is
             # the reply the first request reads.
             self.sock.sendall(MAGIC + (frame(OP_AUTH, token.encode()) if token else b""))
@@ -117,10 +126,16 @@ class DataPool:
     """Idle data connections per node address (thread-safe)."""
 
     def __init__(
-        self, timeout_s: float, max_idle_per_node: int = 8, token: str | None = None
+        self,
+        timeout_s: float,
+        max_idle_per_node: int = 8,
+        token: str | None = None,
+        tls: Callable[[], ssl.SSLContext | None] = lambda: None,
     ) -> None:
+        """``tls``: the client TLS context for a new connection (None: plaintext)."""
         self._timeout_s = timeout_s
         self._token = token
+        self._tls = tls
         self._max_idle = max_idle_per_node
         self._idle: dict[str, list[DataConn]] = {}
         self._lock = threading.Lock()
@@ -134,7 +149,7 @@ class DataPool:
                 idle = self._idle.get(address)
                 conn = idle.pop() if idle else None
             if conn is None:
-                conn = DataConn(address, self._timeout_s, self._token)
+                conn = DataConn(address, self._timeout_s, self._token, self._tls())
             elif not conn.alive():  # closed by the node while idle (idle timeout, restart)
                 conn.close()
                 conn = None

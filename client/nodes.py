@@ -96,8 +96,9 @@ class NetworkTransport:
     def __init__(self, config: ClientConfig, count: Count) -> None:
         self._config = config
         self._count = count
-        self._conns = ConnPool(Credentials(config.token))
-        self._data = DataPool(config.timeout_s, token=config.token)
+        creds = Credentials(config.token, config.tls)
+        self._conns = ConnPool(creds)
+        self._data = DataPool(config.timeout_s, token=config.token, tls=creds.data_context)
         self._local: dict[bytes, bool] = {}
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -56,6 +57,7 @@ from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.tls import ReloadingContext
 
 log = logging.getLogger("tensorcache.node")
 
@@ -84,8 +86,10 @@ class DataServer:
         max_connections: int = 1024,
         tokens: PolicyFile | None = None,
         metrics: Transfers | None = None,
+        tls: ReloadingContext | None = None,
     ) -> None:
-        """``tokens``: require an AUTH frame first and check every request's keys."""
+        """``tokens``: require an AUTH frame first and check every request's keys.
+        ``tls``: mutual TLS on every connection (a client certificate required)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,6 +99,7 @@ class DataServer:
         self._ops = ops
         self._max = max_connections
         self._tokens = tokens
+        self._tls = tls
         self._conns: set[socket.socket] = set()
         # Each connection's entries pinned for a local reader (read at scrape time).
         self._pins: dict[socket.socket, list[Entry]] = {}
@@ -162,6 +167,8 @@ class DataServer:
             # nothing after connecting, or idles between requests, is dropped
             # so it cannot hold a connection slot forever.
             kernel_timeouts(conn, HANDSHAKE_TIMEOUT_S, send=False)
+            if self._tls is not None:
+                conn = self._handshake(conn)
             reader = Reader(conn)
             magic = reader.read_exact(len(MAGIC))
             if magic != MAGIC:
@@ -210,6 +217,20 @@ class DataServer:
                 self._pins.pop(conn, None)
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def _handshake(self, raw: socket.socket) -> socket.socket:
+        """TLS server handshake (bounded by the kernel timeout set before it)."""
+        assert self._tls is not None
+        with self._lock:  # the wrapped socket takes over the file descriptor
+            self._conns.discard(raw)
+        try:
+            conn = self._tls.get().wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("data channel: TLS handshake refused: %s", exc)
+            raise
+        with self._lock:
+            self._conns.add(conn)
+        return conn
 
     def _authenticate(self, header: bytes) -> Grant | None:
         """The grant of an AUTH frame's token (None: this node checks no tokens)."""

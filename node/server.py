@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
-from tensorcache import localread
+from tensorcache import localread, tls
 from tensorcache.auth import TOKEN_ENV
 from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
@@ -35,6 +35,7 @@ from tensorcache.node.tiered import TieredStore
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import Ring
 from tensorcache.sizes import parse_size
+from tensorcache.tls import ReloadingContext, TLSFiles
 
 log = logging.getLogger("tensorcache.node")
 
@@ -94,6 +95,9 @@ class NodeConfig:
     #: Port serving Prometheus metrics at /metrics on ``host`` (0: any free
     #: port; None: no metrics, and nothing recorded on the data path).
     metrics_port: int | None = None
+    #: Mutual TLS on the gRPC port, the data channel and every call this node
+    #: makes (tensorcache/tls.py); the health port stays plaintext.
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 253:
@@ -156,7 +160,7 @@ class NodeServer:
             )
         self.incarnation = secrets.randbits(63) | 1
         self.epochs = EpochView()
-        creds = Credentials(config.token)
+        creds = Credentials(config.token, config.tls)
         self.peers = GrpcPeers(creds)
         tokens = PolicyFile(config.auth_tokens) if config.auth_tokens else None
         self._server = grpc.server(
@@ -165,7 +169,7 @@ class NodeServer:
             maximum_concurrent_rpcs=config.workers,
             interceptors=[authz.interceptor(tokens)] if tokens else None,
         )
-        self.port = bind(self._server, config.host, config.port)
+        self.port = bind(self._server, config.host, config.port, config.tls)
         host = config.advertise or config.host
         self.address = _join(host, self.port)
         events = (
@@ -205,7 +209,12 @@ class NodeServer:
         local = config.local_readers and config.data_port is not None and localread.AVAILABLE
         if config.data_port is not None:
             self._data = DataServer(
-                self.ops, config.host, config.data_port, tokens=tokens, metrics=self.metrics
+                self.ops,
+                config.host,
+                config.data_port,
+                tokens=tokens,
+                metrics=self.metrics,
+                tls=ReloadingContext(config.tls) if config.tls else None,
             )
             self.data_address = _join(host, self._data.port)
         if local:
@@ -356,6 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="RAM (out of --capacity) for evicted bytes waiting to be written to the "
         "disk tier (default: min(256MiB, capacity/8)); evictions past it are dropped",
     )
+    tls.add_arguments(p)
     p.add_argument(
         "--auth-tokens",
         metavar="FILE",
@@ -398,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
         auth_tokens=args.auth_tokens,
         token=os.environ.get(TOKEN_ENV) or None,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        tls=tls.from_args(args),
     )
     # Handlers first: a SIGTERM that arrives while the node starts (a restart
     # followed at once by a scale-down) still gets a graceful leave and exit 0.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from tensorcache import tls
 from tensorcache.auth import TOKEN_ENV
 from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
@@ -28,6 +29,7 @@ from tensorcache.router.metrics import RouterCollector
 from tensorcache.router.relay import Relay
 from tensorcache.router.service import RouterService
 from tensorcache.sizes import parse_size
+from tensorcache.tls import TLSFiles
 
 log = logging.getLogger("tensorcache.router")
 
@@ -71,6 +73,8 @@ class RouterConfig:
     #: Port serving Prometheus metrics at /metrics on ``host`` (0: any free
     #: port; None: none).
     metrics_port: int | None = None
+    #: Mutual TLS on the gRPC port and to other routers; health stays plaintext.
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -184,7 +188,7 @@ def create_server(config: RouterConfig) -> RunningRouter:
     health_servicer = add_health(server, SERVICE)
     follower = ViewFollower(membership, hub, _Health(health_servicer)).start()
     try:
-        port = bind(server, config.host, config.port)
+        port = bind(server, config.host, config.port, config.tls)
     except BaseException:
         follower.stop()
         membership.close()
@@ -196,7 +200,7 @@ def create_server(config: RouterConfig) -> RunningRouter:
         me,
         announcer.routers,
         lambda: announcer.keep_announced(me),
-        creds=Credentials(config.token),
+        creds=Credentials(config.token, config.tls),
     )
     servicer.relay = relay  # known only now that the port is bound
     running = RunningRouter(server, port, membership, hub, follower, relay)
@@ -251,6 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="plaintext port serving only grpc.health.v1, for Kubernetes probes "
         "(default -1: none; health is also on --port)",
     )
+    tls.add_arguments(p)
     p.add_argument(
         "--auth-tokens",
         metavar="FILE",
@@ -283,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         auth_tokens=args.auth_tokens,
         token=os.environ.get(TOKEN_ENV) or None,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        tls=tls.from_args(args),
     )
     router = create_server(config)
     stop = threading.Event()

@@ -19,6 +19,7 @@ from tensorcache.errors import (
     Unavailable,
     VersionConflict,
 )
+from tensorcache.tls import TLSFiles
 
 __all__ = [
     "CapacityExceeded",
@@ -30,6 +31,7 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "StaleEpoch",
+    "TLSFiles",
     "TensorCacheError",
     "Unauthenticated",
     "Unavailable",

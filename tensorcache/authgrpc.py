@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ import grpc
 
 from tensorcache.auth import ADMIN, Grant, Policy
 from tensorcache.errors import TensorCacheError, Unauthenticated, status_code
+from tensorcache.tls import TLSFiles
 
 log = logging.getLogger("tensorcache.auth")
 
@@ -55,12 +57,21 @@ class Credentials:
     """What a process presents when it calls a node or a router."""
 
     token: str | None = field(default=None, repr=False)
+    #: Mutual TLS (tensorcache/tls.py); None: plaintext.
+    tls: TLSFiles | None = None
+
+    def data_context(self) -> ssl.SSLContext | None:
+        """The data channel's client TLS context (files read now: rotation applies)."""
+        return self.tls.client_context() if self.tls else None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((METADATA_KEY, f"Bearer {self.token}"),) if self.token else ()
 
     def channel(self, address: str, options: list[tuple[str, int]]) -> grpc.Channel:
-        channel = grpc.insecure_channel(address, options=options)
+        if self.tls is not None:
+            channel = grpc.secure_channel(address, self.tls.channel_credentials(), options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
         if not self.token:
             return channel
         return grpc.intercept_channel(channel, _AddMetadata(self.metadata()))

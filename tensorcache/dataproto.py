@@ -10,6 +10,7 @@ copy each way, nothing in user space.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 
@@ -29,6 +30,7 @@ MAX_HEADER = 64 * 1024 * 1024
 # still in the CPU cache.
 RECV_PIECE = 1024 * 1024
 _IOV_MAX = 512
+TLS_JOIN = 64 * 1024
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -147,6 +149,9 @@ def send_buffers(sock: socket.socket, buffers: Sequence[object]) -> None:
     """Send every buffer in order with scatter-gather I/O, no joining copies."""
     queue = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]  # bytes-likes
     queue = [q for q in queue if len(q)]
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg: small pieces joined
+        _send_tls(sock, queue)
+        return
     i = 0
     while i < len(queue):
         sent = sock.sendmsg(queue[i : i + _IOV_MAX])
@@ -158,6 +163,25 @@ def send_buffers(sock: socket.socket, buffers: Sequence[object]) -> None:
             else:
                 queue[i] = queue[i][sent:]
                 sent = 0
+
+
+def _send_tls(sock: ssl.SSLSocket, queue: list[memoryview]) -> None:
+    """Send over TLS: runs of small buffers joined (one record), large ones as they are."""
+    run: list[memoryview] = []
+    size = 0
+    for q in queue:
+        if len(q) < TLS_JOIN:
+            run.append(q)
+            size += len(q)
+            if size < TLS_JOIN:
+                continue
+        if run:
+            sock.sendall(b"".join(run))
+            run, size = [], 0
+        if len(q) >= TLS_JOIN:
+            sock.sendall(q)
+    if run:
+        sock.sendall(b"".join(run))
 
 
 def frame(code: int, header: bytes) -> bytes:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.tls import TLSFiles
 
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -60,10 +61,15 @@ def health_server(servicer: health.HealthServicer, host: str, port: int) -> tupl
     return server, bound
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (port 0: any free port) and return the bound port."""
+def bind(server: grpc.Server, host: str, port: int, tls: TLSFiles | None = None) -> int:
+    """Bind ``host:port`` (port 0: any free port) and return the bound port.
+
+    ``tls``: mutual TLS on this port (tensorcache/tls.py); plaintext is refused."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if tls is not None:
+        bound = server.add_secure_port(address, tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {address}")
     return bound

@@ -36,6 +36,7 @@ from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.sizes import parse_size
+from tensorcache.tls import TLSFiles
 
 # glibc's dynamic mmap threshold grows after the first large free, after
 # which multi-MiB chunks come from the heap and fragment it; a fixed
@@ -371,7 +372,8 @@ class LocalCluster:
         return ["--metrics-port", str(self.metrics_base + 1 + index)]
 
     def ring(self) -> pb.RingSnapshot:
-        creds = Credentials(self.env.get(TOKEN_ENV) or None)  # the cluster's own token, if any
+        # The cluster's own token and TLS files, if any.
+        creds = Credentials(self.env.get(TOKEN_ENV) or None, TLSFiles.from_env(self.env))
         with creds.channel(self.router_address, CHANNEL_OPTIONS) as ch:
             snap: pb.RingSnapshot = pb_grpc.RouterStub(ch).GetRing(
                 pb.GetRingRequest(), timeout=5, wait_for_ready=True

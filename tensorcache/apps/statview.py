@@ -83,9 +83,10 @@ def router_status_line(address: str, timeout: float) -> str:
     from tensorcache.grpcutil import CHANNEL_OPTIONS
     from tensorcache.proto import tensorcache_pb2 as pb
     from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+    from tensorcache.tls import TLSFiles
 
     try:
-        creds = Credentials(os.environ.get(TOKEN_ENV) or None)
+        creds = Credentials(os.environ.get(TOKEN_ENV) or None, TLSFiles.from_env())
         with creds.channel(address, CHANNEL_OPTIONS) as ch:
             st = pb_grpc.RouterStub(ch).Status(pb.RouterStatusRequest(), timeout=timeout)
     except grpc.RpcError as exc:
