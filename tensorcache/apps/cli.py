@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="share a model's weights between worker processes")
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
-    demo.add_argument("--model-mb", type=int, default=384, help="model size in MB (default 384)")
+    demo.add_argument("--model-mb", type=int, default=128, help="model size in MB (default 128)")
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--dir", default=".demo", help="where the model file lives")
     demo.set_defaults(fn=_cmd_demo)

@@ -1,9 +1,16 @@
-"""The demo's model on disk: a transformer-shaped set of tensors, one ``.npy`` each.
+"""The demo's model: a small llama-shaped transformer in torch, its checkpoint in safetensors.
 
-Generated once with a seeded RNG into ``<dir>/model-<size>mib/`` with a
-``manifest.json`` holding every tensor's dtype, shape and CRC32C; written
-into a temporary directory and renamed, and reused while the manifest
-matches. The manifest's checksums are what every worker verifies against.
+Built with a seeded RNG (no download) and written once to
+``<dir>/model-<size>mib/model.safetensors`` (bfloat16, as weights mostly
+come), next to ``reference.json``: the model's layout, the tokens of the
+demo's forward pass and the SHA-256 of its output, computed here. Every
+worker's output must match that digest bit for bit. Written into a temporary
+directory and renamed (the rename is the commit point), and reused while
+``reference.json`` matches the size asked for.
+
+Forward passes run on one thread (``torch.set_num_threads(1)``) in the
+reference and in every worker: the same kernels in the same order, so equal
+weights give equal bits.
 """
 
 from __future__ import annotations
@@ -13,145 +20,144 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-
-from tensorcache import codec
+from typing import Any
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-FORMAT = 1
+FORMAT = 2
 SEED = 0
+TOKENS = [[(7 * i + 3) % 1000 for i in range(16)]]
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the model: its name, file, layout and checksum."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    crc32c: int = 0
-    file_bytes: int = 0
+class Shape:
+    dim: int
+    layers: int
+    vocab: int
+    ffn: int
+    heads: int
 
     @property
-    def file(self) -> str:
-        return f"{self.name}.npy"
+    def nbytes(self) -> int:  # bfloat16
+        per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.ffn + 2 * self.dim
+        return 2 * (2 * self.vocab * self.dim + self.dim + self.layers * per_layer)
 
 
-@dataclass(frozen=True)
-class Model:
-    """A model on disk: its directory and tensors, in load order."""
-
-    path: Path
-    revision: str
-    tensors: tuple[TensorSpec, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    def groups(self) -> Iterator[list[TensorSpec]]:
-        """Tensors in the units a loader fetches together: one layer, or one top-level tensor."""
-        group: list[TensorSpec] = []
-        for t in self.tensors:
-            if group and _unit(t.name) != _unit(group[0].name):
-                yield group
-                group = []
-            group.append(t)
-        if group:
-            yield group
-
-    def key(self, t: TensorSpec) -> str:
-        # Deterministic across processes: the revision hashes the content.
-        return f"demo/{self.revision}/{t.name}"
-
-
-def _unit(name: str) -> str:
-    return ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
-
-
-def model_layout(model_mib: int) -> list[TensorSpec]:
-    """A llama-shaped set of tensors of about ``model_mib`` MiB (no checksums yet)."""
+def shape_for(model_mib: int) -> Shape:
+    """A llama-like shape of about ``model_mib`` MiB in bfloat16."""
     if model_mib < 1:
         raise ValueError(f"model size must be >= 1 MiB, got {model_mib}")
     d = 1024 if model_mib >= 128 else 512 if model_mib >= 32 else 256
-    vocab = 8 * d
-    ffn = 256 * math.ceil(8 * d / 3 / 256)
-    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
-
-    def spec(name: str, shape: tuple[int, ...], dtype: np.dtype) -> TensorSpec:
-        return TensorSpec(name, shape, dtype.str, math.prod(shape) * dtype.itemsize)
-
-    head = [spec("embed_tokens", (vocab, d), f32)]
-    tail = [spec("norm", (d,), f32), spec("lm_head", (vocab, d), f16)]
-
-    def layer(i: int) -> list[TensorSpec]:
-        p = f"layers.{i:02d}"
-        return [
-            spec(f"{p}.input_layernorm", (d,), f32),
-            *(spec(f"{p}.attn.{m}_proj", (d, d), f16) for m in "qkvo"),
-            spec(f"{p}.post_attention_layernorm", (d,), f32),
-            spec(f"{p}.mlp.gate_proj", (ffn, d), f16),
-            spec(f"{p}.mlp.up_proj", (ffn, d), f16),
-            spec(f"{p}.mlp.down_proj", (d, ffn), f16),
-        ]
-
-    fixed = sum(t.nbytes for t in head + tail)
-    per_layer = sum(t.nbytes for t in layer(0))
-    n_layers = max(1, round((model_mib * MiB - fixed) / per_layer))
-    return head + [t for i in range(n_layers) for t in layer(i)] + tail
+    vocab, ffn, heads = 4 * d, 256 * math.ceil(8 * d / 3 / 256), d // 64
+    base = Shape(d, 1, vocab, ffn, heads)
+    per_layer = base.nbytes - Shape(d, 0, vocab, ffn, heads).nbytes
+    fixed = Shape(d, 0, vocab, ffn, heads).nbytes
+    layers = max(1, round((model_mib * MiB - fixed) / per_layer))
+    return Shape(d, layers, vocab, ffn, heads)
 
 
-def _generate(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
-    if len(spec.shape) == 1:  # a norm's scale: around 1
-        return (1.0 + 0.1 * rng.standard_normal(spec.shape, dtype=np.float32)).astype(spec.dtype)
-    scale = np.float32(1.0 / math.sqrt(spec.shape[-1]))
-    return (rng.standard_normal(spec.shape, dtype=np.float32) * scale).astype(spec.dtype)
+def build(shape: Shape, seed: int | None = SEED) -> Any:
+    """The model (torch.nn.Module, bfloat16, eval mode); random weights from ``seed``."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            d = shape.dim
+            self.input_norm = nn.RMSNorm(d)
+            self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.v_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.post_norm = nn.RMSNorm(d)
+            self.gate_proj = nn.Linear(d, shape.ffn, bias=False)
+            self.up_proj = nn.Linear(d, shape.ffn, bias=False)
+            self.down_proj = nn.Linear(shape.ffn, d, bias=False)
+
+        def forward(self, x: Any) -> Any:
+            b, n, d = x.shape
+            h = self.input_norm(x)
+
+            def heads(t: Any) -> Any:
+                return t.view(b, n, shape.heads, d // shape.heads).transpose(1, 2)
+
+            q, k, v = heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o_proj(a.transpose(1, 2).reshape(b, n, d))
+            h = self.post_norm(x)
+            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = nn.Embedding(shape.vocab, shape.dim)
+            self.layers = nn.ModuleList(Block() for _ in range(shape.layers))
+            self.norm = nn.RMSNorm(shape.dim)
+            self.lm_head = nn.Linear(shape.dim, shape.vocab, bias=False)
+
+        def forward(self, tokens: Any) -> Any:
+            x = self.embed_tokens(tokens)
+            for block in self.layers:
+                x = block(x)
+            return self.lm_head(self.norm(x))
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device("cpu"):
+        m = Model()
+    return m.to(torch.bfloat16).eval()
 
 
-def _revision(tensors: list[TensorSpec]) -> str:
-    text = json.dumps([[t.name, t.dtype, list(t.shape), t.crc32c] for t in tensors])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def forward_digest(model: Any) -> str:
+    """SHA-256 of the model's output on the demo's tokens (one thread: reproducible bits)."""
+    import torch
+
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        out = model(torch.tensor(TOKENS))
+    return hashlib.sha256(out.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _read_manifest(path: Path, layout: list[TensorSpec]) -> Model | None:
-    """The model in ``path`` if its manifest matches ``layout`` and its files are whole."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """The checkpoint on disk and what every worker checks against."""
+
+    path: Path  # the .safetensors file
+    shape: Shape
+    revision: str  # the file's SHA-256 (first 12 hex): a new checkpoint, a new revision
+    digest: str  # the reference output's SHA-256
+    nbytes: int  # tensor bytes
+    tensors: int
+
+    @property
+    def prefix(self) -> str:
+        return f"demo/{self.revision}/"
+
+
+def _read(path: Path, shape: Shape) -> ModelFiles | None:
     try:
-        doc = json.loads((path / "manifest.json").read_text())
-        if doc.get("format") != FORMAT or doc.get("seed") != SEED:
+        doc = json.loads((path / "reference.json").read_text())
+        if doc.get("format") != FORMAT or Shape(**doc["shape"]) != shape:
             return None
-        tensors = [
-            TensorSpec(
-                t["name"], tuple(t["shape"]), t["dtype"], t["nbytes"], t["crc32c"], t["file_bytes"]
-            )
-            for t in doc["tensors"]
-        ]
+        file = path / "model.safetensors"
+        if file.stat().st_size != doc["file_bytes"]:
+            return None
+        return ModelFiles(
+            file, shape, doc["revision"], doc["digest"], doc["nbytes"], doc["tensors"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    same = [(t.name, t.shape, t.dtype, t.nbytes) for t in tensors] == [
-        (t.name, t.shape, t.dtype, t.nbytes) for t in layout
-    ]
-    if not same or doc.get("revision") != _revision(tensors):
-        return None
-    for t in tensors:
-        try:
-            if (path / t.file).stat().st_size != t.file_bytes:
-                return None
-        except OSError:
-            return None
-    return Model(path, doc["revision"], tuple(tensors))
 
 
-def ensure_model(root: Path, model_mib: int) -> tuple[Model, bool]:
-    """The demo model under ``root``, written first if missing; returns (model, created)."""
-    layout = model_layout(model_mib)
+def ensure_model(root: Path, model_mib: int) -> tuple[ModelFiles, bool]:
+    """The demo checkpoint under ``root``, written first if missing; returns (files, created)."""
+    from safetensors.torch import save_file
+
+    shape = shape_for(model_mib)
     path = root / f"model-{model_mib}mib"
-    found = _read_manifest(path, layout)
+    found = _read(path, shape)
     if found is not None:
         return found, False
     root.mkdir(parents=True, exist_ok=True)
@@ -159,45 +165,29 @@ def ensure_model(root: Path, model_mib: int) -> tuple[Model, bool]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        rng = np.random.default_rng(SEED)
-        tensors: list[TensorSpec] = []
-        for t in layout:
-            arr = _generate(t, rng)
-            np.save(tmp / t.file, arr, allow_pickle=False)
-            tensors.append(
-                TensorSpec(
-                    t.name,
-                    t.shape,
-                    t.dtype,
-                    t.nbytes,
-                    codec.crc32c(arr.reshape(-1).view(np.uint8)),
-                    (tmp / t.file).stat().st_size,
-                )
-            )
-        revision = _revision(tensors)
+        model = build(shape)
+        sd = model.state_dict()
+        file = tmp / "model.safetensors"
+        save_file(sd, str(file))
+        with open(file, "rb") as f:
+            revision = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+            os.fsync(f.fileno())  # clean pages: posix_fadvise(DONTNEED) can then drop them
         doc = {
             "format": FORMAT,
             "seed": SEED,
+            "shape": shape.__dict__,
             "revision": revision,
-            "nbytes": sum(t.nbytes for t in tensors),
-            "tensors": [
-                {
-                    "name": t.name,
-                    "shape": list(t.shape),
-                    "dtype": t.dtype,
-                    "nbytes": t.nbytes,
-                    "crc32c": t.crc32c,
-                    "file_bytes": t.file_bytes,
-                }
-                for t in tensors
-            ],
+            "digest": forward_digest(model),
+            "nbytes": sum(t.numel() * t.element_size() for t in sd.values()),
+            "tensors": len(sd),
+            "file_bytes": file.stat().st_size,
         }
-        (tmp / "manifest.json").write_text(json.dumps(doc, indent=1) + "\n")
-        # A stale or partial model of this size is replaced; the rename is
-        # the commit point, so a reader never sees a half-written model.
+        (tmp / "reference.json").write_text(json.dumps(doc, indent=1) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Model(path, revision, tuple(tensors)), True
+    found = _read(path, shape)
+    assert found is not None, "the checkpoint just written does not read back"
+    return found, True

@@ -1,4 +1,12 @@
-"""The demo's worker processes: each loads every tensor through the cache and verifies it.
+"""The demo's worker processes: each builds the model, loads its weights, runs it, checks it.
+
+Every worker calls ``tensorcache.torch.load_safetensors`` (read-through):
+worker 0 runs alone first, misses, reads the checkpoint file (its pages
+evicted from the OS page cache first, ``posix_fadvise(DONTNEED)``, so the
+disk figure is a disk read) and fills the cluster; the others then start
+together and read every tensor from the cluster. Each loads the weights
+into a freshly built model, runs a forward pass, and compares the output's
+SHA-256 with the reference computed when the checkpoint was written.
 
 A phase starts its workers (spawned processes), releases them together once
 all have connected, and collects one ``WorkerResult`` from each; a worker
@@ -12,17 +20,14 @@ import contextlib
 import queue
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
 
-import numpy as np
-
-from tensorcache import codec
 from tensorcache.apps import parentdeath
-from tensorcache.apps.demo.model import Model
+from tensorcache.apps.demo.model import ModelFiles, build, forward_digest
 from tensorcache.client.api import connect
 
 PHASE_TIMEOUT_S = 600.0
@@ -33,80 +38,65 @@ class WorkerResult:
     """What one worker process reports back."""
 
     worker: int
-    role: str  # "disk": fills the cache; "cache": reads through it
+    role: str  # "disk": reads the file and fills the cluster; "cache": reads the cluster
     tensors: int = 0
     nbytes: int = 0
-    seconds: float = 0.0
-    hits: int = 0
-    misses: int = 0
-    get_seconds: float = 0.0  # inside get_many (hits and the look-ups that missed)
-    fill_seconds: float = 0.0  # misses: np.load + put_many
-    disk_seconds: float = 0.0  # inside np.load
-    disk_bytes: int = 0
-    verified: int = 0
+    seconds: float = 0.0  # load_safetensors: the weights, from wherever they came
+    hits: int = 0  # tensors read from the cluster
+    misses: int = 0  # tensors read from the file
+    filled: bool = False  # this worker read the file and filled the cluster
+    evicted: bool = False  # the file's pages were dropped from the page cache first
+    output_ok: bool = False  # forward output bit-identical to the reference
     started: float = 0.0  # time.monotonic(): one clock for all processes on Linux
     finished: float = 0.0
-    bad: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return (
-            self.error is None
-            and not self.bad
-            and self.tensors > 0
-            and self.verified == self.tensors
-        )
+        return self.error is None and self.tensors > 0 and self.output_ok
 
 
-def _worker(wid: int, role: str, router: str, model: Model, go: Event, msgs: Queue[Any]) -> None:
-    """One worker process: connect, wait for the start signal, load every tensor, verify."""
+def _evict(path: Any) -> bool:
+    from tensorcache.torch.checkpoint import evict_page_cache
+
+    try:
+        evict_page_cache(path)
+        return True
+    except OSError:
+        return False
+
+
+def _worker(
+    wid: int, role: str, router: str, files: ModelFiles, go: Event, msgs: Queue[Any]
+) -> None:
+    """One worker process: connect, wait for the start signal, load, run, check."""
     parentdeath.arm()
     result = WorkerResult(wid, role)
     try:
+        import torch
+
+        from tensorcache.torch import load_safetensors
+
+        torch.set_num_threads(1)
+        model = build(files.shape, seed=None)  # random weights until loaded
         with connect(router) as client:
+            if role == "disk":
+                result.evicted = _evict(files.path)
             msgs.put(("ready", wid))
             go.wait()
-            arrays: dict[str, np.ndarray] = {}
             result.started = time.monotonic()
             start = time.perf_counter()
-            for group in model.groups():
-                t0 = time.perf_counter()
-                got = client.get_many([model.key(t) for t in group])
-                t1 = time.perf_counter()
-                result.get_seconds += t1 - t0
-                fill: dict[str, np.ndarray] = {}
-                for t in group:
-                    arr = got[model.key(t)]
-                    if arr is None:  # read-through: load from the backing store, then fill
-                        result.misses += 1
-                        t0 = time.perf_counter()
-                        arr = np.load(model.path / t.file, mmap_mode=None, allow_pickle=False)
-                        result.disk_seconds += time.perf_counter() - t0
-                        result.disk_bytes += arr.nbytes
-                        fill[model.key(t)] = arr
-                    else:
-                        result.hits += 1
-                    arrays[t.name] = arr
-                    result.tensors += 1
-                    result.nbytes += arr.nbytes
-                if fill:
-                    client.put_many(fill)
-                    result.fill_seconds += time.perf_counter() - t1
+            sd = load_safetensors(client, files.path, files.prefix)
             result.seconds = time.perf_counter() - start
             result.finished = time.monotonic()
-        # Outside the timed part: every byte against the manifest's checksum.
-        for t in model.tensors:
-            arr = arrays[t.name]
-            good = (
-                arr.dtype.str == t.dtype
-                and arr.shape == t.shape
-                and codec.crc32c(arr.reshape(-1).view(np.uint8)) == t.crc32c
-            )
-            if good:
-                result.verified += 1
-            else:
-                result.bad.append(t.name)
+            m = client.metrics()
+            result.filled = m.get("loads", 0) > 0
+        result.tensors = len(sd)
+        result.nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+        result.misses = len(sd) if result.filled else 0
+        result.hits = len(sd) - result.misses
+        model.load_state_dict(sd, strict=True)
+        result.output_ok = forward_digest(model) == files.digest
     except KeyboardInterrupt:
         return  # the parent stops everything and says so
     except Exception as exc:
@@ -115,7 +105,7 @@ def _worker(wid: int, role: str, router: str, model: Model, go: Event, msgs: Que
 
 
 def run_phase(
-    ctx: SpawnContext, ids: list[int], role: str, router: str, model: Model
+    ctx: SpawnContext, ids: list[int], role: str, router: str, model: ModelFiles
 ) -> list[WorkerResult]:
     """Start workers ``ids``, release them together once all connected, collect results."""
     go = ctx.Event()
