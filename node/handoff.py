@@ -139,6 +139,7 @@ class Handoff:
         every: bool,
         settled: dict[StoreKey, int] | None = None,
         unanswered: set[StoreKey] | None = None,
+        must_answer: Mapping[StoreKey, set[str]] | None = None,
     ) -> dict[StoreKey, list[tuple[RingMember, Found]]]:
         """Ask previous owners, by rank, for ``wanted`` keys; answers with who gave them.
 
@@ -146,7 +147,8 @@ class Handoff:
         at the first that has it. ``settled`` collects, for keys some owner
         does not hold but settled since its last ring change, the highest
         version floor they answered (EntryGot.version of a settled miss).
-        ``unanswered`` collects the keys some owner asked did not answer for.
+        ``unanswered`` collects the keys for which a member named (by address)
+        in ``must_answer`` did not answer.
         """
         found: dict[StoreKey, list[tuple[RingMember, Found]]] = {}
         pending = dict(wanted)
@@ -174,15 +176,15 @@ class Handoff:
                     answers = split_entries(reply, messages, head_only=head_only)
                 except TensorCacheError as exc:
                     log.info("handoff: previous owner %s did not answer: %s", address, exc)
-                    if unanswered is not None:
-                        unanswered.update(keys)
+                    if unanswered is not None and must_answer is not None:
+                        unanswered.update(k for k in keys if address in must_answer.get(k, ()))
                     continue
                 if len(answers) != len(keys):
                     log.warning(
                         "handoff: %s answered %d of %d keys", address, len(answers), len(keys)
                     )
-                    if unanswered is not None:
-                        unanswered.update(keys)
+                    if unanswered is not None and must_answer is not None:
+                        unanswered.update(k for k in keys if address in must_answer.get(k, ()))
                     continue
                 for key, answer, got in zip(keys, answers, reply.entries, strict=True):
                     if answer is None and got.settled and settled is not None:
@@ -214,9 +216,26 @@ class Handoff:
         if not wanted and not suspects:
             return {}
         floors: dict[StoreKey, int] = {}
+        # A hidden copy is not served while one of the key's current
+        # co-replicas is silent: it took the writes made while this node was
+        # away. A silent previous owner (out of the replica set now) is a miss
+        # among the answers, as for any handoff.
+        ring = self._rings.current
+        must_answer = {
+            k: {m.address for m in ring.replica_set(k[1]) if m.name != self._rings.name}
+            for k in suspects
+            if ring is not None
+        }
         unanswered: set[StoreKey] = set()
         heads = (
-            self._ask(wanted, head_only=True, every=True, settled=floors, unanswered=unanswered)
+            self._ask(
+                wanted,
+                head_only=True,
+                every=True,
+                settled=floors,
+                unanswered=unanswered,
+                must_answer=must_answer,
+            )
             if wanted
             else {}
         )
@@ -278,8 +297,8 @@ class Handoff:
     ) -> dict[StoreKey, Entry]:
         """Serve again the hidden copies nobody outdid; drop those that were.
 
-        One that some member asked did not answer for stays hidden: that
-        member may hold a newer copy. The next read or scan decides it.
+        One whose current co-replica did not answer stays hidden: it may hold
+        a newer copy. The next read or scan decides it.
         """
         out: dict[StoreKey, Entry] = {}
         epoch = self._rings.placement_epoch
