@@ -174,11 +174,6 @@ def test_puts_survive_a_scale_down_by_drain(make_cluster, prefix):
     check_every_ack(cl, writer)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #8 open: about 1 run in 5 loses one put here (fresh-clone CI of 8f3fbed); "
-    "the soak shows the same class of loss; see docs/reliability.md",
-)
 def test_puts_survive_kill_9_one_node_at_a_time_at_r2(make_cluster, prefix):
     cl = make_cluster(4, capacity="2GiB", stripe_size=STRIPE, replicas=2, ttl=2.0)
     writer = Writer(cl.router_address, prefix).start()
