@@ -9,8 +9,9 @@ authenticated by its AUTH frame (node/dataserver.py).
 What needs ``admin``: writes that carry a version or stamp (node-to-node
 pushes: replicas, handoffs, drains, which set versions no client may
 choose) and handoff reads (they skip the epoch check and see entries the
-node no longer owns). Stat (counts, not keys) and Fence (catch up with the
-router, bounded): any token.
+node no longer owns), and a Stat that lists the hottest keys
+(``StatRequest.hot_keys``: key names of every namespace). Stat (counts, not
+keys) and Fence (catch up with the router, bounded): any token.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def check_fill(grant: Grant, req: pb.FillRequest) -> None:
     grant.check(WRITE, _key(req.key))
 
 
+def check_stat(grant: Grant, req: pb.StatRequest) -> None:
+    if req.hot_keys:  # names the hottest keys of every namespace (`tensorcache hot`)
+        grant.require(ADMIN)
+
+
 def _raw(cls: Any, what: str, check: Callable[[Grant, Any], None]) -> Rule:
     def rule(grant: Grant, raw: bytes) -> None:
         check(grant, parse_header(cls, raw, what))
@@ -67,7 +73,7 @@ RULES: dict[str, Rule] = {
     # A fence only makes the node catch up with its router's ring (bounded);
     # clients fence every node after an invalidation (client/fence.py).
     f"/{NODE_SERVICE}/Fence": any_token,
-    f"/{NODE_SERVICE}/Stat": any_token,
+    f"/{NODE_SERVICE}/Stat": _raw(pb.StatRequest, "stat", check_stat),
 }
 
 

@@ -131,3 +131,14 @@ def test_policy_file_reloads_on_change_and_keeps_the_old_on_a_bad_file(tmp_path,
     with pytest.raises(ValueError):  # a bad file at start fails loudly
         path.write_text("[]")
         PolicyFile(path)
+
+
+def test_listing_hot_keys_needs_admin_counters_do_not():
+    from tensorcache.node.authz import check_stat
+    from tensorcache.proto import tensorcache_pb2 as pb
+
+    a = policy().authenticate(TOKEN_A)
+    check_stat(a, pb.StatRequest())  # counts only: any token
+    with pytest.raises(PermissionDenied, match="admin"):
+        check_stat(a, pb.StatRequest(hot_keys=10))  # key names of every namespace
+    check_stat(policy().authenticate(TOKEN_ADMIN), pb.StatRequest(hot_keys=10))
