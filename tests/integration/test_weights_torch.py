@@ -226,3 +226,27 @@ def test_stream_layers_runs_with_at_most_lookahead_plus_one_blocks(cluster, pref
         assert streamer.fetches >= 12  # every block, every forward, from the cluster
         assert all(p.numel() == 0 for b in m.layers for p in b.parameters())
         streamer.close()
+
+
+@pytest.mark.gpu
+def test_weights_onto_cuda(cluster, prefix):
+    """Revisions loaded straight onto a GPU (needs CUDA; skipped without it)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ref = model(10, layers=4)
+    with torch.no_grad():
+        want = ref(tokens())
+    rev = f"{prefix}rev/"
+    with tensorcache.connect(cluster.router_address) as c:
+        put_state_dict(c, rev, ref.state_dict())
+        m = load_state_dict(c, rev, model(11, layers=4), device="cuda:0")
+        assert all(t.device.type == "cuda" for t in m.state_dict().values())
+        got = read_state_dict(c, rev, device="cuda:0")
+        assert all(same(got[n].cpu(), t) for n, t in ref.state_dict().items())
+        s = model(12, layers=4).to("cuda:0")
+        streamer = stream_layers(c, s, rev, list(s.layers), lookahead=1, device="cuda:0")
+        with torch.no_grad():
+            out = s(tokens().to("cuda:0"))
+        assert streamer.max_resident <= 2
+        assert torch.allclose(out.cpu(), want, atol=1e-4)  # GPU kernels: close, not bit-equal
+        streamer.close()
