@@ -58,6 +58,12 @@ def check_stat(grant: Grant, req: pb.StatRequest) -> None:
         grant.require(ADMIN)
 
 
+def check_pin(grant: Grant, req: pb.PinRequest) -> None:
+    # Pinning changes what eviction may take, for every key under the
+    # prefix: write access to the whole prefix ("" needs every namespace).
+    grant.check(WRITE, req.prefix)
+
+
 def _raw(cls: Any, what: str, check: Callable[[Grant, Any], None]) -> Rule:
     def rule(grant: Grant, raw: bytes) -> None:
         check(grant, parse_header(cls, raw, what))
@@ -74,6 +80,7 @@ RULES: dict[str, Rule] = {
     # clients fence every node after an invalidation (client/fence.py).
     f"/{NODE_SERVICE}/Fence": any_token,
     f"/{NODE_SERVICE}/Stat": _raw(pb.StatRequest, "stat", check_stat),
+    f"/{NODE_SERVICE}/Pin": _raw(pb.PinRequest, "pin", check_pin),
 }
 
 

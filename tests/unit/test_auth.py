@@ -142,3 +142,17 @@ def test_listing_hot_keys_needs_admin_counters_do_not():
     with pytest.raises(PermissionDenied, match="admin"):
         check_stat(a, pb.StatRequest(hot_keys=10))  # key names of every namespace
     check_stat(policy().authenticate(TOKEN_ADMIN), pb.StatRequest(hot_keys=10))
+
+
+def test_pinning_a_prefix_needs_write_on_all_of_it():
+    from tensorcache.node.authz import check_pin
+    from tensorcache.proto import tensorcache_pb2 as pb
+
+    w = Policy.from_mapping(
+        {"tokens": [{"name": "w", "token": TOKEN_A, "prefixes": ["m/"], "ops": ["write"]}]}
+    ).authenticate(TOKEN_A)
+    check_pin(w, pb.PinRequest(prefix="m/rev1/"))
+    with pytest.raises(PermissionDenied, match="may not write"):
+        check_pin(w, pb.PinRequest(prefix=""))  # every namespace, not only m/
+    with pytest.raises(PermissionDenied):
+        check_pin(policy().authenticate(TOKEN_A), pb.PinRequest(prefix="a/"))  # read-only
