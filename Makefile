@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.tiers $(if $(QUICK),--quick)  # compression per tensor kind; RAM vs disk tier vs file
 	$(BIN)/python -m bench.tls $(if $(QUICK),--quick)  # data path: plaintext vs tokens vs mutual TLS
 	$(BIN)/python -m bench.weights $(if $(QUICK),--quick)  # safetensors -> CPU tensors: cluster vs disk cold/warm
+	$(BIN)/python -m bench.metrics_overhead $(if $(QUICK),--quick)  # get/put with metrics on vs off
 
 ## A local cluster in the foreground (Ctrl-C stops it).
 up: $(STAMP)
