@@ -16,8 +16,9 @@ Every metric is listed in docs/operations.md.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Protocol, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -53,23 +54,56 @@ class NodeMetrics:
     e.g. "RESOURCE_EXHAUSTED"); ``received``/``sent`` are payload bytes over
     ``path``; ``local`` are bytes a co-located client copied straight out of
     this process (handed out by address, never sent).
+
+    One row per (op, path, status) holds everything a request adds: its
+    latency bucket, the sum of latencies and its bytes (``_IN``, ``_OUT``,
+    ``_LOCAL`` slots after the buckets), so a request costs one dict lookup,
+    one bisect and a few list increments; requests by status are the
+    row's bucket counts, summed at scrape time.
     """
 
     def __init__(self) -> None:
         self.recorder = Recorder()
+        n = len(self.recorder.bounds)
+        self._width = n + 5  # buckets, +Inf, sum, in, out, local
+        self._sum, self._in, self._out, self._local = n + 1, n + 2, n + 3, n + 4
 
     def done(
         self, op: str, path: str, status: str, seconds: float, received: int, sent: int, local: int
     ) -> None:
-        shard = self.recorder.shard()
-        shard.observe((op, path), seconds, self.recorder.bounds)
-        shard.add(("req", op, path, status))
+        rows = self.recorder.shard().hists
+        key = (op, path, status)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = [0] * (self._width - 4) + [0.0, 0, 0, 0]
+        row[bisect_left(self.recorder.bounds, seconds)] += 1
+        row[self._sum] += seconds
         if received:
-            shard.add(("in", path), received)
+            row[self._in] += received
         if sent:
-            shard.add(("out", path), sent)
+            row[self._out] += sent
         if local:
-            shard.add(("out", "local"), local)
+            row[self._local] += local
+
+    def totals(self) -> tuple[dict[Key, list[float]], dict[Key, int]]:
+        """(histogram rows by (op, path), counts as the collector names them)."""
+        n = len(self.recorder.bounds)
+        hists: dict[Key, list[float]] = {}
+        counts: dict[Key, int] = {}
+        for key, row in self.recorder.snapshot().hists.items():
+            op, path, status = cast(tuple[str, str, str], key)
+            h = hists.setdefault((op, path), [0] * (n + 1) + [0.0])
+            for i in range(n + 2):
+                h[i] += row[i]
+            counts[("req", op, path, status)] = int(sum(row[: n + 1]))
+            for tag, where, slot in (
+                ("in", path, self._in),
+                ("out", path, self._out),
+                ("out", "local", self._local),
+            ):
+                if row[slot]:
+                    counts[(tag, where)] = counts.get((tag, where), 0) + int(row[slot])
+        return hists, counts
 
 
 class DataChannel(Protocol):
@@ -296,12 +330,12 @@ class NodeCollector:
         )
 
     def _requests(self) -> Iterator[Metric]:
-        snap = self._metrics.recorder.snapshot()
+        hists, counts = self._metrics.totals()
         yield histogram_family(
             "tensorcache_node_request_duration_seconds",
             "Time to serve a Put or Get, from its header to its last byte, by path.",
             ["op", "path"],
-            snap.hists,
+            hists,
             self._metrics.recorder.bounds,
             _hist_key,
         )
@@ -309,7 +343,7 @@ class NodeCollector:
             "tensorcache_node_requests",
             "Puts and Gets served, by path and gRPC status (OK or the error's).",
             ["op", "path", "status"],
-            snap.counts,
+            counts,
             _pick("req", 3),
             always=[(op, path, "OK") for op in OPS for path in PATHS],
         )
@@ -317,7 +351,7 @@ class NodeCollector:
             "tensorcache_node_received_bytes",
             "Payload bytes received by puts, by path.",
             ["path"],
-            snap.counts,
+            counts,
             _pick("in", 1),
             always=[(p,) for p in PATHS],
         )
@@ -326,7 +360,7 @@ class NodeCollector:
             "Payload bytes served by gets, by path (local: copied by a co-located "
             "client straight from this process).",
             ["path"],
-            snap.counts,
+            counts,
             _pick("out", 1),
             always=[(p,) for p in (*PATHS, "local")],
         )

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tensorcache.apps import promserver
+from tensorcache.apps.promserver import PromServer
+
+__all__ = ["PromServer", "promtool", "require", "scrape", "start_prometheus"]
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
@@ -80,95 +79,14 @@ def scrape(address: str) -> str:
     return body.decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-@dataclass
-class PromServer:
-    """A real Prometheus on 127.0.0.1 scraping the given targets."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def api(self, path: str, **params: str) -> Any:
-        query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as r:
-            body = json.loads(r.read())
-        if body.get("status") != "success":
-            raise AssertionError(f"{path} {params}: {body}")
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def start_prometheus(
     tmp: Path,
     jobs: dict[str, list[str]],
     *,
     rules: Path | None = None,
     interval_s: float = 0.5,
-    timeout_s: float = 60.0,
 ) -> PromServer:
-    """Start Prometheus with one scrape job per entry of ``jobs`` (name -> targets).
-
-    Readiness is polled on /-/ready; the data directory is ``tmp``'s.
-    """
-    binary = require("prometheus")
-    port = free_port()
-    interval = f"{int(interval_s * 1000)}ms"
-    config = {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": targets}]}
-            for job, targets in jobs.items()
-        ],
-    }
-    if rules is not None:
-        config["rule_files"] = [str(rules)]
-    cfg = tmp / "prometheus.yml"
-    cfg.write_text(json.dumps(config))  # JSON is YAML
-    log = tmp / "prometheus.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={cfg}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    server = PromServer(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as r:
-                if r.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"prometheus not ready in {timeout_s}s: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
+    """A private Prometheus (tensorcache/apps/promserver.py) with data in ``tmp``."""
+    return promserver.start_prometheus(
+        require("prometheus"), tmp, jobs, rules=rules, interval_s=interval_s
+    )
