@@ -55,7 +55,11 @@ class PromServer:
         self, expr: str, start: float, end: float, step_s: float
     ) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.api(
-            "query_range", query=expr, start=str(start), end=str(end), step=f"{step_s}s"
+            "query_range",
+            query=expr,
+            start=str(start),
+            end=str(end),
+            step=str(step_s),  # seconds, as a float
         )["result"]
         return result
 
