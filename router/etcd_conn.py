@@ -20,10 +20,14 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
+import aetcd.client
 import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
 import grpc
 
 from tensorcache.errors import Unavailable
+from tensorcache.router.etcd_auth import EtcdAuth
 from tensorcache.router.etcd_health import EtcdHealth
 
 T = TypeVar("T")
@@ -37,13 +41,59 @@ _CHANNEL_OPTIONS = {
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:
-    """``http://host:port`` (or ``host:port``) -> (host, port)."""
+    """``http://host:port``, ``https://host:port`` (or ``host:port``) -> (host, port)."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http":
-        raise ValueError(f"etcd URL {url!r}: only http:// is supported")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"etcd URL {url!r}: only http:// and https:// are supported")
     if not parts.hostname or parts.port is None:
-        raise ValueError(f"etcd URL {url!r} must be http://host:port")
+        raise ValueError(f"etcd URL {url!r} must be http(s)://host:port")
     return parts.hostname, parts.port
+
+
+class _SecureClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """aetcd's client over a TLS channel.
+
+    aetcd (1.x) only opens plaintext channels; its ``connect`` is repeated
+    here with ``secure_channel`` in place of ``insecure_channel`` (the one
+    difference; pinned by aetcd<2 in pyproject.toml). Everything else --
+    stubs, auth token metadata, the watcher -- is aetcd's own.
+    """
+
+    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+
+    @aetcd.client._handle_errors  # type: ignore[untyped-decorator]
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]  # set by aetcd.Client
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        rpc = aetcd.rpc
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = rpc.secure_channel(
+                target, self._credentials, options=self._options.items()
+            )
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout,
+                )
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 def lease_seconds(ttl_s: float) -> int:
@@ -52,8 +102,14 @@ def lease_seconds(ttl_s: float) -> int:
 
 
 class EtcdConnection:
-    def __init__(self, url: str, *, timeout_s: float, health: EtcdHealth) -> None:
+    def __init__(
+        self, url: str, *, timeout_s: float, health: EtcdHealth, auth: EtcdAuth | None = None
+    ) -> None:
         self._host, self._port = parse_endpoint(url)
+        self._auth = auth or EtcdAuth()
+        self._https = url.startswith("https://")
+        if self._https and self._auth.tls is None:
+            raise ValueError(f"etcd URL {url!r} is https: give the etcd CA (--etcd-ca)")
         self.url = url
         self.timeout_s = timeout_s
         self._health = health
@@ -72,9 +128,18 @@ class EtcdConnection:
         return self._client
 
     async def _make_client(self) -> aetcd.Client:
-        return aetcd.Client(
-            host=self._host, port=self._port, timeout=self.timeout_s, options=_CHANNEL_OPTIONS
-        )
+        common: dict[str, Any] = {
+            "host": self._host,
+            "port": self._port,
+            "timeout": self.timeout_s,
+            "options": _CHANNEL_OPTIONS,
+            "username": self._auth.user,
+            "password": self._auth.password,
+        }
+        if self._https and self._auth.tls is not None:
+            creds = self._auth.tls.channel_credentials()  # files read now: rotation applies
+            return _SecureClient(credentials=creds, **common)
+        return aetcd.Client(**common)
 
     def submit(self, coro: Coroutine[Any, Any, T], what: str, timeout: float | None = None) -> T:
         """Run ``coro`` on the loop thread and wait for it; etcd errors become Unavailable."""

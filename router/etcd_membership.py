@@ -62,6 +62,7 @@ import logging
 from tensorcache.errors import Unavailable
 from tensorcache.ring import RingMember
 from tensorcache.router.etcd_announce import EtcdAnnouncer
+from tensorcache.router.etcd_auth import EtcdAuth
 from tensorcache.router.etcd_conn import EtcdConnection, parse_endpoint
 from tensorcache.router.etcd_health import EtcdHealth
 from tensorcache.router.etcd_nodes import NodeLeases
@@ -89,6 +90,7 @@ class EtcdMembership:
         prefix: str = DEFAULT_PREFIX,
         timeout_s: float = 5.0,
         startup_timeout_s: float = 10.0,
+        auth: EtcdAuth | None = None,
     ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
@@ -100,7 +102,7 @@ class EtcdMembership:
         self.timeout_s = timeout_s
         self._health = EtcdHealth(url)
         self._cell = ViewCell(MembershipView(0, ()))
-        self._conn = EtcdConnection(url, timeout_s=timeout_s, health=self._health)
+        self._conn = EtcdConnection(url, timeout_s=timeout_s, health=self._health, auth=auth)
         self._keys = keys
         self._nodes = NodeLeases(self._conn, keys, ttl_s)
         self.announcer = EtcdAnnouncer(self._conn, keys, ttl_s)

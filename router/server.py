@@ -22,6 +22,7 @@ from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
 from tensorcache.router import authz
 from tensorcache.router.announce import Announcer, NoAnnouncer
+from tensorcache.router.etcd_auth import ETCD_PASSWORD_ENV, EtcdAuth
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
@@ -75,6 +76,8 @@ class RouterConfig:
     metrics_port: int | None = None
     #: Mutual TLS on the gRPC port and to other routers; health stays plaintext.
     tls: TLSFiles | None = None
+    #: TLS (an https:// etcd URL) and user/password for etcd (router/etcd_conn.py).
+    etcd_auth: EtcdAuth | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -103,7 +106,9 @@ def _control_plane(config: RouterConfig) -> tuple[Membership, Announcer]:
     # Imported here so the embedded router does not need aetcd installed to start.
     from tensorcache.router.etcd_membership import EtcdMembership
 
-    etcd = EtcdMembership(config.etcd, config.ttl_s, timeout_s=config.etcd_timeout_s)
+    etcd = EtcdMembership(
+        config.etcd, config.ttl_s, timeout_s=config.etcd_timeout_s, auth=config.etcd_auth
+    )
     return etcd, etcd.announcer
 
 
@@ -256,6 +261,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default -1: none; health is also on --port)",
     )
     tls.add_arguments(p)
+    p.add_argument("--etcd-cert", default=None, help="client certificate for etcd (PEM)")
+    p.add_argument("--etcd-key", default=None, help="its private key (PEM)")
+    p.add_argument(
+        "--etcd-ca",
+        default=None,
+        help="CA of etcd's certificate (PEM); needed with an https:// --etcd URL",
+    )
+    p.add_argument(
+        "--etcd-user",
+        default=None,
+        help="etcd user (role-based auth); its password from $TENSORCACHE_ETCD_PASSWORD",
+    )
     p.add_argument(
         "--auth-tokens",
         metavar="FILE",
@@ -270,6 +287,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
         "default -1: off)",
     )
+
+
+def _etcd_auth(args: argparse.Namespace) -> EtcdAuth | None:
+    files = None
+    named = [args.etcd_cert, args.etcd_key, args.etcd_ca]
+    if any(named):
+        if not all(named):
+            raise ValueError("--etcd-cert, --etcd-key and --etcd-ca go together")
+        files = TLSFiles(*named)
+    password = os.environ.get(ETCD_PASSWORD_ENV) if args.etcd_user else None
+    if args.etcd_user and not password:
+        raise ValueError(f"--etcd-user needs ${ETCD_PASSWORD_ENV}")
+    if files is None and not args.etcd_user:
+        return None
+    return EtcdAuth(files, args.etcd_user, password)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -289,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
         token=os.environ.get(TOKEN_ENV) or None,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls.from_args(args),
+        etcd_auth=_etcd_auth(args),
     )
     router = create_server(config)
     stop = threading.Event()
