@@ -110,7 +110,15 @@ def want(as_: str | None, device: object, out: object) -> Want:
 
 def on_cuda(t: Any) -> bool:
     """Whether a torch tensor lives on a CUDA device."""
-    return bool(t.device.type == "cuda")
+    return bool(t.is_cuda)
+
+
+def _torchio() -> Any:
+    """client/torchio.py (imports torch): loaded on first use, then looked up cheaply."""
+    mod = sys.modules.get("tensorcache.client.torchio")
+    if mod is None:
+        mod = importlib.import_module("tensorcache.client.torchio")
+    return mod
 
 
 def out_dest(out: Any) -> np.ndarray | codec.OutView | None:
@@ -118,9 +126,8 @@ def out_dest(out: Any) -> np.ndarray | codec.OutView | None:
     if out is None or isinstance(out, np.ndarray):
         return out
     if is_torch(out):
-        from tensorcache.client import torchio
-
-        return torchio.out_view(out)
+        view: codec.OutView = _torchio().out_view(out)
+        return view
     raise InvalidArgument(
         f"out must be a numpy.ndarray or a torch.Tensor, got {type(out).__name__}"
     )
@@ -130,8 +137,7 @@ def encode_values(values: Mapping[str, Any]) -> Mapping[str, Any]:
     """``values`` with every torch tensor described for the wire (codec.Encoded)."""
     if "torch" not in sys.modules or not any(is_torch(v) for v in values.values()):
         return values
-    from tensorcache.client import torchio
-
+    torchio = _torchio()
     return {
         k: torchio.encode(v, f"value of {k!r}") if is_torch(v) else v for k, v in values.items()
     }
@@ -152,6 +158,8 @@ def present(key: str, array: np.ndarray | None, logical: str, w: Want) -> Any:
     """The value a get returns for ``array`` (the stored form) under rule ``w``."""
     if array is None:
         return None
+    if w.out is not None:
+        return w.out  # the get filled the caller's tensor
     exact = not logical or codec.TORCH_DTYPES[logical][1]
     if w is PLAIN and not logical:
         return array  # the hot path: numpy in, numpy out
@@ -167,6 +175,4 @@ def present(key: str, array: np.ndarray | None, logical: str, w: Want) -> Any:
                 f"dtype: get it with as_='torch', or as_='raw' for its raw {array.dtype} bits"
             )
         return array
-    from tensorcache.client import torchio
-
-    return torchio.to_torch(key, array, logical, w)
+    return _torchio().to_torch(key, array, logical, w)

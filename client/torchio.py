@@ -38,26 +38,36 @@ _RAW: dict[str, tuple[torch.dtype, np.dtype]] = {
 }
 
 
+# The storable dtypes this torch has, both ways (lookups on every get: dicts).
+_DTYPES: dict[str, torch.dtype] = {
+    n: dt
+    for n in codec.TORCH_DTYPES
+    if isinstance(dt := getattr(torch, n.removeprefix("torch."), None), torch.dtype)
+}
+_NAMES: dict[torch.dtype, str] = {dt: n for n, dt in _DTYPES.items()}
+_LITTLE = sys.byteorder == "little"
+
+
 def _torch_dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):  # a name this torch lacks (an older torch)
+    dt = _DTYPES.get(name)
+    if dt is None:  # a name this torch lacks (an older torch)
         raise InvalidArgument(f"{name} is not a dtype of this torch ({torch.__version__})")
     return dt
 
 
 def _check_tensor(t: torch.Tensor, field: str) -> str:
     """The tensor's dtype name, if it can be stored; InvalidArgument naming ``field``."""
-    name = str(t.dtype)
-    if name not in codec.TORCH_DTYPES:
+    name = _NAMES.get(t.dtype)
+    if name is None:
         raise InvalidArgument(
-            f"{field} has dtype {name}, which has no stable byte form to store "
+            f"{field} has dtype {t.dtype}, which has no stable byte form to store "
             f"(supported: {', '.join(sorted(codec.TORCH_DTYPES))})"
         )
     if t.layout != torch.strided or t.is_nested:
         raise InvalidArgument(f"{field} is a {t.layout} tensor; store a dense (strided) tensor")
-    if t.device.type == "meta":
+    if t.is_meta:
         raise InvalidArgument(f"{field} is on the meta device: it has no data")
-    if sys.byteorder != "little":
+    if not _LITTLE:
         raise InvalidArgument("torch tensors are stored little-endian; this host is big-endian")
     return name
 
@@ -106,13 +116,13 @@ def encode(t: torch.Tensor, field: str) -> codec.Encoded:
 def out_view(out: torch.Tensor) -> codec.OutView:
     """A caller's CPU ``out`` tensor as the storage array a get fills."""
     name = _check_tensor(out, "out")
-    if out.device.type != "cpu":
+    if not out.is_cpu:
         raise InvalidArgument(f"out is on {out.device}; a CPU get needs a CPU out")
     if not out.is_contiguous():
         raise InvalidArgument("out must be a contiguous tensor")
     if out.is_conj() or out.is_neg():
         raise InvalidArgument("out must not be a conjugate or negative view")
-    return codec.OutView(_storage_array(out.detach(), name), name)
+    return codec.OutView(_storage_array(out.detach() if out.requires_grad else out, name), name)
 
 
 def to_torch(key: str, array: np.ndarray, logical: str, w: Want) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import crc32c as _crc32c
 import numpy as np
@@ -101,8 +102,7 @@ class Encoded:
     view: np.ndarray
 
 
-@dataclass(frozen=True, slots=True)
-class OutView:
+class OutView(NamedTuple):  # a tuple: made on every get into a torch out, cheaply
     """A caller's non-numpy ``out`` (a torch tensor) seen as its storage array.
 
     ``logical`` is the torch dtype it holds: a get into it checks that against
