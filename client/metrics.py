@@ -136,6 +136,41 @@ _COUNTERS: dict[str, tuple[str, tuple[tuple[str, str], ...], str]] = {
         (),
         "Event stream reconnections (watch mode).",
     ),
+    "staged_gets": (
+        "tensorcache_client_staged_gets",
+        (),
+        "Keys read onto a device through pinned staging buffers (torch device= gets).",
+    ),
+    "loads": (
+        "tensorcache_client_loads",
+        (),
+        "Loaders run by get_or_load after a miss (this worker held the fill lease).",
+    ),
+    "fill_waits": (
+        "tensorcache_client_fill_waits",
+        (),
+        "Times get_or_load waited for another worker's load instead of loading.",
+    ),
+    "fill_takeovers": (
+        "tensorcache_client_fill_takeovers",
+        (),
+        "Fills taken over from a filler whose lease lapsed (killed, cut off, stuck).",
+    ),
+    "fill_conflicts": (
+        "tensorcache_client_fill_conflicts",
+        (),
+        "Loads whose put found the key already written by another worker.",
+    ),
+    "stripe_misses": (
+        "tensorcache_client_stripe_misses",
+        (),
+        "Striped reads with a stripe missing or replaced (re-read or a miss).",
+    ),
+    "stripe_free_failures": (
+        "tensorcache_client_stripe_free_failures",
+        (),
+        "Replaced stripes that could not be deleted (left to eviction).",
+    ),
     "fill_renewals": ("tensorcache_client_fill_renewals", (), "Fill leases renewed."),
     "fill_leases_lost": ("tensorcache_client_fill_leases_lost", (), "Fill leases lost."),
     "fill_overruns": (
