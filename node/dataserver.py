@@ -32,6 +32,8 @@ from tensorcache.authgrpc import PolicyFile
 from tensorcache.dataproto import (
     FRAME,
     MAGIC,
+    MAX_AUTH_HEADER,
+    MAX_HEADER,
     OP_AUTH,
     OP_GET,
     OP_PUT,
@@ -183,7 +185,9 @@ class DataServer:
             with self._lock:
                 self._pins[conn] = pinned
             while True:
-                got = reader.read_frame()
+                # Until the AUTH frame, a stranger gets only a small header.
+                unknown = self._tokens is not None and grant is None
+                got = reader.read_frame(MAX_AUTH_HEADER if unknown else MAX_HEADER)
                 pinned.clear()  # the client finished reading the last local reply
                 if got is None:
                     return

@@ -26,6 +26,10 @@ OP_RELEASE = 3
 OP_AUTH = 4  # header: the client's token; no reply (an error frame and close if refused)
 FRAME = struct.Struct("<BI")  # op or status, header length
 MAX_HEADER = 64 * 1024 * 1024
+# Before a connection has authenticated (a node with --auth-tokens), its first
+# frame may be only this large: an unknown peer cannot make the node hold
+# 64 MiB per connection.
+MAX_AUTH_HEADER = 4096
 # Receive in pieces of this size so each piece is checksummed while it is
 # still in the CPU cache.
 RECV_PIECE = 1024 * 1024
@@ -120,15 +124,16 @@ class Reader:
             self.read_into(scratch[:take], checksum=False)
             n -= take
 
-    def read_frame(self) -> tuple[int, bytes] | None:
-        """One frame (code, header); None on a clean close before its first byte."""
+    def read_frame(self, limit: int = MAX_HEADER) -> tuple[int, bytes] | None:
+        """One frame (code, header); None on a clean close before its first byte.
+
+        ``limit``: the largest header accepted (a node allows an unauthenticated
+        peer only a small one: MAX_AUTH_HEADER)."""
         if self._pos == self._end and self._fill() == 0:
             return None
         code, length = FRAME.unpack(self.read_exact(FRAME.size))
-        if length > MAX_HEADER:
-            raise ProtocolError(
-                f"frame header of {length} bytes exceeds the {MAX_HEADER}-byte limit"
-            )
+        if length > limit:
+            raise ProtocolError(f"frame header of {length} bytes exceeds the {limit}-byte limit")
         return code, self.read_exact(length)
 
 

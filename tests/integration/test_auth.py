@@ -276,6 +276,9 @@ def test_data_channel_authenticates_its_connection(cluster):
     assert status == unauth and "token" in err.message
     status, err = _data_exchange(data, MAGIC + frame(OP_AUTH, b"wrong-token-xxxxxxxx") + get)
     assert status == unauth and "not known" in err.message
+    # Before it authenticates, a peer may not make the node hold a large header.
+    status, err = _data_exchange(data, MAGIC + FRAME.pack(OP_AUTH, 1 << 20))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "4096-byte limit" in err.message
     auth = frame(OP_AUTH, TOKENS["team-a"].encode())
     assert _data_exchange(data, MAGIC + auth + get)[0] == 0
     foreign = frame(OP_GET, pb.GetRequest(keys=[pb.EntryKey(key=b"team-b/x")]).SerializeToString())
