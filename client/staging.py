@@ -215,28 +215,32 @@ def _group(
     for _ in range(3):
         small = _Small(ring, extra, threading.Lock(), [])
         items = [GetItem(k, pb.TENSOR, stage=small) for k in pending]
-        read(items)
         striped: list[tuple[GetItem, codec.Layout, Any]] = []
-        for it in items:
-            if not it.found or it.meta is None:
-                continue
-            layout = layout_for(it.meta, f"get {it.key!r}")
-            dest = dest_for(it.key, layout)
-            if it.meta.stripes:
-                striped.append((it, layout, dest))
-                continue
-            src = it.array
-            if packed(it.meta):  # decompressed on the host, copied from there
-                host = compress.restore(it.meta, it.array, None)
-                assert host is not None
-                src = codec.encode(host)[1]
-            assert src is not None
-            if layout.nbytes:
-                ring.device.copy(src.reshape(-1).view(np.uint8), dest, 0)
-            out[it.key] = Staged(it.key, it.version, layout, dest)
-        token = ring.device.mark()
-        for i in small.taken:
-            ring.copied(i, token)
+        try:
+            read(items)
+            for it in items:
+                if not it.found or it.meta is None:
+                    continue
+                layout = layout_for(it.meta, f"get {it.key!r}")
+                dest = dest_for(it.key, layout)
+                if it.meta.stripes:
+                    striped.append((it, layout, dest))
+                    continue
+                src = it.array
+                if packed(it.meta):  # decompressed on the host, copied from there
+                    host = compress.restore(it.meta, it.array, None)
+                    assert host is not None
+                    src = codec.encode(host)[1]
+                assert src is not None
+                if layout.nbytes:
+                    ring.device.copy(src.reshape(-1).view(np.uint8), dest, 0)
+                out[it.key] = Staged(it.key, it.version, layout, dest)
+        finally:
+            # Even when this round fails half-way (a refused out=, a node down),
+            # the slots it filled must not be reused before the copies queued.
+            token = ring.device.mark()
+            for i in small.taken:
+                ring.copied(i, token)
         pending = _striped(striped, ring, read, out)
         if not pending:
             return

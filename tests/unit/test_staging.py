@@ -62,7 +62,10 @@ class LazyDevice:
             self.done = max(self.done, token)
 
     def finish(self):
-        self.finished += 1
+        self.finished += 1  # like a GPU: no host wait; the caller's later work is ordered
+
+    def flush(self):
+        """What the caller's later work on the device sees: every copy done."""
         self.wait(self.seq)
 
 
@@ -74,6 +77,7 @@ def stage(c, keys, slots=4, slot_bytes=None, dest_for=None):
         return device.empty(layout.nbytes)
 
     got = staging.get_many(keys, ring, c, dest_for or default)
+    device.flush()
     return got, ring, device
 
 
@@ -127,6 +131,7 @@ def test_the_ring_is_reused_across_gets(c):
     ring = staging.Ring(device, 4, c.stripe_size)
     for _ in range(3):
         got = staging.get_many(["w"], ring, c, lambda k, lay: device.empty(lay.nbytes))
+        device.flush()
         assert np.array_equal(stored(got, "w"), np.arange(30_000, dtype=np.float64))
     assert device.hosts == [c.stripe_size] * 4  # three gets, the same four buffers
 
@@ -184,6 +189,30 @@ def test_dest_for_can_refuse_before_any_copy(c):
     with pytest.raises(InvalidArgument, match="out is wrong for x"):
         staging.get_many(["x"], ring, c, refuse)
     assert device.copies == 0 and device.finished == 1
+
+
+def test_a_failed_get_still_guards_the_slots_it_filled(c):
+    """A refused key after others were queued: their slots keep their copies' tokens,
+    so the next get through the ring waits instead of overwriting queued bytes."""
+    c.put_many({"a": np.arange(1000, dtype=np.int64), "b": np.arange(10.0)})
+    device = LazyDevice()
+    ring = staging.Ring(device, 4, c.stripe_size)
+    dests = {}
+
+    def refuse_b(key, layout):
+        if key == "b":
+            raise InvalidArgument("b refused")
+        dests[key] = device.empty(layout.nbytes)
+        return dests[key]
+
+    with pytest.raises(InvalidArgument, match="b refused"):
+        staging.get_many(["a", "b"], ring, c, refuse_b)
+    assert device.copies == 0  # a's copy is queued, not run (no host wait)
+    c.put("x", np.full(1000, 7, np.int64))
+    for _ in range(5):  # laps of the ring: each must wait for the queued copy first
+        staging.get_many(["x"], ring, c, lambda k, lay: device.empty(lay.nbytes))
+    device.flush()
+    assert np.array_equal(dests["a"].view(np.int64), np.arange(1000))
 
 
 def test_ring_needs_an_even_number_of_slots():
