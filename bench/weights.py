@@ -70,17 +70,13 @@ def write_checkpoint(path: Path, nbytes: int) -> tuple[int, int]:
 
 def touched(sd: dict[str, Any]) -> int:
     """Read one byte of every 4 KiB page of every tensor (mapped tensors load lazily)."""
-    n = 0
-    for t in sd.values():
-        flat = t.reshape(-1).view(torch_uint8())
-        n += int(flat[::4096].sum()) if flat.numel() else 0
-    return n
-
-
-def torch_uint8() -> Any:
     import torch
 
-    return torch.uint8
+    n = 0
+    for t in sd.values():
+        flat = t.reshape(-1).view(torch.uint8)
+        n += int(flat[::4096].sum()) if flat.numel() else 0
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,13 +41,15 @@ def describe(value: Any) -> Any:
 def raw_bytes(value: Any) -> np.ndarray:
     """The value's bytes in C order as a uint8 array (no copy when contiguous)."""
     if is_torch(value):
+        import torch
+
         t = value.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         flat = t.contiguous().reshape(-1)
         if flat.numel() == 0:
             return np.empty(0, np.uint8)
-        return np.asarray(flat.view(__import__("torch").uint8).numpy())
+        return np.asarray(flat.view(torch.uint8).numpy())
     a = np.ascontiguousarray(value)
     return a.reshape(-1).view(np.uint8)
 
