@@ -34,6 +34,11 @@ budget, not an addition to it. The rules, and why:
   (``put(..., pin=True)``): a node-local prefix list would not follow the
   keys to nodes that join later, and a cluster-wide one would need a record
   in the router for a rule the writer can state itself.
+- **Disk tier** (node/tiered.py): a pinned entry is never an eviction
+  victim, so it never spills to disk; a namespace pin leaves entries already
+  spilled as they are (not pinned, still served from disk).
+- **Cost**: a namespace pin scans the node's entries under its lock (a
+  brief stall of that node's data path per million entries held).
 """
 
 from __future__ import annotations
