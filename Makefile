@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.weights $(if $(QUICK),--quick)  # safetensors -> CPU tensors: cluster vs disk cold/warm
 	$(BIN)/python -m bench.metrics_overhead $(if $(QUICK),--quick)  # get/put with metrics on vs off
 	$(BIN)/python -m bench.torchget $(if $(QUICK),--quick)  # torch get vs numpy get; CUDA get vs host get (CUDA hosts)
+	$(BIN)/python -m bench.kv $(if $(QUICK),--quick)  # prefix KV reuse: TTFT cached vs recompute; KV GB/s
 
 ## A local cluster in the foreground (Ctrl-C stops it).
 up: $(STAMP)

@@ -36,6 +36,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -47,6 +48,9 @@ from tensorcache.kv.chain import chunk_keys, token_array
 from tensorcache.kv.layout import KVLayout
 
 log = logging.getLogger("tensorcache.kv")
+
+#: Chunk puts in flight at once per put_prefix (each holds a packed copy).
+PUT_PARALLELISM = 4
 
 #: Bytes of chunks read per get_many batch: bounds the memory held in flight.
 READ_BATCH_BYTES = 256 * 1024 * 1024
@@ -129,30 +133,47 @@ class KVCache:
             per_layer_kv, self.layout, len(keys) * self.layout.chunk_tokens, "per_layer_kv"
         )
         have = self._store.versions(keys) if keys else {}
-        stored = present = dropped = 0
+        missing = [i for i, key in enumerate(keys) if have[key] is None]
+        present = len(keys) - len(missing)
+        stored = dropped = 0
         reason = ""
-        for i, key in enumerate(keys):
-            if have[key] is not None:
-                present += 1
-                continue
-            value = tensors.pack(layers, i * self.layout.chunk_tokens, self.layout)
+        stop = threading.Event()
+
+        def put_one(i: int) -> str:
+            """Pack chunk ``i`` and put it if absent: "stored", "present" or "dropped"."""
+            if stop.is_set():
+                return "dropped"
+            chunk = tensors.pack(layers, i * self.layout.chunk_tokens, self.layout)
             try:
-                self._store.put(key, value, if_version=0)
-                stored += 1
+                self._store.put(keys[i], chunk, if_version=0)
+                return "stored"
             except VersionConflict:
-                present += 1  # a concurrent writer stored it first: same bytes
+                return "present"  # a concurrent writer stored it first: the same bytes
             except CapacityExceeded as exc:
-                # No room even after eviction. Chunks after this one would be
-                # unreachable (a gap ends a match): store none of them.
-                dropped = len(keys) - i
-                reason = str(exc)
-                log.warning(
-                    "kv put_prefix: %d of %d chunks not stored for lack of room: %s",
-                    dropped,
-                    len(keys),
-                    reason,
-                )
-                break
+                # No room even after eviction: chunks after a gap are unreachable
+                # until it is filled, so start no more of them.
+                stop.set()
+                nonlocal reason
+                reason = reason or str(exc)
+                return "dropped"
+
+        # Chunks go to their owners in parallel (a few at a time: each one
+        # packed is a copy of its bytes), each put conditional on its own.
+        with ThreadPoolExecutor(min(PUT_PARALLELISM, max(1, len(missing)))) as pool:
+            for outcome in pool.map(put_one, missing):
+                if outcome == "stored":
+                    stored += 1
+                elif outcome == "present":
+                    present += 1
+                else:
+                    dropped += 1
+        if dropped:
+            log.warning(
+                "kv put_prefix: %d of %d chunks not stored for lack of room: %s",
+                dropped,
+                len(keys),
+                reason,
+            )
         self._count(chunks_stored=stored, chunks_present=present, chunks_dropped=dropped)
         return PutReport(len(keys), stored, present, dropped, reason)
 
