@@ -220,6 +220,13 @@ def fmt_table(header: list[str], rows: list[list[str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kv", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny model, small chunks (smoke)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's; 1 is steadier on a busy machine, where "
+        "spinning worker threads make every copy and matmul several times slower)",
+    )
     args = p.parse_args(argv)
     budget = (
         Budget(seconds=0.0, min_repeats=1, max_repeats=2, max_seconds=5.0)
@@ -229,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = QUICK_MODEL if args.quick else FULL_MODEL
     started = datetime.now(UTC)
     load_before = loadavg()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with (
         tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp,
         LocalCluster(3, capacity="1GiB", log_dir=Path(tmp)) as cluster,
@@ -293,10 +301,21 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    print(f"load average before/after: {load_before:.2f} / {loadavg():.2f}")
+    print(
+        f"torch threads: {torch.get_num_threads()}; "
+        f"load average before/after: {load_before:.2f} / {loadavg():.2f}"
+    )
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"kv-{started:%Y%m%dT%H%M%SZ}.json"
-    doc = {"started": started.isoformat(), "quick": args.quick, "ttft": t, "throughput": io}
+    doc = {
+        "started": started.isoformat(),
+        "quick": args.quick,
+        "torch_threads": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": loadavg(),
+        "ttft": t,
+        "throughput": io,
+    }
     out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {out}")
     return 0 if t["same_first_token"] else 1

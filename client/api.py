@@ -337,8 +337,12 @@ class Client:
 
     def kv(self, layout: KVLayout) -> KVCache:
         """The KV-cache API for one model layout (tensorcache/kv; needs torch)."""
-        from tensorcache.kv.cache import KVCache
-
+        try:
+            from tensorcache.kv.cache import KVCache
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"client.kv() needs torch ({exc}): pip install 'tensorcache[kv]'"
+            ) from exc
         return KVCache(self, layout)
 
     @timed("get")
