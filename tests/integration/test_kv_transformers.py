@@ -25,7 +25,9 @@ pytest.importorskip("transformers")
 
 from .helpers import poll, read_line  # noqa: E402
 
-pytestmark = pytest.mark.integration
+# Three processes each import torch and transformers and build a model: on a
+# busy 2-core CI machine that alone can take minutes, past the default 300 s.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 180.0  # importing torch + transformers on a loaded 2-core machine
