@@ -114,11 +114,13 @@ def on_cuda(t: Any) -> bool:
 
 
 def _torchio() -> Any:
-    """client/torchio.py (imports torch): loaded on first use, then looked up cheaply."""
-    mod = sys.modules.get("tensorcache.client.torchio")
-    if mod is None:
-        mod = importlib.import_module("tensorcache.client.torchio")
-    return mod
+    """client/torchio.py (imports torch): loaded on first use, then looked up cheaply.
+
+    Always through importlib: while one thread is still importing it, a bare
+    ``sys.modules`` lookup in another hands out the half-initialised module
+    (AttributeError on its first use); importlib waits for the import to end.
+    """
+    return importlib.import_module("tensorcache.client.torchio")
 
 
 def out_dest(out: Any) -> np.ndarray | codec.OutView | None:
