@@ -26,6 +26,7 @@ and ``soak-summary.json``. Exit status 1 on any violation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -50,9 +51,12 @@ from .nemesis import Nemesis
 
 NODES = 4
 REPLICAS = 2
-#: Per node. Sized so the run never evicts: writers add ~11 KiB per keep put
-#: (x2 replicas); a 30-minute run stores well under 100 MiB per node.
-CAPACITY = "256MiB"
+#: Per node, per started 10 minutes of run: sized so the run never evicts
+#: (lost puts are only measurable without evictions). Measured: a node fills
+#: 256 MiB in about 17 minutes at this machine's rate (a 30-minute run at a
+#: fixed 256 MiB evicted 26,753 entries from minute 17 on; the estimate of
+#: "well under 100 MiB in 30 minutes" that stood here was wrong).
+CAPACITY_PER_10_MIN = "256MiB"
 #: Node memory beyond the byte budget: the interpreter, numpy, gRPC and its
 #: threads (64 RPC workers), buffers of streams in flight. An idle node
 #: measured ~75 MiB RSS here; the allowance doubles that.
@@ -249,7 +253,7 @@ def main() -> int:
         f"soak: seed {seed} (SOAK_SEED={seed} repeats the schedule), {seconds:.0f} s, dir {work}",
         flush=True,
     )
-    capacity = parse_size(CAPACITY)
+    capacity = parse_size(CAPACITY_PER_10_MIN) * max(1, math.ceil(seconds / 600))
     cluster = SoakCluster(work, capacity=capacity, replicas=REPLICAS)
     workers: list[Worker] = []
     monitor = Monitor(cluster, work / "samples.jsonl")
