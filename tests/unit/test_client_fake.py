@@ -204,9 +204,7 @@ def test_replica_copies_follow_a_ring_change_between_primary_and_replicas():
         ring = cluster.ring
         moved = 0
         for key in vals:
-            holding = {
-                m.name for m in ring.members if _local_get(cluster, m.name, key)[0].found
-            }
+            holding = {m.name for m in ring.members if _local_get(cluster, m.name, key)[0].found}
             assert len(holding) >= 2, (key, holding, [m.name for m in ring.replica_set(key)])
             moved += ring.replica_set(key)[0].name == "d"
         assert moved > 0  # some keys' new primary is the node that joined
