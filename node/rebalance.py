@@ -297,6 +297,8 @@ class Rebalancer:
         self.close()
         deadline = self._clock() + timeout_s
         total = 0
+        done = False
+        rnd: _Round | None = None
         ring = fetch_ring()
         while ring is not None and ring.members and self._clock() < deadline:
             # A client's put admitted just before we left the ring may still
@@ -315,12 +317,22 @@ class Rebalancer:
             after = self._store.stats()
             quiet = after.puts == before.puts and after.bytes_reserved == 0
             if quiet and not rnd.failed and (rnd.missing == rnd.pushed or rnd.pushed == 0):
+                done = True
                 break  # all there, or the rest refused for room: rounds won't help
             if not quiet and rnd.missing == rnd.pushed:
                 time.sleep(min(0.02, max(0.0, deadline - self._clock())))  # let it land
             if rnd.failed:  # a target left or died: wait for the ring to say so
                 time.sleep(min(0.2, max(0.0, deadline - self._clock())))
             ring = fetch_ring() or ring
+        if not done and ring is not None and ring.members:
+            # Acknowledged puts held only here leave with this process: say so.
+            log.warning(
+                "drain: --drain-timeout (%.0f s) ran out with copies not handed over "
+                "(last round: %d missing, %d pushed); raise it for a node this size",
+                timeout_s,
+                rnd.missing if rnd is not None else 0,
+                rnd.pushed if rnd is not None else 0,
+            )
         with self._lock:
             self.drained += total
         return total
