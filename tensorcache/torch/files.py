@@ -27,7 +27,7 @@ def load_safetensors(
     device: Any = None,
     pin: bool = False,
     verify: bool = False,
-    lease_s: float = 2.0,
+    lease_s: float = 10.0,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict of torch tensors on ``device``.
@@ -36,6 +36,11 @@ def load_safetensors(
     cluster-wide reads the file and fills the revision while the others
     wait for it. ``verify``: the filler reads every tensor back
     (``tensorcache load`` does by default; a worker's fill need not).
+
+    ``lease_s`` is 10 s here, not get_or_load's 2 s: a filler reading a large
+    file on a busy host can starve its renewal thread for seconds, and a
+    lapsed lease lets a second worker read the whole file too (seen in CI on
+    2 loaded cores). A filler that dies is still replaced within ``lease_s``.
     """
     check_prefix(prefix)
     copies: dict[str, Any] = {}
