@@ -444,6 +444,14 @@ class NodeOps:
         if not 0 < req.ttl_ms <= MAX_FILL_TTL_MS:
             raise InvalidArgument(f"fill.ttl_ms must be 1..{MAX_FILL_TTL_MS}, got {req.ttl_ms}")
         a = self.fills.acquire(key, req.holder, req.ttl_ms / 1000, req.filler)
+        if a.granted and self.store.contains((kind, key)):
+            # A put committed between the look above and the grant (its
+            # commit ended the previous holder's lease, so nothing refused
+            # us): the key is there, nothing to load. A put commits in the
+            # store before it ends leases (finish_put), so this second look
+            # cannot miss it. Seen on a loaded host: two workers loaded.
+            self.fills.release(key, req.holder)
+            return pb.FillReply(found=True)
         return pb.FillReply(
             granted=a.granted,
             lease_left_ms=max(1, round(a.left_s * 1000)),

@@ -629,3 +629,25 @@ def test_a_key_written_here_takes_its_own_value_back_but_never_an_older_one(join
     back = push(written, b"new")
     assert (back.version, back.kept_newer) == (written, False)  # its own value: taken
     assert get(cl["c"], key)[1] == b"new"
+
+
+def test_fill_is_not_granted_for_a_key_committed_between_its_look_and_its_grant(joined):
+    # The owner looks for the key, then takes the lease. A put that commits
+    # in between ends the previous holder's lease, so nothing refuses the
+    # asker: without a second look it is granted and loads a present key.
+    cl, r1, _ = joined
+    key = next(f"f{i}" for i in range(200) if r1.owner(f"f{i}").name == "a")
+    node = cl["a"]
+    first = pb.FillRequest(epoch=r1.epoch, key=key.encode(), holder="h1", ttl_ms=5000)
+    assert node.fill(first).granted
+    real_acquire = node.fills.acquire
+
+    def commit_first(*args, **kwargs):
+        put(node, key, b"filled by h1")  # h1's put: commits, ends h1's lease
+        return real_acquire(*args, **kwargs)
+
+    node.fills.acquire = commit_first
+    reply = node.fill(pb.FillRequest(epoch=r1.epoch, key=key.encode(), holder="h2", ttl_ms=5000))
+    node.fills.acquire = real_acquire
+    assert reply.found and not reply.granted
+    assert node.fills.holder(key) is None  # h2 holds nothing it would have to release
