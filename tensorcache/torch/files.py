@@ -39,8 +39,8 @@ def load_safetensors(
 
     ``lease_s`` is 10 s here, not get_or_load's 2 s: a filler reading a large
     file on a busy host can starve its renewal thread for seconds, and a
-    lapsed lease lets a second worker read the whole file too (seen in CI on
-    2 loaded cores). A filler that dies is still replaced within ``lease_s``.
+    lapsed lease lets a second worker read the whole file too. A filler that
+    dies is still replaced within ``lease_s``.
     """
     check_prefix(prefix)
     copies: dict[str, Any] = {}
