@@ -108,27 +108,30 @@ class Handoff:
                 out[key] = owners
         return out
 
-    def _suspect_owners(self, keys: Iterable[StoreKey]) -> dict[StoreKey, list[RingMember]]:
-        """Whom to ask about hidden copies: every other member that may hold the key.
+    def _suspect_owners(
+        self, keys: Iterable[StoreKey]
+    ) -> tuple[dict[StoreKey, list[RingMember]], dict[StoreKey, set[str]]]:
+        """Whom to ask about hidden copies, and who of them must answer.
 
-        The previous owners, and the key's current co-replicas too: a copy
-        hidden after a gap may be older than what they took while this node
-        was away (the rule of ``previous_owners``, that a current replica got
-        every write, holds only for writes made while this node was one).
+        Ask every other member that may hold the key: the previous owners,
+        and the key's current co-replicas too: a copy hidden after a gap may
+        be older than what they took while this node was away (the rule of
+        ``previous_owners``, that a current replica got every write, holds
+        only for writes made while this node was one). The co-replicas
+        (by address) must answer: while one is silent the copy stays hidden.
         """
         ring = self._rings.current
-        out: dict[StoreKey, list[RingMember]] = {}
+        owners_of: dict[StoreKey, list[RingMember]] = {}
+        must_answer: dict[StoreKey, set[str]] = {}
         for key in keys:
             owners = list(self._rings.previous_owners(key[1]))
             if ring is not None:
+                co = [m for m in ring.replica_set(key[1]) if m.name != self._rings.name]
+                must_answer[key] = {m.address for m in co}
                 seen = {m.address for m in owners}
-                owners += [
-                    m
-                    for m in ring.replica_set(key[1])
-                    if m.name != self._rings.name and m.address not in seen
-                ]
-            out[key] = owners
-        return out
+                owners += [m for m in co if m.address not in seen]
+            owners_of[key] = owners
+        return owners_of, must_answer
 
     # -- asking previous owners ---------------------------------------------------
     def _ask(
@@ -212,20 +215,15 @@ class Handoff:
         keys = list(keys)
         suspects = {k: e for k in keys if (e := self._store.suspect(k)) is not None}
         wanted = self._candidates(keys)
-        wanted.update(self._suspect_owners(suspects))
-        if not wanted and not suspects:
-            return {}
-        floors: dict[StoreKey, int] = {}
         # A hidden copy is not served while one of the key's current
         # co-replicas is silent: it took the writes made while this node was
         # away. A silent previous owner (out of the replica set now) is a miss
         # among the answers, as for any handoff.
-        ring = self._rings.current
-        must_answer = {
-            k: {m.address for m in ring.replica_set(k[1]) if m.name != self._rings.name}
-            for k in suspects
-            if ring is not None
-        }
+        suspect_owners, must_answer = self._suspect_owners(suspects)
+        wanted.update(suspect_owners)
+        if not wanted and not suspects:
+            return {}
+        floors: dict[StoreKey, int] = {}
         unanswered: set[StoreKey] = set()
         heads = (
             self._ask(
