@@ -1,9 +1,12 @@
 """``python -m bench.tls``: what security costs on the data path.
 
-One node (a real process, loopback) in four modes, the same client work in
+One node (a real process, loopback) in six modes, the same client work in
 each: plaintext; tokens (``--auth-tokens``: an AUTH frame per connection and
 a grant check per key); mutual TLS (``--tls-*``: the data channel and gRPC
-encrypted); TLS and tokens. For each: put and get GB/s of one large tensor
+encrypted); TLS and tokens; and both TLS modes with
+``--data-channel-encryption off`` ("dc-off": gRPC stays mutual TLS, the data
+channel is plaintext and each connection opens with a ticket asked for over
+gRPC). For each: put and get GB/s of one large tensor
 over the data channel (the co-located fast path is off: it moves no bytes
 over a socket, so TLS does not touch it), get GB/s over gRPC, and small
 gets per second (4 KiB, one at a time: the per-request cost). Ratios are
@@ -35,7 +38,7 @@ from tensorcache.tls import TLSFiles
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GB = 1e9
-MODES = ("plaintext", "tokens", "tls", "tls+tokens")
+MODES = ("plaintext", "tokens", "tls", "tls+tokens", "tls/dc-off", "tls+tokens/dc-off")
 
 
 def make_pki(root: Path) -> TLSFiles:
@@ -67,9 +70,15 @@ def run_mode(mode: str, root: Path, tls: TLSFiles, size: int, budget: Budget) ->
         env |= {"TENSORCACHE_TLS_CERT": tls.cert, "TENSORCACHE_TLS_KEY": tls.key}
         env["TENSORCACHE_TLS_CA"] = tls.ca
         client["tls"] = tls
+    if "dc-off" in mode:
+        args += ["--data-channel-encryption", "off"]
     big = np.frombuffer(np.random.default_rng(0).bytes(size), np.uint8).copy()
     small = np.arange(1024, dtype=np.float32)  # 4 KiB
     out: dict[str, Any] = {"mode": mode}
+    if "dc-off" in mode:  # the router takes no such flag: only nodes have a data channel
+        router_args = [a for a in args if a not in ("--data-channel-encryption", "off")]
+    else:
+        router_args = args
     with (
         LocalCluster(
             1,
@@ -77,7 +86,7 @@ def run_mode(mode: str, root: Path, tls: TLSFiles, size: int, budget: Budget) ->
             log_dir=root / mode,
             env=env,
             node_args=args,
-            router_args=args,
+            router_args=router_args,
         ) as cluster,
         tensorcache.connect(cluster.router_address, stripe_size=2 * size, **client) as c,
         tensorcache.connect(
@@ -97,6 +106,8 @@ def run_mode(mode: str, root: Path, tls: TLSFiles, size: int, budget: Budget) ->
                 c.get("small")
 
         small_s = statistics.median(repeat(smalls, budget))
+        # Measured the data channel, not the gRPC fallback.
+        assert c.metrics().get("data_fallbacks", 0) == 0, c.metrics()
     out |= {
         "put_gbps": size / put_s / GB,
         "get_gbps": size / get_s / GB,
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]
     print(f"\nData path with and without security: 1 node, loopback, {size // MIB} MiB tensor")
     print(f"(load {load0:.1f} -> {loadavg():.1f}; ratios vs plaintext in the same run)\n")
-    head = f"{'mode':<12}{'put GB/s':>16}{'get GB/s':>16}{'gRPC get GB/s':>18}{'4KiB gets/s':>18}"
+    head = f"{'mode':<20}{'put GB/s':>16}{'get GB/s':>16}{'gRPC get GB/s':>18}{'4KiB gets/s':>18}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -135,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{r[field]:.2f} ({r[field] / base[field]:.2f}x)".rjust(width))
         ratio = r["small_gets_per_s"] / base["small_gets_per_s"]
         cells.append(f"{r['small_gets_per_s']:.0f} ({ratio:.2f}x)".rjust(18))
-        print(f"{r['mode']:<12}{''.join(cells)}")
+        print(f"{r['mode']:<20}{''.join(cells)}")
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"tls-{stamp}.json"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from tensorcache.client.tickets import TicketSource, connect_ticketed
 from tensorcache.dataproto import (
     MAGIC,
     OP_AUTH,
@@ -33,6 +34,7 @@ from tensorcache.dataproto import (
 )
 from tensorcache.errors import ProtocolError, TensorCacheError, Unavailable, from_status
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.tickets import OP_TICKET
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -47,12 +49,20 @@ class DataConn:
         timeout_s: float,
         token: str | None = None,
         tls: ssl.SSLContext | None = None,
+        ticket: TicketSource | None = None,
     ) -> None:
+        """``ticket``: the node's data channel is plaintext and opens with a
+        ticket (client/tickets.py); then neither ``tls`` nor ``token`` is used."""
         self.address = address
-        try:
-            self.sock = socket.create_connection(_split(address), timeout=timeout_s)
-        except OSError as exc:
-            raise Unavailable(f"data channel {address}: {exc}") from exc
+        first = b""
+        if ticket is not None:
+            self.sock, granted = connect_ticketed(_split(address), timeout_s, ticket)
+            first, token, tls = frame(OP_TICKET, granted), None, None
+        else:
+            try:
+                self.sock = socket.create_connection(_split(address), timeout=timeout_s)
+            except OSError as exc:
+                raise Unavailable(f"data channel {address}: {exc}") from exc
         try:  # a node that resets us right after accepting is unreachable too
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             kernel_timeouts(self.sock, timeout_s, send=True)
@@ -60,7 +70,7 @@ class DataConn:
                 self.sock = tls.wrap_socket(self.sock, server_hostname=_split(address)[0])
             # A token goes first, unanswered: no round trip; a refusal is
             # the reply the first request reads.
-            self.sock.sendall(MAGIC + (frame(OP_AUTH, token.encode()) if token else b""))
+            self.sock.sendall(MAGIC + first + (frame(OP_AUTH, token.encode()) if token else b""))
         except OSError as exc:
             self.close()
             raise Unavailable(f"data channel {address}: {exc}") from exc
@@ -131,11 +141,15 @@ class DataPool:
         max_idle_per_node: int = 8,
         token: str | None = None,
         tls: Callable[[], ssl.SSLContext | None] = lambda: None,
+        tickets: Callable[[str], TicketSource | None] = lambda address: None,
     ) -> None:
-        """``tls``: the client TLS context for a new connection (None: plaintext)."""
+        """``tls``: the client TLS context for a new connection (None: plaintext).
+        ``tickets``: for a data address, how to get a ticket (None: that node's
+        data channel takes none; it is TLS or plaintext as ``tls`` says)."""
         self._timeout_s = timeout_s
         self._token = token
         self._tls = tls
+        self._tickets = tickets
         self._max_idle = max_idle_per_node
         self._idle: dict[str, list[DataConn]] = {}
         self._lock = threading.Lock()
@@ -149,7 +163,9 @@ class DataPool:
                 idle = self._idle.get(address)
                 conn = idle.pop() if idle else None
             if conn is None:
-                conn = DataConn(address, self._timeout_s, self._token, self._tls())
+                source = self._tickets(address)
+                tls = None if source is not None else self._tls()
+                conn = DataConn(address, self._timeout_s, self._token, tls, source)
             elif not conn.alive():  # closed by the node while idle (idle timeout, restart)
                 conn.close()
                 conn = None

@@ -44,6 +44,7 @@ from tensorcache.client.items import (
     payload_destinations,
     put_request,
 )
+from tensorcache.client.tickets import TicketSource, issuer
 from tensorcache.client.transport import ConnPool, payload_messages, read_payload
 from tensorcache.errors import ProtocolError, Unavailable, from_rpc_error
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -98,7 +99,11 @@ class NetworkTransport:
         self._count = count
         creds = Credentials(config.token, config.tls)
         self._conns = ConnPool(creds)
-        self._data = DataPool(config.timeout_s, token=config.token, tls=creds.data_context)
+        # Data addresses whose node wants a ticket -> that node's gRPC address.
+        self._ticketed: dict[str, str] = {}
+        self._data = DataPool(
+            config.timeout_s, token=config.token, tls=creds.data_context, tickets=self._ticket
+        )
         self._local: dict[bytes, bool] = {}
 
     def close(self) -> None:
@@ -111,7 +116,16 @@ class NetworkTransport:
 
     # -- paths ----------------------------------------------------------------
     def _data_channel(self, member: RingMember) -> bool:
+        if member.data_ticket:
+            self._ticketed[member.data_address] = member.address
         return self._config.transport == "auto" and bool(member.data_address)
+
+    def _ticket(self, data_address: str) -> TicketSource | None:
+        """How to get a ticket for ``data_address`` (None: its node wants none)."""
+        address = self._ticketed.get(data_address)
+        if address is None:
+            return None
+        return issuer(self._conns.get(address).channel, address, self._config.timeout_s)
 
     def _data_fallback(self, member: RingMember, exc: Exception) -> None:
         """The data channel failed: this call goes over gRPC instead (counted)."""

@@ -24,6 +24,7 @@ from tensorcache.authgrpc import AuthInterceptor, PolicyFile, Rule, any_token
 from tensorcache.grpcutil import NODE_SERVICE
 from tensorcache.node.ops import parse_header
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.tickets import ISSUE
 
 
 def _key(raw: bytes) -> str:
@@ -81,6 +82,9 @@ RULES: dict[str, Rule] = {
     f"/{NODE_SERVICE}/Fence": any_token,
     f"/{NODE_SERVICE}/Stat": _raw(pb.StatRequest, "stat", check_stat),
     f"/{NODE_SERVICE}/Pin": _raw(pb.PinRequest, "pin", check_pin),
+    # A data-channel ticket carries its caller's token name; the data
+    # channel then checks that token's grant on every request.
+    ISSUE: any_token,
 }
 
 

@@ -59,6 +59,7 @@ from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
+from tensorcache.tickets import MAX_TICKET, OP_TICKET, TicketBook
 from tensorcache.tls import ReloadingContext
 
 log = logging.getLogger("tensorcache.node")
@@ -89,9 +90,15 @@ class DataServer:
         tokens: PolicyFile | None = None,
         metrics: Transfers | None = None,
         tls: ReloadingContext | None = None,
+        tickets: TicketBook | None = None,
     ) -> None:
         """``tokens``: require an AUTH frame first and check every request's keys.
-        ``tls``: mutual TLS on every connection (a client certificate required)."""
+        ``tls``: mutual TLS on every connection (a client certificate required).
+        ``tickets``: plaintext, but every connection opens with a ticket this
+        node issued over mutual-TLS gRPC (tensorcache/tickets.py); with
+        ``tokens``, the ticket's token grant applies (no AUTH frame)."""
+        if tls is not None and tickets is not None:
+            raise ValueError("the data channel is either TLS or ticketed, not both")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -102,6 +109,7 @@ class DataServer:
         self._max = max_connections
         self._tokens = tokens
         self._tls = tls
+        self._tickets = tickets
         self._conns: set[socket.socket] = set()
         # Each connection's entries pinned for a local reader (read at scrape time).
         self._pins: dict[socket.socket, list[Entry]] = {}
@@ -177,22 +185,30 @@ class DataServer:
                 raise InvalidArgument(
                     f"not a tensorcache data connection: expected magic {MAGIC!r}, got {magic!r}"
                 )
+            ticketed = self._tickets is not None
+            grant: Grant | None = None  # the connection's, from its AUTH frame or ticket
+            if ticketed:
+                grant = self._admit(conn, reader)
             kernel_timeouts(conn, IDLE_TIMEOUT_S, send=False)
             # Entries whose addresses the last local GET handed out: kept
             # alive (pinned) until the client sends its next request.
             pinned: list[Entry] = []
-            grant: Grant | None = None  # the connection's, from its AUTH frame
             with self._lock:
                 self._pins[conn] = pinned
             while True:
                 # Until the AUTH frame, a stranger gets only a small header.
-                unknown = self._tokens is not None and grant is None
+                unknown = self._tokens is not None and grant is None and not ticketed
                 got = reader.read_frame(MAX_AUTH_HEADER if unknown else MAX_HEADER)
                 pinned.clear()  # the client finished reading the last local reply
                 if got is None:
                     return
                 op, header = got
                 if op == OP_AUTH:
+                    if ticketed:  # a token in plaintext: refuse rather than use it
+                        raise Unauthenticated(
+                            "data channel: this node's data channel is plaintext and takes a "
+                            "ticket, never a token (it would cross the network in the clear)"
+                        )
                     grant = self._authenticate(header)
                     continue
                 if self._tokens is not None and grant is None:
@@ -235,6 +251,28 @@ class DataServer:
         with self._lock:
             self._conns.add(conn)
         return conn
+
+    def _admit(self, conn: socket.socket, reader: Reader) -> Grant | None:
+        """A ticketed connection's first frame: its ticket, checked (refused: raises)."""
+        assert self._tickets is not None
+        got = reader.read_frame(MAX_TICKET)
+        if got is None:
+            raise PeerClosed("closed before its ticket")
+        op, header = got
+        if op != OP_TICKET:
+            raise Unauthenticated(
+                "data channel: this node's data channel is plaintext and needs a ticket "
+                "(DataTickets/Issue over mutual-TLS gRPC) as the first frame"
+            )
+        peer = conn.getpeername()
+        grants = self._tokens.policy().grants.values() if self._tokens is not None else None
+        try:
+            grant, identity = self._tickets.admit(header, peer[0], peer[1], grants)
+        except Unauthenticated as exc:
+            log.info("data channel: refused %s:%s: %s", peer[0], peer[1], exc)
+            raise
+        log.debug("data channel: ticket of %s admitted from %s:%s", identity, peer[0], peer[1])
+        return grant
 
     def _authenticate(self, header: bytes) -> Grant | None:
         """The grant of an AUTH frame's token (None: this node checks no tokens)."""

@@ -20,7 +20,7 @@ from tensorcache.auth import TOKEN_ENV
 from tensorcache.authgrpc import Credentials, PolicyFile
 from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.metrics import Exporter
-from tensorcache.node import authz
+from tensorcache.node import authz, tickets
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
 from tensorcache.node.events import EventPublisher, NoEvents
@@ -35,6 +35,7 @@ from tensorcache.node.tiered import TieredStore
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import Ring
 from tensorcache.sizes import parse_size
+from tensorcache.tickets import TicketBook
 from tensorcache.tls import ReloadingContext, TLSFiles
 
 log = logging.getLogger("tensorcache.node")
@@ -98,8 +99,25 @@ class NodeConfig:
     #: Mutual TLS on the gRPC port, the data channel and every call this node
     #: makes (tensorcache/tls.py); the health port stays plaintext.
     tls: TLSFiles | None = None
+    #: With ``tls``: True (None means the same) runs the data channel over
+    #: mutual TLS; False leaves it plaintext, for networks the CNI or a mesh
+    #: encrypts, admitting only connections with a ticket issued over mTLS
+    #: gRPC (node/tickets.py). Without ``tls`` only None is valid.
+    data_channel_encryption: bool | None = None
+    #: How long a data-channel ticket admits a connection after it is issued.
+    data_ticket_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.data_channel_encryption is not None and self.tls is None:
+            # Either value would mislead: "on" cannot encrypt without
+            # certificates, "off" has no mutual-TLS gRPC to issue tickets over.
+            raise ValueError(
+                "data_channel_encryption (--data-channel-encryption) needs TLS "
+                "(--tls-cert/--tls-key/--tls-ca): without it the data channel is "
+                "plaintext and unauthenticated by tickets"
+            )
+        if not 0 < self.data_ticket_ttl_s <= 300:
+            raise ValueError(f"data_ticket_ttl_s must be in (0, 300], got {self.data_ticket_ttl_s}")
         if not self.name or len(self.name) > 253:
             raise ValueError(f"name {self.name!r} must be 1..253 characters")
         if self.capacity <= 0:
@@ -207,14 +225,21 @@ class NodeServer:
         # A random token at a known address proves co-location to clients.
         self._local_token = secrets.token_bytes(16)
         local = config.local_readers and config.data_port is not None and localread.AVAILABLE
+        ticketed = config.tls is not None and config.data_channel_encryption is False
         if config.data_port is not None:
+            book = TicketBook(config.name, ttl_s=config.data_ticket_ttl_s) if ticketed else None
+            if book is not None:
+                self._server.add_generic_rpc_handlers(
+                    (tickets.TicketService(book, tokens).handler(),)
+                )
             self._data = DataServer(
                 self.ops,
                 config.host,
                 config.data_port,
                 tokens=tokens,
                 metrics=self.metrics,
-                tls=ReloadingContext(config.tls) if config.tls else None,
+                tls=ReloadingContext(config.tls) if config.tls and not ticketed else None,
+                tickets=book,
             )
             self.data_address = _join(host, self._data.port)
         if local:
@@ -229,6 +254,7 @@ class NodeServer:
                 local_token_addr=localread.address_of(self._local_token) if local else 0,
                 local_token=self._local_token if local else b"",
                 incarnation=self.incarnation,
+                data_ticket=ticketed and self._data is not None,
             )
             self._agent = MembershipAgent(
                 config.router, member, self.epochs, self._on_ring, self.rings.mark_gap, creds
@@ -366,6 +392,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "disk tier (default: min(256MiB, capacity/8)); evictions past it are dropped",
     )
     tls.add_arguments(p)
+    tickets.add_arguments(p)
     p.add_argument(
         "--auth-tokens",
         metavar="FILE",
@@ -409,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
         token=os.environ.get(TOKEN_ENV) or None,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls.from_args(args),
+        data_channel_encryption=tickets.from_args(args),
     )
     # Handlers first: a SIGTERM that arrives while the node starts (a restart
     # followed at once by a scale-down) still gets a graceful leave and exit 0.

@@ -360,8 +360,54 @@ class DataError(_message.Message):
     epoch: int
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class DataTicketRequest(_message.Message):
+    __slots__ = ("client_host", "client_port")
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    client_host: str
+    client_port: int
+    def __init__(self, client_host: _Optional[str] = ..., client_port: _Optional[int] = ...) -> None: ...
+
+class DataTicketReply(_message.Message):
+    __slots__ = ("ticket", "ttl_ms")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    ttl_ms: int
+    def __init__(self, ticket: _Optional[bytes] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class DataTicketBody(_message.Message):
+    __slots__ = ("key_id", "expires_ms", "nonce", "node", "client_host", "client_port", "identity", "has_grant", "grant_name")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PORT_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    HAS_GRANT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_NAME_FIELD_NUMBER: _ClassVar[int]
+    key_id: int
+    expires_ms: int
+    nonce: bytes
+    node: str
+    client_host: str
+    client_port: int
+    identity: str
+    has_grant: bool
+    grant_name: str
+    def __init__(self, key_id: _Optional[int] = ..., expires_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., node: _Optional[str] = ..., client_host: _Optional[str] = ..., client_port: _Optional[int] = ..., identity: _Optional[str] = ..., has_grant: _Optional[bool] = ..., grant_name: _Optional[str] = ...) -> None: ...
+
+class DataTicket(_message.Message):
+    __slots__ = ("body", "mac")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    mac: bytes
+    def __init__(self, body: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
 class Member(_message.Message):
-    __slots__ = ("name", "address", "capacity", "data_address", "local_pid", "local_token_addr", "local_token", "incarnation")
+    __slots__ = ("name", "address", "capacity", "data_address", "local_pid", "local_token_addr", "local_token", "incarnation", "data_ticket")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +416,7 @@ class Member(_message.Message):
     LOCAL_TOKEN_ADDR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_TICKET_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capacity: int
@@ -378,7 +425,8 @@ class Member(_message.Message):
     local_token_addr: int
     local_token: bytes
     incarnation: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ..., local_pid: _Optional[int] = ..., local_token_addr: _Optional[int] = ..., local_token: _Optional[bytes] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    data_ticket: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ..., local_pid: _Optional[int] = ..., local_token_addr: _Optional[int] = ..., local_token: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., data_ticket: _Optional[bool] = ...) -> None: ...
 
 class RingSnapshot(_message.Message):
     __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit", "replicas", "invalidations")

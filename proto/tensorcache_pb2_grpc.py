@@ -25,6 +25,78 @@ if _version_not_supported:
     )
 
 
+class DataTicketsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Issue = channel.unary_unary(
+                '/tensorcache.v1.DataTickets/Issue',
+                request_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.DataTicketRequest.SerializeToString,
+                response_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.DataTicketReply.FromString,
+                _registered_method=True)
+
+
+class DataTicketsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Issue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DataTicketsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Issue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Issue,
+                    request_deserializer=tensorcache_dot_proto_dot_tensorcache__pb2.DataTicketRequest.FromString,
+                    response_serializer=tensorcache_dot_proto_dot_tensorcache__pb2.DataTicketReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tensorcache.v1.DataTickets', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tensorcache.v1.DataTickets', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DataTickets:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Issue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcache.v1.DataTickets/Issue',
+            tensorcache_dot_proto_dot_tensorcache__pb2.DataTicketRequest.SerializeToString,
+            tensorcache_dot_proto_dot_tensorcache__pb2.DataTicketReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -40,6 +40,8 @@ class RingMember:
     # Random per process start: a node restarted under its old name (and,
     # with a stable DNS name, its old address) is a new, empty member.
     incarnation: int = 0
+    # The data channel is plaintext and opens with a ticket (tensorcache/tickets.py).
+    data_ticket: bool = False
 
     @property
     def incarnation_key(self) -> tuple[str, str, int]:

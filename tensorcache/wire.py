@@ -25,6 +25,7 @@ def from_pb(m: pb.Member) -> RingMember:
         local_token_addr=m.local_token_addr,
         local_token=m.local_token,
         incarnation=m.incarnation,
+        data_ticket=m.data_ticket,
     )
 
 
@@ -38,6 +39,7 @@ def to_pb(m: RingMember) -> pb.Member:
         local_token_addr=m.local_token_addr,
         local_token=m.local_token,
         incarnation=m.incarnation,
+        data_ticket=m.data_ticket,
     )
 
 
