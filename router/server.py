@@ -76,6 +76,10 @@ class RouterConfig:
     metrics_port: int | None = None
     #: Mutual TLS on the gRPC port and to other routers; health stays plaintext.
     tls: TLSFiles | None = None
+    #: With ``tls``: the name other routers' certificates must carry, checked
+    #: instead of their advertised address (a pod IP behind a Service, which
+    #: cert-manager cannot put in a certificate). None: the address itself.
+    tls_peer_name: str | None = None
     #: TLS (an https:// etcd URL) and user/password for etcd (router/etcd_conn.py).
     etcd_auth: EtcdAuth | None = None
 
@@ -205,7 +209,7 @@ def create_server(config: RouterConfig) -> RunningRouter:
         me,
         announcer.routers,
         lambda: announcer.keep_announced(me),
-        creds=Credentials(config.token, config.tls),
+        creds=Credentials(config.token, config.tls, server_name=config.tls_peer_name),
     )
     servicer.relay = relay  # known only now that the port is bound
     running = RunningRouter(server, port, membership, hub, follower, relay)
@@ -261,6 +265,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default -1: none; health is also on --port)",
     )
     tls.add_arguments(p)
+    p.add_argument(
+        "--tls-peer-name",
+        default=None,
+        help="with --tls-*: the DNS name other routers' certificates carry, checked when "
+        "relaying to their --advertise address (pod IPs behind a Service; default: the "
+        "address itself)",
+    )
     p.add_argument("--etcd-cert", default=None, help="client certificate for etcd (PEM)")
     p.add_argument("--etcd-key", default=None, help="its private key (PEM)")
     p.add_argument(
@@ -321,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
         token=os.environ.get(TOKEN_ENV) or None,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls.from_args(args),
+        tls_peer_name=args.tls_peer_name,
         etcd_auth=_etcd_auth(args),
     )
     router = create_server(config)

@@ -22,7 +22,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,9 @@ class Credentials:
     token: str | None = field(default=None, repr=False)
     #: Mutual TLS (tensorcache/tls.py); None: plaintext.
     tls: TLSFiles | None = None
+    #: With ``tls``: the name the server's certificate must carry, when it is
+    #: not the address dialled (routers relaying to each other's pod IPs).
+    server_name: str | None = None
 
     def data_context(self) -> ssl.SSLContext | None:
         """The data channel's client TLS context (files read now: rotation applies)."""
@@ -67,8 +70,10 @@ class Credentials:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((METADATA_KEY, f"Bearer {self.token}"),) if self.token else ()
 
-    def channel(self, address: str, options: list[tuple[str, int]]) -> grpc.Channel:
+    def channel(self, address: str, options: Sequence[tuple[str, int | str]]) -> grpc.Channel:
         if self.tls is not None:
+            if self.server_name:
+                options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
             channel = grpc.secure_channel(address, self.tls.channel_credentials(), options=options)
         else:
             channel = grpc.insecure_channel(address, options=options)

@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 DEV = "overlays/dev"
 PROD = "overlays/prod"
-OVERLAYS = (DEV, PROD)
+# prod + mutual TLS by cert-manager, and the GPU worker example with its certificate.
+CERT_MANAGER = "overlays/cert-manager"
+OVERLAYS = (DEV, PROD, CERT_MANAGER)
 EXAMPLE = "examples/gpu-worker"
+CERT_WORKER = "overlays/cert-manager/worker"
 NAMESPACE = "tensorcache"
 WORKLOADS = ("StatefulSet", "Deployment")
 MiB = 1024**2

@@ -27,8 +27,11 @@ import yaml
 
 from tensorcache.apps.cli import build_parser
 from tensorcache.sizes import parse_size
+from tensorcache.tls import TLSFiles
 
 from .k8s_render import (
+    CERT_MANAGER,
+    CERT_WORKER,
     DEV,
     EXAMPLE,
     K8S,
@@ -57,7 +60,7 @@ pytestmark = pytest.mark.integration
 # 1.29 is the oldest still in vendors' extended support) and the newest
 # kubernetes-validate knows.
 OLDEST_K8S = "1.29"
-ALL = (*OVERLAYS, EXAMPLE)
+ALL = (*OVERLAYS, EXAMPLE, CERT_WORKER)
 # Seconds a SIGTERM'd node spends outside its drain (node/server.py stop):
 # stopping the agent (<= 5), deregistering (<= 2), fetching the ring (<= 5),
 # the drain's join slack (1), in-flight RPCs (5), plus margin.
@@ -113,10 +116,16 @@ def test_every_object_passes_strict_schema_validation(path: str, tmp_path: Path)
     assert out.returncode == 0 and not report.strip(), f"k8s/{path}:\n{report}"
 
 
-# The Prometheus Operator's kinds (k8s/monitoring, in the prod overlay).
-CUSTOM_RESOURCES = {
+# The Prometheus Operator's kinds (k8s/monitoring, in the prod overlay) and
+# cert-manager's (the cert-manager overlay; the test_cert_manager_* tests check them).
+MONITORING_RESOURCES = {
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+CUSTOM_RESOURCES = {
+    *MONITORING_RESOURCES,
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
 }
 
 
@@ -143,7 +152,7 @@ def test_monitoring_custom_resources() -> None:
     text = (K8S / "monitoring" / "dashboard.json").read_text()
     assert dashboard["data"]["tensorcache.json"] == text
     kinds = {(o["apiVersion"], o["kind"]) for o in objects if "coreos" in o["apiVersion"]}
-    assert kinds == CUSTOM_RESOURCES
+    assert kinds == MONITORING_RESOURCES
 
 
 def test_validates_against_more_than_one_version() -> None:
@@ -209,7 +218,10 @@ def test_nodes_are_a_parallel_statefulset_named_by_pod(path: str) -> None:
         (c,) = pod.containers()
         args = container_args(pod, c, pod_ip="10.1.2.3")
         assert flag(args, "name") == pod.name, "the ring hashes on the stable pod name"
-        assert flag(args, "advertise") == "10.1.2.3", "clients dial the pod IP"
+        # Clients dial the pod IP; with cert-manager, the per-pod DNS name under
+        # the headless Service, which the node's certificate names.
+        dns = f"{pod.name}.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local"
+        assert flag(args, "advertise") == (dns if path == CERT_MANAGER else "10.1.2.3")
         assert flag(args, "router") == "tensorcache-router:7070"
     pdb = named(objects, "PodDisruptionBudget", "tensorcache-node")
     assert pdb["spec"]["maxUnavailable"] == 1
@@ -556,6 +568,129 @@ def test_gpu_worker_example_reaches_the_router_service() -> None:
     compile(source, "worker.py", "exec")
     (cm,) = by_kind(render(EXAMPLE), "ConfigMap")
     assert cm["data"]["worker.py"] == source
+
+
+# ------------------------------------------------------------------ cert-manager (mutual TLS)
+TLS_ENV = ("TENSORCACHE_TLS_CERT", "TENSORCACHE_TLS_KEY", "TENSORCACHE_TLS_CA")
+# The Secret each component's certificate lands in.
+CERT_SECRETS = {
+    "node": "tensorcache-node-tls",
+    "router": "tensorcache-router-tls",
+    "worker": "tensorcache-worker-tls",
+}
+
+
+def _dns_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 matching: a leading ``*`` stands for exactly one whole label."""
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name
+
+
+def _certificates() -> dict[str, Obj]:
+    return {c["spec"]["secretName"]: c for c in by_kind(render(CERT_MANAGER), "Certificate")}
+
+
+def test_cert_manager_issues_from_one_ca() -> None:
+    """Self-signed bootstrap Issuer -> CA Certificate -> CA Issuer -> every leaf."""
+    objects = render(CERT_MANAGER)
+    issuers = {i["metadata"]["name"]: i["spec"] for i in by_kind(objects, "Issuer")}
+    certs = _certificates()
+    (ca,) = [c for c in certs.values() if c["spec"].get("isCA")]
+    assert "selfSigned" in issuers[ca["spec"]["issuerRef"]["name"]]
+    (ca_issuer,) = [n for n, i in issuers.items() if "ca" in i]
+    assert issuers[ca_issuer]["ca"]["secretName"] == ca["spec"]["secretName"]
+    leaves = {name: c for name, c in certs.items() if not c["spec"].get("isCA")}
+    assert set(leaves) == set(CERT_SECRETS.values())
+    for name, cert in leaves.items():
+        spec = cert["spec"]
+        assert spec["issuerRef"] == {
+            "name": ca_issuer,
+            "kind": "Issuer",
+            "group": "cert-manager.io",
+        }
+        # Nodes and routers serve and call; workers only call.
+        need = {"client auth"} | ({"server auth"} if "worker" not in name else set())
+        assert need <= set(spec["usages"]), name
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+        assert spec["renewBefore"] and spec["duration"]
+
+
+@pytest.mark.parametrize("path", [CERT_MANAGER, CERT_WORKER])
+def test_cert_manager_every_grpc_container_mounts_cert_key_and_ca(path: str) -> None:
+    """Every container that speaks tensorcache's gRPC (nodes, routers, workers)
+    names its certificate, key and CA in TENSORCACHE_TLS_*, and they are the
+    files of its component's Secret, mounted whole (renewals reach them) and
+    readable by the pod's user. etcd is not tensorcache's gRPC: its own TLS is
+    the routers' --etcd-* flags (not in this overlay)."""
+    checked = set()
+    for pod in pods(render(path)):
+        if pod.component == "etcd":
+            continue
+        (c,) = pod.containers()
+        env = container_env(pod, c, pod_ip="10.0.0.7")
+        files = TLSFiles.from_env(env)
+        assert files is not None, f"{pod.name}: no TENSORCACHE_TLS_*"
+        volumes = {v["name"]: v for v in pod.spec["volumes"]}
+        for var, path_ in zip(TLS_ENV, (files.cert, files.key, files.ca), strict=True):
+            (mount,) = [
+                m for m in c["volumeMounts"] if path_.startswith(m["mountPath"].rstrip("/") + "/")
+            ]
+            assert mount.get("readOnly") is True and "subPath" not in mount, (pod.name, mount)
+            secret = volumes[mount["name"]]["secret"]
+            assert secret["secretName"] == CERT_SECRETS[pod.component], (pod.name, var)
+            assert path_.rsplit("/", 1)[1] in ("tls.crt", "tls.key", "ca.crt")
+            mode = secret.get("defaultMode", 0o644)
+            group = pod.spec["securityContext"].get("fsGroup")
+            assert mode & 0o004 or (mode & 0o040 and group is not None), (pod.name, oct(mode))
+        checked.add(pod.component)
+    expected = {"node", "router"} if path == CERT_MANAGER else {"worker"}
+    assert checked == expected
+
+
+def test_cert_manager_certificates_name_the_addresses_dialled() -> None:
+    """Clients check a server's certificate against the address they dial:
+    each node's advertised per-pod name under the headless Service, the
+    router Service's names (as nodes and workers write them), and the name
+    routers check each other for (--tls-peer-name)."""
+    objects = render(CERT_MANAGER)
+    certs = _certificates()
+    node_names = certs[CERT_SECRETS["node"]]["spec"]["dnsNames"]
+    router_names = certs[CERT_SECRETS["router"]]["spec"]["dnsNames"]
+    sts = named(objects, "StatefulSet", "tensorcache-node")
+    headless = sts["spec"]["serviceName"]
+    dialled = {"router": set(), "peer": set()}
+    for pod, c in tensorcache_containers(objects):
+        args = container_args(pod, c)
+        if pod.component == "node":
+            advertised = flag(args, "advertise")
+            assert advertised.startswith(f"{pod.name}.{headless}.{NAMESPACE}.svc")
+            assert any(_dns_matches(n, advertised) for n in node_names), advertised
+            # The short forms too (operators and tools in the namespace).
+            for short in (f"{pod.name}.{headless}", f"{pod.name}.{headless}.{NAMESPACE}"):
+                assert any(_dns_matches(n, short) for n in node_names), short
+            dialled["router"].add(flag(args, "router").rsplit(":", 1)[0])
+        else:
+            dialled["peer"].add(flag(args, "tls-peer-name"))
+    worker = next(p for p in pods(render(CERT_WORKER)))
+    (wc,) = worker.containers()
+    dialled["router"].add(container_env(worker, wc, pod_ip="-")["TC_ROUTER"].rsplit(":", 1)[0])
+    for host in dialled["router"] | dialled["peer"]:
+        assert host in router_names, f"{host} is not in the router certificate {router_names}"
+    assert dialled["router"] and dialled["peer"]
+
+
+def test_cert_manager_leaves_data_channel_encryption_on() -> None:
+    """On by default with TLS; the overlay says how to turn it off, and does not."""
+    for pod, c in tensorcache_containers(render(CERT_MANAGER)):
+        env = container_env(pod, c, pod_ip="10.0.0.7")
+        assert "TENSORCACHE_DATA_CHANNEL_ENCRYPTION" not in env
+        parsed = build_parser().parse_args(container_args(pod, c))
+        if pod.component == "node":
+            assert parsed.data_channel_encryption is None
+    text = (K8S / CERT_MANAGER / "tls.yaml").read_text()
+    assert "# - name: TENSORCACHE_DATA_CHANNEL_ENCRYPTION" in text
 
 
 # ------------------------------------------------------------------ the image

@@ -209,3 +209,33 @@ def test_rotation_without_restart_and_plaintext_health(pki, tmp_path):
         stub.close()
     finally:
         node.stop(grace=0)
+
+
+def test_a_peer_name_is_checked_instead_of_the_address(pki, tmp_path):
+    """Routers relay to each other's pod IPs, which cert-manager cannot put in a
+    certificate: with --tls-peer-name they check a DNS name the certificate
+    carries instead (Credentials.server_name). Without it, the IP is checked."""
+    directory = tmp_path / "named"
+    directory.mkdir()
+    leaf = pki["ca"].issue_cert("tensorcache-router")  # a DNS name only, no IP
+    cert, key = directory / "r.crt", directory / "r.key"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    files = TLSFiles(str(cert), str(key), pki["server"].ca)
+    server = NodeServer(NodeConfig(name="named", tls=files, data_port=None)).start()
+    try:
+        by_ip = NodeStub(server.address, Credentials(tls=pki["client"]))
+        with pytest.raises(grpc.RpcError) as err:
+            by_ip.stat(pb.StatRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        by_ip.close()
+        named = Credentials(tls=pki["client"], server_name="tensorcache-router")
+        stub = NodeStub(server.address, named)
+        assert stub.stat(pb.StatRequest(), timeout=5).name == "named"
+        stub.close()
+        wrong = NodeStub(server.address, Credentials(tls=pki["client"], server_name="other"))
+        with pytest.raises(grpc.RpcError):
+            wrong.stat(pb.StatRequest(), timeout=5)
+        wrong.close()
+    finally:
+        server.stop(grace=0)
