@@ -10,9 +10,15 @@ exactly like the gRPC servicer; only the byte moving differs:
 - GET: the reply header and every stored chunk go out in one ``sendmsg``
   scatter list.
 
+- DELETE, FILL (and GET head_only, a version check): control-size requests
+  that NodeOps answers exactly as it does the gRPC methods of that name,
+  after the same authorization rules (node/authz.py); here they cost a
+  quarter of a gRPC call (docs/performance.md).
+
 A malformed frame, an unknown op, a bad magic or any error during a PUT is
 answered with a DataError frame and the connection is closed (the stream
-may hold payload we will not read); a GET error keeps the connection.
+may hold payload we will not read); an error answering a GET, DELETE or FILL
+keeps the connection.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from tensorcache.dataproto import (
     MAX_AUTH_HEADER,
     MAX_HEADER,
     OP_AUTH,
+    OP_DELETE,
+    OP_FILL,
     OP_GET,
     OP_PUT,
     OP_RELEASE,
@@ -54,7 +62,7 @@ from tensorcache.errors import (
     Unauthenticated,
     status_code,
 )
-from tensorcache.node.authz import check_get, check_put
+from tensorcache.node.authz import check_delete, check_fill, check_get, check_put
 from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.store import Entry
@@ -221,6 +229,8 @@ class DataServer:
                     self._put(conn, reader, header, grant)
                 elif op == OP_RELEASE:
                     pass  # unpinned above; no reply
+                elif op in (OP_DELETE, OP_FILL):
+                    self._control(conn, op, header, grant)
                 else:
                     raise InvalidArgument(f"unknown data channel op {op}")
         except (PeerClosed, OSError):
@@ -313,6 +323,34 @@ class DataServer:
         local = sum(len(c) for e in pinned for c in e.chunks) if pinned else 0
         self._metrics.done("get", "data", "OK", time.perf_counter() - start, 0, sent, local)
         return pinned
+
+    def _control(self, conn: socket.socket, op: int, header: bytes, grant: Grant | None) -> None:
+        """A DELETE or FILL: the gRPC method's header and checks, answered in one frame.
+
+        No payload follows these requests, so an error leaves the stream in
+        step and the connection open (as for GET).
+        """
+        start = time.perf_counter()
+        name = "delete" if op == OP_DELETE else "fill"
+        try:
+            reply: pb.DeleteReply | pb.FillReply
+            if op == OP_DELETE:
+                dreq: pb.DeleteRequest = parse_header(pb.DeleteRequest, header, "delete")
+                if grant is not None:
+                    check_delete(grant, dreq)
+                reply = self._ops.delete(dreq)
+            else:
+                freq: pb.FillRequest = parse_header(pb.FillRequest, header, "fill")
+                if grant is not None:
+                    check_fill(grant, freq)
+                reply = self._ops.fill(freq)
+        except TensorCacheError as exc:
+            conn.sendall(_error_frame(exc))
+            status = status_code(exc).name
+        else:
+            conn.sendall(frame(0, reply.SerializeToString()))
+            status = "OK"
+        self._metrics.done(name, "data", status, time.perf_counter() - start, 0, 0, 0)
 
     def _put(self, conn: socket.socket, reader: Reader, header: bytes, grant: Grant | None) -> None:
         start = time.perf_counter()

@@ -26,12 +26,12 @@ from tensorcache.metrics import Key, Recorder, counter_family, histogram_family
 from tensorcache.proto import tensorcache_pb2 as pb
 
 #: Request operations (label ``op``) and bulk paths (label ``path``).
-OPS = ("get", "put")
+OPS = ("get", "put", "delete", "fill")
 PATHS = ("data", "grpc")
 
 
 class Transfers(Protocol):
-    """What a node's transports report: one call per Put or Get."""
+    """What a node's transports report: one call per Put, Get, Delete or Fill."""
 
     def done(
         self, op: str, path: str, status: str, seconds: float, received: int, sent: int, local: int
@@ -333,7 +333,7 @@ class NodeCollector:
         hists, counts = self._metrics.totals()
         yield histogram_family(
             "tensorcache_node_request_duration_seconds",
-            "Time to serve a Put or Get, from its header to its last byte, by path.",
+            "Time to serve a Put, Get, Delete or Fill, from its header to its last byte, by path.",
             ["op", "path"],
             hists,
             self._metrics.recorder.bounds,
@@ -341,7 +341,7 @@ class NodeCollector:
         )
         yield counter_family(
             "tensorcache_node_requests",
-            "Puts and Gets served, by path and gRPC status (OK or the error's).",
+            "Puts, Gets, Deletes and Fills served, by path and gRPC status (OK or the error's).",
             ["op", "path", "status"],
             counts,
             _pick("req", 3),

@@ -5,7 +5,8 @@ a serialized header we parse ourselves, so a malformed one gets
 INVALID_ARGUMENT naming the problem instead of a generic deserialization
 error; the remaining messages are payload bytes that are never copied into
 a protobuf message. The TCP data channel (dataserver.py) is the fast path;
-this one is the portable fallback and the home of Delete and Stat.
+this one is the portable fallback and the home of Stat, Fence and Pin
+(Delete and Fill go over the data channel too when a client has one open).
 """
 
 from __future__ import annotations
@@ -100,17 +101,29 @@ class NodeService:
             self._metrics.done("get", "grpc", status, time.perf_counter() - start, 0, sent, 0)
 
     def delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        start = time.perf_counter()
         try:
             req = parse_header(pb.DeleteRequest, raw, "delete")
-            return self._ops.delete(req).SerializeToString()
+            reply = self._ops.delete(req).SerializeToString()
         except TensorCacheError as exc:
+            self._done_control("delete", start, status_code(exc).name)
             self._abort(context, exc)
+        self._done_control("delete", start, "OK")
+        return reply
 
     def fill(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        start = time.perf_counter()
         try:
-            return self._ops.fill(parse_header(pb.FillRequest, raw, "fill")).SerializeToString()
+            reply = self._ops.fill(parse_header(pb.FillRequest, raw, "fill")).SerializeToString()
         except TensorCacheError as exc:
+            self._done_control("fill", start, status_code(exc).name)
             self._abort(context, exc)
+        self._done_control("fill", start, "OK")
+        return reply
+
+    def _done_control(self, op: str, start: float, status: str) -> None:
+        """Deletes and fills are recorded like gets and puts (the data channel serves them too)."""
+        self._metrics.done(op, "grpc", status, time.perf_counter() - start, 0, 0, 0)
 
     def fence(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         try:

@@ -24,6 +24,10 @@ OP_PUT = 1
 OP_GET = 2
 OP_RELEASE = 3
 OP_AUTH = 4  # header: the client's token; no reply (an error frame and close if refused)
+# Control-size requests (header in, header out, no payload): the same
+# messages as the gRPC methods of that name, without gRPC's per-call cost.
+OP_DELETE = 5  # header DeleteRequest; reply DeleteReply
+OP_FILL = 6  # header FillRequest; reply FillReply
 FRAME = struct.Struct("<BI")  # op or status, header length
 MAX_HEADER = 64 * 1024 * 1024
 # Before a connection has authenticated (a node with --auth-tokens), its first

@@ -1,7 +1,8 @@
 """A bounded, seeded fuzzer for what a node reads off the wire.
 
 Two doors into a node take bytes from anyone who can reach it: the TCP data
-channel (``tensorcache/dataproto.py`` framing, ``node/dataserver.py``) and
+channel (``tensorcache/dataproto.py`` framing, ``node/dataserver.py``: PUT,
+GET, RELEASE, and the control-size DELETE and FILL) and
 the gRPC methods whose headers the node parses itself (``node/service.py``).
 A *case* is what one client sends on one fresh connection; cases start from
 well-formed seeds and get a few mutations each: byte flips and interesting
@@ -43,7 +44,16 @@ from pathlib import Path
 import grpc
 
 from tensorcache import codec
-from tensorcache.dataproto import FRAME, MAGIC, MAX_HEADER, OP_GET, OP_PUT, OP_RELEASE
+from tensorcache.dataproto import (
+    FRAME,
+    MAGIC,
+    MAX_HEADER,
+    OP_DELETE,
+    OP_FILL,
+    OP_GET,
+    OP_PUT,
+    OP_RELEASE,
+)
 from tensorcache.grpcutil import NODE_SERVICE
 from tensorcache.proto import tensorcache_pb2 as pb
 
@@ -151,6 +161,9 @@ def seeds() -> list[Case]:
     get = pb.GetRequest(keys=[pb.EntryKey(key=k + b"a"), pb.EntryKey(key=k + b"zz")])
     head = pb.GetRequest(keys=[pb.EntryKey(key=k + b"a")], head_only=True)
     manifest = _manifest_put(k + b"m", 300).SerializeToString()
+    delete = pb.DeleteRequest(keys=[pb.EntryKey(key=k + b"gone"), pb.EntryKey(key=k + b"d")])
+    fill = pb.FillRequest(key=k + b"f", holder="h", ttl_ms=1000, filler="fuzz")
+    release = pb.FillRequest(key=k + b"f", holder="h", release=True)
     data = [
         MAGIC + _frame(OP_PUT, put1) + small,
         MAGIC + _frame(OP_PUT, put3) + small[:16] * 3,
@@ -158,6 +171,12 @@ def seeds() -> list[Case]:
         MAGIC + _frame(OP_GET, head.SerializeToString()) + _frame(OP_RELEASE, b""),
         MAGIC + _frame(OP_PUT, manifest),
         MAGIC + _frame(OP_PUT, put1) + small + _frame(OP_GET, get.SerializeToString()),
+        # Control-size ops: a delete, a fill and its release, then a version check.
+        MAGIC + _frame(OP_DELETE, delete.SerializeToString()),
+        MAGIC
+        + _frame(OP_FILL, fill.SerializeToString())
+        + _frame(OP_FILL, release.SerializeToString())
+        + _frame(OP_GET, head.SerializeToString()),
     ]
     cases = [Case("data", "", (d,), f"seed-data-{i}") for i, d in enumerate(data)]
     grpc_seeds = [
@@ -266,10 +285,33 @@ def _mutate_frame_field(rng: random.Random, b: bytearray) -> None:
         return _flip(rng, b)
     at = rng.choice(offsets)
     if rng.random() < 0.3:
-        b[at] = rng.choice([0, OP_PUT, OP_GET, OP_RELEASE, 4, 255])
+        b[at] = rng.choice([0, OP_PUT, OP_GET, OP_RELEASE, 4, OP_DELETE, OP_FILL, 7, 255])
     else:
         b[at + 1 : at + 5] = rng.choice(INTERESTING_U32).to_bytes(4, "little")
     return None
+
+
+def _mutate_control(rng: random.Random, msg: pb.DeleteRequest | pb.FillRequest) -> None:
+    """Odd values in a delete's or fill's fields (the header stays parseable)."""
+    choice = rng.randrange(4)
+    if choice == 0:
+        msg.epoch = rng.choice(INTERESTING_U64)
+    elif isinstance(msg, pb.DeleteRequest):
+        if choice == 1 and msg.keys:
+            msg.keys[0].key = rng.choice([b"", b"\xff\xfe", b"x" * 1025, KEY_PREFIX + b"\x00"])
+        elif choice == 2 and msg.keys:
+            msg.keys[-1].kind = rng.choice([1, 2, 7, 2**31 - 1, -1])  # type: ignore[assignment]
+        else:
+            for _ in range(rng.choice([0, 1000, 20000])):
+                msg.keys.add(key=KEY_PREFIX + b"many")
+    elif choice == 1:
+        msg.key = rng.choice([b"", b"\xc3\x28", b"k" * 1025, KEY_PREFIX + b"\x00"])
+    elif choice == 2:
+        msg.holder = rng.choice(["", "h" * 129, "\x00", "h"])
+        msg.filler = rng.choice(["", "f" * 257, "ok"])
+    else:
+        msg.ttl_ms = rng.choice([0, 1, 2**31, 2**32 - 1])
+        msg.release = rng.random() < 0.3
 
 
 def _mutate_message(rng: random.Random, msg: pb.PutRequest | pb.GetRequest) -> None:
@@ -321,14 +363,22 @@ def _mutate_message(rng: random.Random, msg: pb.PutRequest | pb.GetRequest) -> N
 def _mutate_structured(rng: random.Random, case: Case) -> Case | None:
     """Parse the case's header, mutate a field, re-serialize it (lengths stay right)."""
     if case.channel == "grpc":
-        if case.method not in ("Put", "Get"):
+        cls = {
+            "Put": pb.PutRequest,
+            "Get": pb.GetRequest,
+            "Delete": pb.DeleteRequest,
+            "Fill": pb.FillRequest,
+        }.get(case.method)
+        if cls is None or not case.messages:
             return None
-        cls = pb.PutRequest if case.method == "Put" else pb.GetRequest
         try:
             msg = cls.FromString(case.messages[0])
         except Exception:
             return None
-        _mutate_message(rng, msg)
+        if isinstance(msg, pb.DeleteRequest | pb.FillRequest):
+            _mutate_control(rng, msg)
+        else:
+            _mutate_message(rng, msg)
         return Case(case.channel, case.method, (msg.SerializeToString(), *case.messages[1:]))
     stream = case.messages[0]
     offsets = _frame_offsets(stream)
@@ -337,14 +387,22 @@ def _mutate_structured(rng: random.Random, case: Case) -> Case | None:
     at = rng.choice(offsets)
     op, n = FRAME.unpack_from(stream, at)
     header = stream[at + FRAME.size : at + FRAME.size + n]
-    cls = {OP_PUT: pb.PutRequest, OP_GET: pb.GetRequest}.get(op)
+    cls = {
+        OP_PUT: pb.PutRequest,
+        OP_GET: pb.GetRequest,
+        OP_DELETE: pb.DeleteRequest,
+        OP_FILL: pb.FillRequest,
+    }.get(op)
     if cls is None:
         return None
     try:
         msg = cls.FromString(header)
     except Exception:
         return None
-    _mutate_message(rng, msg)
+    if isinstance(msg, pb.DeleteRequest | pb.FillRequest):
+        _mutate_control(rng, msg)
+    else:
+        _mutate_message(rng, msg)
     new = msg.SerializeToString()
     out = stream[:at] + FRAME.pack(op, len(new)) + new + stream[at + FRAME.size + n :]
     return Case("data", "", (out,))

@@ -15,12 +15,22 @@ import random
 import socket
 import threading
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tensorcache import codec
-from tensorcache.dataproto import FRAME, MAX_HEADER, PeerClosed, Reader
+from tensorcache.dataproto import (
+    FRAME,
+    MAGIC,
+    MAX_HEADER,
+    OP_DELETE,
+    OP_FILL,
+    OP_GET,
+    PeerClosed,
+    Reader,
+)
 from tensorcache.errors import InvalidArgument, ProtocolError, TensorCacheError
 from tensorcache.keys import MAX_KEY_BYTES, check_key_bytes, encode_key
 from tensorcache.node.ops import EpochView, NodeOps, parse_header
@@ -343,3 +353,74 @@ def test_any_get_header_answers_or_is_invalid(keys, head_only, local, handoff):
     else:
         assert len(reply.entries) == len(keys)
     assert _resident_intact(ops)
+
+
+# ------------------------------------------- data channel: DELETE and FILL
+@pytest.fixture(scope="module")
+def control_conn():
+    """One node's data server in-process and one connection to it, kept across examples:
+    after every request, whatever it held, the stream must still be in step."""
+    from tensorcache.node.dataserver import DataServer
+
+    ops = _ops()
+    _store_resident(ops)
+    server = DataServer(ops, "127.0.0.1", 0).start()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(MAGIC)
+    try:
+        yield sock, Reader(sock)
+    finally:
+        sock.close()
+        server.stop()
+
+
+CONTROL_STATUSES = {
+    grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    grpc.StatusCode.FAILED_PRECONDITION.value[0],
+}
+
+
+@FAST
+@given(
+    st.sampled_from([OP_DELETE, OP_FILL]),
+    st.one_of(
+        st.binary(max_size=40),
+        st.builds(
+            lambda epoch, keys: pb.DeleteRequest(
+                epoch=epoch,
+                keys=[pb.EntryKey(key=k, kind=kind) for k, kind in keys],  # type: ignore[misc]
+            ).SerializeToString(),
+            st.one_of(st.just(0), U64),
+            st.lists(
+                st.tuples(KEYS.filter(lambda k: k != RESIDENT), st.sampled_from([0, 1, 7])),
+                max_size=4,
+            ),
+        ),
+        st.builds(
+            lambda key, holder, filler, ttl, release: pb.FillRequest(
+                key=key, holder=holder, filler=filler, ttl_ms=ttl, release=release
+            ).SerializeToString(),
+            KEYS,
+            st.text(max_size=130),
+            st.text(max_size=260),
+            U32,
+            st.booleans(),
+        ),
+    ),
+)
+def test_any_control_frame_answers_or_is_invalid_and_keeps_the_connection(control_conn, op, header):
+    sock, reader = control_conn
+    head = pb.GetRequest(keys=[pb.EntryKey(key=RESIDENT)], head_only=True).SerializeToString()
+    sock.sendall(FRAME.pack(op, len(header)) + header + FRAME.pack(OP_GET, len(head)) + head)
+    got = reader.read_frame()
+    assert got is not None
+    status, body = got
+    if status == 0:
+        (pb.DeleteReply if op == OP_DELETE else pb.FillReply).FromString(body)
+    else:
+        assert status in CONTROL_STATUSES
+        err = pb.DataError.FromString(body)
+        assert err.code == status and err.message
+    got = reader.read_frame()  # the version check right behind it: answered, resident intact
+    assert got is not None and got[0] == 0
+    assert pb.GetReply.FromString(got[1]).entries[0].found
