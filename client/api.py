@@ -31,7 +31,7 @@ import numpy as np
 from tensorcache import codec, wire
 from tensorcache.auth import TOKEN_ENV
 from tensorcache.authgrpc import Credentials
-from tensorcache.client import compress, present, striping
+from tensorcache.client import compress, nearmany, present, striping
 from tensorcache.client.config import ClientConfig, NodeStats
 from tensorcache.client.fanout import FanOut
 from tensorcache.client.fence import fence_all
@@ -549,6 +549,9 @@ class Client:
     ) -> dict[str, Any]:
         """Fetch several tensors (one RPC per node and batch); misses map to None.
 
+        With a near-cache, hits are revalidated together: one head-only
+        request per node for all of them (client/nearmany.py).
+
         ``device`` and ``as_`` apply to every key, as for ``get``.
         """
         if isinstance(keys, str):
@@ -560,7 +563,32 @@ class Client:
             return torchio.get_many_cuda(self, list(keys), w)
         return {
             k: present.present(k, array, logical, w)
-            for k, (array, _, logical) in self._get_many(keys, None).items()
+            for k, (array, _, logical) in self._get_many_near(keys).items()
+        }
+
+    def _get_many_near(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray | None, int, str]]:
+        """``_get_many`` through the near-cache: hits revalidated in one batch per node."""
+        if self._near is None:
+            return self._get_many(keys, None)
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            encode_key(key)
+        live = self._watch is not None and self._watch.live
+        hits = nearmany.current(
+            self._near, wanted, live=live, versions=self.versions, count=self._count
+        )
+        seq = self._near.seq  # before the fetch: see NearCache.store
+        got = self._get_many([k for k in wanted if k not in hits], None)
+        for key, (array, version, logical) in got.items():
+            if array is None:
+                self._near.drop(key)
+            else:
+                self._near.store(key, array, version, seq, logical)
+        return {
+            k: (hits[k].array.copy(order="K"), hits[k].version, hits[k].logical)
+            if k in hits
+            else got[k]
+            for k in wanted
         }
 
     def prefetch(

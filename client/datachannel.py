@@ -113,6 +113,11 @@ class DataConn:
             raise
         return pb.PutReply.FromString(self._reply())
 
+    def control(self, op: int, header: bytes) -> bytes:
+        """A control-size request (GET head_only, DELETE, FILL): its reply header."""
+        self.sock.sendall(frame(op, header))
+        return self._reply()
+
     def release(self) -> None:
         """Tell the node we are done with the buffers of our last local GET."""
         self.sock.sendall(frame(OP_RELEASE, b""))

@@ -24,10 +24,11 @@ import tensorcache
 from tensorcache.apps.cluster import LocalCluster
 from tensorcache.auth import token_digest
 from tensorcache.authgrpc import Credentials
-from tensorcache.dataproto import FRAME, MAGIC, OP_AUTH, OP_GET, frame
+from tensorcache.dataproto import FRAME, MAGIC, OP_AUTH, OP_DELETE, OP_FILL, OP_GET, frame
 from tensorcache.grpcutil import CHANNEL_OPTIONS, NodeStub
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
+from tensorcache.wire import ring_from_snapshot
 
 from .helpers import TRANSPORTS, assert_same, poll, tensor_header
 
@@ -284,6 +285,63 @@ def test_data_channel_authenticates_its_connection(cluster):
     foreign = frame(OP_GET, pb.GetRequest(keys=[pb.EntryKey(key=b"team-b/x")]).SerializeToString())
     status, err = _data_exchange(data, MAGIC + auth + foreign)
     assert status == grpc.StatusCode.PERMISSION_DENIED.value[0] and "team-a/" in err.message
+
+
+def test_data_channel_deletes_and_fills_check_the_grant(cluster, prefix):
+    """DELETE and FILL on the data channel obey the token's grant exactly as the gRPC
+    methods do; a refusal is PERMISSION_DENIED and leaves the connection usable."""
+    key = f"team-a/{prefix}ctl"
+    with connect(cluster, "team-a") as a:
+        a.put(key, np.arange(3))
+    with connect(cluster, "reader-a", local_fastpath=False) as r:
+        assert r.version(key) is not None  # reading versions: allowed
+        with pytest.raises(tensorcache.PermissionDenied, match="may not write"):
+            r.delete(key)
+        with pytest.raises(tensorcache.PermissionDenied, match="may not write"):
+            r.get_or_load(f"team-a/{prefix}fill", lambda: np.arange(2))
+        assert r.metrics().get("data_fallbacks", 0) == 0  # refused on the data channel itself
+    data = ring_from_snapshot(cluster.ring()).owner(key).data_address
+    delete = frame(
+        OP_DELETE, pb.DeleteRequest(keys=[pb.EntryKey(key=key.encode())]).SerializeToString()
+    )
+    fill = frame(
+        OP_FILL, pb.FillRequest(key=key.encode(), holder="h", ttl_ms=1000).SerializeToString()
+    )
+    head = frame(
+        OP_GET,
+        pb.GetRequest(keys=[pb.EntryKey(key=key.encode())], head_only=True).SerializeToString(),
+    )
+    denied = grpc.StatusCode.PERMISSION_DENIED.value[0]
+    host, port = data.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(MAGIC + frame(OP_AUTH, TOKENS["reader-a"].encode()) + delete + fill + head)
+        replies = [_read_reply(s) for _ in range(3)]
+    assert [status for status, _ in replies] == [denied, denied, 0]
+    for _, body in replies[:2]:
+        assert "may not write" in pb.DataError.FromString(body).message
+    # The same connection, still in step: the version check behind them is answered.
+    assert pb.GetReply.FromString(replies[2][1]).entries[0].found
+    # team-a may not touch team-b's keys there either.
+    foreign = frame(
+        OP_DELETE, pb.DeleteRequest(keys=[pb.EntryKey(key=b"team-b/x")]).SerializeToString()
+    )
+    status, err = _data_exchange(data, MAGIC + frame(OP_AUTH, TOKENS["team-a"].encode()) + foreign)
+    assert status == denied and err is not None and "team-a/" in err.message
+    with connect(cluster, "team-a") as a:
+        assert_same(a.get(key), np.arange(3))
+
+
+def _read_reply(s: socket.socket) -> tuple[int, bytes]:
+    def exact(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            got = s.recv(n - len(out))
+            assert got, "the node closed without an answer"
+            out += got
+        return out
+
+    status, n = FRAME.unpack(exact(FRAME.size))
+    return status, exact(n)
 
 
 # ------------------------------------------------------------ rotation, logs
