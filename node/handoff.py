@@ -215,13 +215,22 @@ class Handoff:
         keys = list(keys)
         suspects = {k: e for k in keys if (e := self._store.suspect(k)) is not None}
         wanted = self._candidates(keys)
+        # One previous owner and no hidden copy here: "newest wins" has one
+        # contender, so its bytes are asked for at once, in one round trip
+        # instead of two. A get that misses at a joining node waits for
+        # these calls to a previous owner busy with its own scan, and on a
+        # loaded host every extra hop is another wait for a core
+        # (docs/performance.md, "Pacing").
+        direct = {k: o for k, o in wanted.items() if len(o) == 1 and k not in suspects}
+        for k in direct:
+            del wanted[k]
         # A hidden copy is not served while one of the key's current
         # co-replicas is silent: it took the writes made while this node was
         # away. A silent previous owner (out of the replica set now) is a miss
         # among the answers, as for any handoff.
         suspect_owners, must_answer = self._suspect_owners(suspects)
         wanted.update(suspect_owners)
-        if not wanted and not suspects:
+        if not wanted and not suspects and not direct:
             return {}
         floors: dict[StoreKey, int] = {}
         unanswered: set[StoreKey] = set()
@@ -243,6 +252,7 @@ class Handoff:
             for key, answers in heads.items()
             if key not in out
         }
+        newest.update(direct)
         got = self._ask(newest, head_only=False, every=False) if newest else {}
         items: list[NewEntry] = []
         for key, answers in got.items():

@@ -37,6 +37,7 @@ from tensorcache.node.events import EventSink, NoEvents
 from tensorcache.node.fence import Fencer
 from tensorcache.node.fill import FillLeases
 from tensorcache.node.handoff import Handoff
+from tensorcache.node.pace import Activity, PaceConfig, Pacer
 from tensorcache.node.peers import GrpcPeers, Peers
 from tensorcache.node.rebalance import Rebalancer
 from tensorcache.node.rings import RingView
@@ -182,6 +183,7 @@ class NodeOps:
         sync: Callable[[int], None] | None = None,
         rereplicate: bool = True,
         incarnation: int = 0,
+        pace: PaceConfig | None = None,
     ) -> None:
         """``rings`` must be the view whose ``stale`` and placement rules the store uses.
 
@@ -189,7 +191,8 @@ class NodeOps:
         (the Fence RPC); None for a node without a router. ``rereplicate``:
         push entries to replicas that lack them after ring changes (False:
         handoff on a miss only). ``incarnation``: this process's random id
-        (pb.Member.incarnation), part of who holds a copy.
+        (pb.Member.incarnation), part of who holds a copy. ``pace``: how
+        background scans yield to gets and puts (node/pace.py).
         """
         self.store = store
         self.fills = FillLeases()
@@ -202,8 +205,17 @@ class NodeOps:
         self.me: Holder = (name, address, incarnation)
         self.handoff = Handoff(store, self.rings, self.peers, me=self.me)
         self.fencer = Fencer(self.rings, self.peers)
+        pace = pace if pace is not None else PaceConfig()
+        #: The data path's load, read by background work (node/pace.py).
+        self.activity = Activity(pace.idle_s)
         self.rebalancer = Rebalancer(
-            name, store, self.rings, self.peers, enabled=rereplicate, resolve=self.handoff.fetch
+            name,
+            store,
+            self.rings,
+            self.peers,
+            enabled=rereplicate,
+            resolve=self.handoff.fetch,
+            pacer=Pacer(self.activity.busy, pace),
         )
         self._sync = sync
         self._sync_lock = threading.Lock()
@@ -320,6 +332,8 @@ class NodeOps:
         crcs: Sequence[int],
     ) -> pb.PutReply:
         """Check every entry's checksum, then commit them all together."""
+        if plan.req.epoch:  # a client's put (a push is background work)
+            self.activity.touch()
         for i, e in enumerate(plan.req.entries):
             if not e.meta.stripes and crcs[i] != e.meta.crc32c:  # manifests carry no bytes
                 raise DataCorruption(
@@ -383,6 +397,20 @@ class NodeOps:
     # -- get / delete / stat ----------------------------------------------------
     def get(
         self, req: pb.GetRequest, *, local_ok: bool = False
+    ) -> tuple[pb.GetReply, list[Entry], list[Entry]]:
+        """Look keys up; every get is data-path activity (node/pace.py).
+
+        A handoff too: another node's client waits on it (a miss at a new
+        owner asks this node), so a scan here yields to it like to a get.
+        """
+        self.activity.begin()
+        try:
+            return self._get(req, local_ok)
+        finally:
+            self.activity.end()
+
+    def _get(
+        self, req: pb.GetRequest, local_ok: bool
     ) -> tuple[pb.GetReply, list[Entry], list[Entry]]:
         """Look keys up.
 

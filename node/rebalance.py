@@ -24,7 +24,9 @@ One thread per node does it, off the data path and off the membership
 agent's thread (a heartbeat never waits behind it): a ring change only
 flags a scan, which walks the store a few hundred keys at a time, judging
 each (node/store.py ``judge``: invalidation, demotion) under the store's
-lock for one chunk only, and pushing in batches. A newer ring restarts the
+lock for one chunk only, and pushing in batches. After each chunk it
+pauses while gets are being served, in proportion to the CPU the chunk
+took (node/pace.py: at most 2x slower by default, never stalled). A newer ring restarts the
 scan: the rule is stateless, so nothing is lost by starting over. Pushes that
 fail (a target down or leaving) are retried with backoff until the ring
 drops the target. A SIGTERM drain runs the same rule against the ring
@@ -40,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tensorcache.node.drain import CALL_TIMEOUT_S, TargetFailed, batches, push_batch
+from tensorcache.node.pace import Pacer
 from tensorcache.node.peers import Peers
 from tensorcache.node.rings import RingView
 from tensorcache.node.store import Entry, Holder, Store, StoreKey
@@ -83,8 +86,11 @@ class Rebalancer:
         chunk: int = CHUNK,
         clock: Callable[[], float] = time.monotonic,
         resolve: Callable[[list[StoreKey]], object] | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self._me = me
+        # Background scans yield to the data path (node/pace.py); None: never pause.
+        self._pacer = pacer if pacer is not None else Pacer(lambda: False)
         # Decides hidden copies of keys this node owns (node/handoff.py
         # ``fetch``: newest wins, dropped if outdone or deleted, else revived).
         self._resolve = resolve
@@ -187,10 +193,12 @@ class Rebalancer:
         if ring is None or self._me not in ring:
             return _Round(ring, self._me) if ring is not None else None
         start = self._clock()
+        paused = self._pacer.paused_s
         rnd = _Round(ring, self._me)
         for i in range(0, len(keys), self._chunk):
             if self._superseded(generation):
                 return rnd  # a newer ring: its scan covers everything
+            began = time.thread_time()  # CPU: a push waiting on its peer takes none
             suspects = self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
             if suspects and self._resolve is not None:
                 self._decide(suspects, rnd)
@@ -198,7 +206,7 @@ class Rebalancer:
                 rnd.unresolved += len(suspects)
             self._flush(rnd, final=False)
             self.pending = len(keys) - i + rnd.missing - rnd.pushed
-            time.sleep(0)  # let the data path have the interpreter
+            self._pacer.after(time.thread_time() - began)  # the data path goes first
         self._flush(rnd, final=True)
         with self._lock:
             self.pushed += rnd.pushed
@@ -213,6 +221,7 @@ class Rebalancer:
                 rnd.missing,
                 rnd.moved,
                 self._clock() - start,
+                self._pacer.paused_s - paused,
                 f"; unreachable: {sorted(rnd.failed)}" if rnd.failed else "",
             )
         return rnd
@@ -312,6 +321,9 @@ class Rebalancer:
                     break
                 self._plan(self._store.judge(keys[i : i + self._chunk]), rnd)
                 self._flush(rnd, final=False)
+                # Yield, never pause: a drain runs against its deadline, and
+                # what it has not handed over then leaves with the process.
+                time.sleep(0)
             self._flush(rnd, final=True)
             total += rnd.pushed
             after = self._store.stats()

@@ -26,6 +26,7 @@ from tensorcache.node.dataserver import DataServer
 from tensorcache.node.events import EventPublisher, NoEvents
 from tensorcache.node.metrics import NodeCollector, NodeMetrics
 from tensorcache.node.ops import EpochView, NodeOps
+from tensorcache.node.pace import PaceConfig
 from tensorcache.node.peers import GrpcPeers
 from tensorcache.node.policy import POLICIES
 from tensorcache.node.rings import RingView
@@ -76,6 +77,10 @@ class NodeConfig:
     #: keys (kept for tests of handoff alone); any other value turns it on
     #: (scans are not bounded in time: they yield to the data path instead).
     rereplicate_timeout_s: float = 60.0
+    #: Fraction of wall time a background scan may use while gets or puts
+    #: are being served (node/pace.py); it is then at most 1/share slower.
+    #: 1.0: never pause.
+    background_share: float = PaceConfig.share
     #: A plaintext port serving only grpc.health.v1, for Kubernetes' probes
     #: (None: none; health is on the main port in any case).
     health_port: int | None = None
@@ -144,6 +149,8 @@ class NodeConfig:
             raise ValueError(
                 f"disk_capacity must be > 0 with a disk_path, got {self.disk_capacity}"
             )
+        if not 0.05 <= self.background_share <= 1.0:
+            raise ValueError(f"background_share must be 0.05..1, got {self.background_share}")
         if not 0 <= self.rereplicate_timeout_s <= 3600:
             raise ValueError(
                 f"rereplicate_timeout_s must be 0..3600, got {self.rereplicate_timeout_s}"
@@ -205,6 +212,7 @@ class NodeServer:
             sync=self._sync,
             rereplicate=config.rereplicate_timeout_s > 0,
             incarnation=self.incarnation,
+            pace=PaceConfig(share=config.background_share),
         )
         self.metrics = NodeMetrics() if config.metrics_port is not None else None
         self._exporter: Exporter | None = None
@@ -408,6 +416,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "default -1: off, nothing recorded)",
     )
     p.add_argument(
+        "--background-share",
+        type=float,
+        default=PaceConfig.share,
+        help="fraction of time a rebalance scan may use while gets or puts are served "
+        f"(default {PaceConfig.share}: at most 2x slower than unpaced; 1: never pause)",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -428,6 +443,7 @@ def run(args: argparse.Namespace) -> int:
         local_readers=not args.no_local_readers,
         drain_timeout_s=args.drain_timeout,
         rereplicate_timeout_s=args.rereplicate_timeout,
+        background_share=args.background_share,
         health_port=None if args.health_port < 0 else args.health_port,
         disk_path=args.disk_path,
         disk_capacity=parse_size(args.disk_capacity) if args.disk_capacity else 0,

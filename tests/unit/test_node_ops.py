@@ -192,6 +192,18 @@ def test_a_join_demotes_moved_entries_and_a_miss_hands_them_off(joined):
     assert cl["c"].stat().handoffs == 1
 
 
+def test_a_miss_with_one_previous_owner_asks_it_once_for_the_bytes(joined):
+    """ "Newest wins" with one contender needs no versions first: one round trip."""
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c")[0]
+    put(cl["a"], key, b"hello")
+    cl.install(r2)
+    cl.peers.gets.clear()
+    got, data = get(cl["c"], key)
+    assert got.found and data == b"hello"
+    assert [(address, req.head_only) for address, req in cl.peers.gets] == [("a", False)]
+
+
 def test_no_handoff_after_the_window_or_for_keys_not_owned(joined):
     cl, r1, r2 = joined
     moved = moved_keys(r1, r2, "a", "c", n=2)
