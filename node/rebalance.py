@@ -26,10 +26,10 @@ flags a scan, which walks the store a few hundred keys at a time, judging
 each (node/store.py ``judge``: invalidation, demotion) under the store's
 lock for one chunk only, and pushing in batches. After each chunk it
 pauses while gets are being served, in proportion to the CPU the chunk
-took (node/pace.py: at most 2x slower by default, never stalled). A newer ring restarts the
-scan: the rule is stateless, so nothing is lost by starting over. Pushes that
-fail (a target down or leaving) are retried with backoff until the ring
-drops the target. A SIGTERM drain runs the same rule against the ring
+took (node/pace.py: at most 2x slower by default, never stalled). A newer
+ring restarts the scan: the rule is stateless, so nothing is lost by
+starting over. Pushes that fail (a target down or leaving) are retried
+with backoff until the ring drops the target. A SIGTERM drain runs the same rule against the ring
 without this node, in rounds, until nothing is missing or time runs out.
 """
 
