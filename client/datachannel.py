@@ -15,8 +15,10 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from tensorcache.client.tickets import TicketSource, connect_ticketed
 from tensorcache.dataproto import (
@@ -36,10 +38,22 @@ from tensorcache.errors import ProtocolError, TensorCacheError, Unavailable, fro
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import OP_TICKET
 
+M = TypeVar("M", bound=Message)
+
 
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _parse(cls: type[M], raw: bytes, address: str) -> M:
+    """A reply header; one that does not parse is the node breaking the contract."""
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        raise ProtocolError(
+            f"node {address}: a malformed {cls.__name__} header ({len(raw)} bytes)"
+        ) from None
 
 
 class DataConn:
@@ -95,7 +109,15 @@ class DataConn:
         status, header = got
         if status == 0:
             return header
-        err = pb.DataError.FromString(header)
+        try:
+            err = pb.DataError.FromString(header)
+        except DecodeError:
+            # The stream can no longer be trusted: a typed error, and the
+            # pool closes the connection (TensorCacheError).
+            raise ProtocolError(
+                f"node {self.address}: a malformed error frame (status {status}, "
+                f"{len(header)} header bytes)"
+            ) from None
         raise from_status(
             STATUS_BY_NUMBER.get(status), f"node {self.address}: {err.message}", err.epoch
         )
@@ -111,7 +133,7 @@ class DataConn:
             with contextlib.suppress(OSError, PeerClosed, ProtocolError):
                 self._reply()
             raise
-        return pb.PutReply.FromString(self._reply())
+        return _parse(pb.PutReply, self._reply(), self.address)
 
     def control(self, op: int, header: bytes) -> bytes:
         """A control-size request (GET head_only, DELETE, FILL): its reply header."""
@@ -129,7 +151,7 @@ class DataConn:
     ) -> tuple[pb.GetReply, list[int]]:
         """Send a GET; ``destinations(reply)`` names where each payload goes."""
         self.sock.sendall(frame(OP_GET, request.SerializeToString()))
-        reply = pb.GetReply.FromString(self._reply())
+        reply = _parse(pb.GetReply, self._reply(), self.address)
         crcs: list[int] = []
         if not request.head_only:
             for dest in destinations(reply):

@@ -128,6 +128,15 @@ class Reservation:
         self.done = False
 
 
+# The largest version a node takes from anyone, client or peer. Versions are
+# wall-clock microseconds (~2**51 today, 2**62 in 146,000 years), and the clock
+# absorbs every version it is given: one at 2**64-1 would leave no next
+# version and fail every later write on the node (found by the wire fuzzer,
+# tests/integration/fuzzwire.py). Puts refuse more (node/ops.py); handoff
+# answers claiming more are ignored (node/handoff.py).
+MAX_VERSION = 2**62
+
+
 class VersionClock:
     """Node-wide version source, a hybrid logical clock: strictly increasing,
     seeded from wall-clock µs, and pushed past every version the node sees.

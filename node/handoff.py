@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 
 from tensorcache.errors import CapacityExceeded, TensorCacheError
 from tensorcache.keys import entry_kind
+from tensorcache.node.entry import MAX_VERSION
 from tensorcache.node.payload import split_payload
 from tensorcache.node.peers import Peers
 from tensorcache.node.rings import RingView
@@ -190,6 +191,17 @@ class Handoff:
                         unanswered.update(k for k in keys if address in must_answer.get(k, ()))
                     continue
                 for key, answer, got in zip(keys, answers, reply.entries, strict=True):
+                    if got.version > MAX_VERSION:
+                        # A version no node assigns: taking it would stop this
+                        # node's clock (node/entry.py). Not an answer.
+                        log.warning(
+                            "handoff: %s answered %r with version %d, beyond %d: ignored",
+                            address,
+                            key[1][:200],
+                            got.version,
+                            MAX_VERSION,
+                        )
+                        continue
                     if answer is None and got.settled and settled is not None:
                         settled[key] = max(settled.get(key, 0), got.version)
                     if answer is not None:

@@ -33,6 +33,7 @@ from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch, Unavailable
 from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
 from tensorcache.localread import address_of
+from tensorcache.node.entry import MAX_VERSION  # the largest version a put may carry
 from tensorcache.node.events import EventSink, NoEvents
 from tensorcache.node.fence import Fencer
 from tensorcache.node.fill import FillLeases
@@ -57,12 +58,6 @@ from tensorcache.ring import Ring
 log = logging.getLogger("tensorcache.node")
 
 MAX_BATCH_ENTRIES = 65536
-# The largest version a put may carry. Versions are wall-clock microseconds
-# (node/entry.py VersionClock: ~2**51 today, 2**62 in 146,000 years), and the
-# clock absorbs every version it is given: one push at 2**64-1 would leave no
-# next version and fail every later write on the node (found by the wire
-# fuzzer, tests/integration/fuzzwire.py).
-MAX_VERSION = 2**62
 MAX_FILL_TTL_MS = 60_000  # a fill lease's longest period (it is renewed, so short)
 # Smaller entries go in the payload even to co-located clients: one
 # process_vm_readv call per entry costs more than a share of one socket read.
@@ -246,6 +241,29 @@ class NodeOps:
                 current,
             )
 
+    def _check_stamps(self, req: pb.PutRequest) -> None:
+        """Refuse a pushed stamp beyond the cluster's epoch.
+
+        A stamp is the epoch of an entry's first commit, never later than the
+        ring's; invalidation hides entries stamped below its epoch, so a copy
+        stamped 2**64-1 would outlive every invalidation. The pusher may know
+        a newer ring than we do: catch up with the router first (bounded, as
+        for a client's newer epoch), then judge.
+        """
+        top = max(e.stamp for e in req.entries)
+        if top <= self.epochs.epoch:
+            return
+        if self._sync is not None:
+            with self._sync_lock:
+                if top > self.epochs.epoch:
+                    self._sync(top)
+        if top > self.epochs.epoch:
+            i = next(i for i, e in enumerate(req.entries) if e.stamp == top)
+            raise InvalidArgument(
+                f"entries[{i}].stamp {top} is beyond the cluster's epoch "
+                f"{self.epochs.epoch} (a stamp is the epoch of the entry's first commit)"
+            )
+
     # -- ring changes -------------------------------------------------------------
     def install_ring(self, ring: Ring) -> bool:
         """Adopt ``ring`` (before its epoch is published); O(1) in the entries held.
@@ -305,6 +323,7 @@ class NodeOps:
             keys.append(key)
             sizes.append(size)
             costs.append(entry_cost(key[1], size, e.meta.ByteSize()))
+        self._check_stamps(req)
         # After validation, so a stale-epoch refusal implies a header whose
         # sizes can be trusted (the data channel then skips its payload).
         self.check_epoch(req.epoch)
