@@ -121,6 +121,8 @@ class NetworkTransport:
     def _data_channel(self, member: RingMember) -> bool:
         if member.data_ticket:
             self._ticketed[member.data_address] = member.address
+        elif member.data_address in self._ticketed:  # restarted with encryption on
+            self._ticketed.pop(member.data_address, None)
         return self._config.transport == "auto" and bool(member.data_address)
 
     def _ticket(self, data_address: str) -> TicketSource | None:
