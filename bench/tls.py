@@ -38,7 +38,7 @@ from tensorcache.tls import TLSFiles
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GB = 1e9
-MODES = ("plaintext", "tokens", "tls", "tls+tokens", "tls/dc-off", "tls+tokens/dc-off")
+MODES = ("plaintext", "tokens", "tls", "tls+tokens", "tls,dc-off", "tls+tokens,dc-off")
 
 
 def make_pki(root: Path) -> TLSFiles:
