@@ -30,8 +30,6 @@ import ssl
 import threading
 import time
 
-import numpy as np
-
 from tensorcache import codec
 from tensorcache.auth import Grant
 from tensorcache.authgrpc import PolicyFile
@@ -65,6 +63,7 @@ from tensorcache.errors import (
 from tensorcache.node.authz import check_delete, check_fill, check_get, check_put
 from tensorcache.node.metrics import NoMetrics, Transfers
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
+from tensorcache.node.recvpool import RecvPool
 from tensorcache.node.store import Entry
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import MAX_TICKET, OP_TICKET, TicketBook
@@ -99,12 +98,15 @@ class DataServer:
         metrics: Transfers | None = None,
         tls: ReloadingContext | None = None,
         tickets: TicketBook | None = None,
+        pool: RecvPool | None = None,
     ) -> None:
         """``tokens``: require an AUTH frame first and check every request's keys.
         ``tls``: mutual TLS on every connection (a client certificate required).
         ``tickets``: plaintext, but every connection opens with a ticket this
         node issued over mutual-TLS gRPC (tensorcache/tickets.py); with
-        ``tokens``, the ticket's token grant applies (no AUTH frame)."""
+        ``tokens``, the ticket's token grant applies (no AUTH frame).
+        ``pool``: where large put payloads are received (node/recvpool.py:
+        reused memory, no page faults); None: fresh memory each time."""
         if tls is not None and tickets is not None:
             raise ValueError("the data channel is either TLS or ticketed, not both")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -118,6 +120,7 @@ class DataServer:
         self._tokens = tokens
         self._tls = tls
         self._tickets = tickets
+        self._pool = pool if pool is not None else RecvPool(0)
         self._conns: set[socket.socket] = set()
         # Each connection's entries pinned for a local reader (read at scrape time).
         self._pins: dict[socket.socket, list[Entry]] = {}
@@ -398,8 +401,9 @@ class DataServer:
         conn.sendall(frame(0, reply.SerializeToString()))
         return "OK", plan.total
 
-    @staticmethod
-    def _receive(reader: Reader, sizes: list[int]) -> tuple[list[tuple[Buffer, ...]], list[int]]:
+    def _receive(
+        self, reader: Reader, sizes: list[int]
+    ) -> tuple[list[tuple[Buffer, ...]], list[int]]:
         """Receive each entry's bytes into buffers that become the stored chunks."""
         chunks: list[tuple[Buffer, ...]] = []
         crcs: list[int] = []
@@ -411,9 +415,10 @@ class DataServer:
                 crcs.append(0)
                 i += 1
             elif n >= SMALL:
+                # Reused memory when the pool has it (no page faults), else
                 # np.empty, not bytearray(n): no zero-fill pass before the
                 # receive overwrites every byte anyway.
-                buf = np.empty(n, dtype=np.uint8)
+                buf = self._pool.take(n)
                 crcs.append(reader.read_into(memoryview(buf)))
                 chunks.append((buf,))
                 i += 1

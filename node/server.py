@@ -29,6 +29,7 @@ from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.pace import PaceConfig
 from tensorcache.node.peers import GrpcPeers
 from tensorcache.node.policy import POLICIES
+from tensorcache.node.recvpool import RecvPool
 from tensorcache.node.rings import RingView
 from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
@@ -59,6 +60,9 @@ class NodeConfig:
     #: Bytes of the budget that pinned entries (never evicted) may hold
     #: (node/pins.py); None: half of ``capacity``; 0: pins are refused.
     pinned_capacity: int | None = None
+    #: Bytes of put receive buffers kept for reuse (node/recvpool.py: no page
+    #: faults on reused memory); None: min(capacity / 2, 4 GiB); 0: off.
+    recv_pool: int | None = None
     #: Host to advertise to clients (default: host); ports are the bound ones.
     advertise: str | None = None
     #: TCP data channel port (0: any free port; None: no data channel, gRPC only).
@@ -133,6 +137,8 @@ class NodeConfig:
             raise ValueError(
                 f"pinned_capacity must be 0..capacity ({self.capacity}), got {self.pinned_capacity}"
             )
+        if self.recv_pool is not None and self.recv_pool < 0:
+            raise ValueError(f"recv_pool must be >= 0 bytes, got {self.recv_pool}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.data_port is not None and not 0 <= self.data_port < 65536:
@@ -248,6 +254,11 @@ class NodeServer:
                 metrics=self.metrics,
                 tls=ReloadingContext(config.tls) if config.tls and not ticketed else None,
                 tickets=book,
+                pool=RecvPool(
+                    min(config.capacity // 2, 4 * 1024**3)
+                    if config.recv_pool is None
+                    else config.recv_pool
+                ),
             )
             self.data_address = _join(host, self._data.port)
         if local:
@@ -354,6 +365,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bytes of --capacity that pinned entries (never evicted) may hold; beyond it a "
         "pin is refused (default: half of --capacity; 0: no pins)",
     )
+    p.add_argument(
+        "--recv-pool",
+        default=None,
+        help="bytes of put receive buffers kept for reuse instead of faulting in fresh memory "
+        "(default: min(--capacity / 2, 4GiB); 0: off)",
+    )
     p.add_argument("--advertise", default=None, help="host clients should use (default --host)")
     p.add_argument(
         "--data-port",
@@ -438,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
         capacity=parse_size(args.capacity),
         policy=args.policy,
         pinned_capacity=None if args.pinned_capacity is None else parse_size(args.pinned_capacity),
+        recv_pool=None if args.recv_pool is None else parse_size(args.recv_pool),
         advertise=args.advertise,
         data_port=None if args.data_port < 0 else args.data_port,
         local_readers=not args.no_local_readers,
