@@ -63,12 +63,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-socket", action="store_true", help="skip the raw-socket baseline")
     p.add_argument("--no-small", action="store_true", help="skip the 4 KiB cases")
     p.add_argument("--nodes", type=int, default=3, help="nodes of the local cluster (default 3)")
-    p.add_argument("--capacity", default="3GiB", help="byte budget per node (default 3GiB)")
+    p.add_argument(
+        "--capacity",
+        default=None,
+        help="byte budget per node (default: 3GiB, or more when the largest size needs it)",
+    )
     p.add_argument("--stripe-size", default=None, help="cluster stripe size (default 8MiB)")
     p.add_argument("--router", default=None, help="use this running cluster (host:port)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where JSON and PNG go")
     p.add_argument("--no-chart", action="store_true", help="write no PNG")
     return p.parse_args(argv)
+
+
+def node_capacity(largest: int, nodes: int) -> int:
+    """A node's budget: 3 GiB, or 1.5x its share of the largest tensor (stripes
+    land by hash, so a node can hold more than 1/nodes of it)."""
+    return max(3 * 1024**3, int(largest * 1.5) // max(nodes, 1))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -151,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from tensorcache.apps.cluster import LocalCluster
 
-                progress(f"starting a local cluster: {args.nodes} nodes x {args.capacity}")
-                kwargs: dict[str, Any] = {"capacity": args.capacity, "log_dir": log_dir / "tc"}
+                capacity = args.capacity or node_capacity(max(plan.sizes), args.nodes)
+                progress(f"starting a local cluster: {args.nodes} nodes x {capacity}")
+                kwargs: dict[str, Any] = {"capacity": capacity, "log_dir": log_dir / "tc"}
                 if args.stripe_size:
                     kwargs["stripe_size"] = args.stripe_size
                 cluster = stack.enter_context(LocalCluster(args.nodes, **kwargs))
