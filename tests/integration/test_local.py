@@ -62,8 +62,12 @@ def test_replacing_an_entry_never_changes_what_a_reader_got(cluster, prefix):
             np.testing.assert_array_equal(got, want)
 
 
-def test_memory_of_a_deleted_entry_is_not_held_by_an_idle_reader(cluster, prefix):
-    """After a local get the node unpins at once, not at the client's next request."""
+def test_memory_of_a_deleted_entry_is_not_held_by_an_idle_reader(make_cluster, prefix):
+    """After a local get the node unpins at once, not at the client's next request.
+
+    Read from the node's RSS, so the node keeps no receive pool here
+    (``--recv-pool 0``): with one, freed memory stays for the next put."""
+    cluster = make_cluster(3, capacity="1GiB", node_args=["--recv-pool", "0"])
     value = np.ones(256 * MIB, np.uint8)
     with tensorcache.connect(cluster.router_address, stripe_size="512MiB") as c:
         c.put(prefix + "k", value)
