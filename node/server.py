@@ -62,6 +62,7 @@ class NodeConfig:
     pinned_capacity: int | None = None
     #: Bytes of put receive buffers kept for reuse (node/recvpool.py: no page
     #: faults on reused memory); None: min(capacity / 2, 4 GiB); 0: off.
+    #: Free blocks are outside the byte budget: RSS can reach capacity + this.
     recv_pool: int | None = None
     #: Host to advertise to clients (default: host); ports are the bound ones.
     advertise: str | None = None
