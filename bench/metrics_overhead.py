@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="rounds per side (default 7)")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds (default 1)")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A control: metrics on in both clusters and clients (the 'off' column is the "
+        "first cluster): how far two identical clusters differ on this host",
+    )
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 7)
@@ -184,15 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         clusters = {
             side: stack.enter_context(
                 LocalCluster(args.nodes, capacity="1GiB", metrics=(side == "on"))
+                if not args.control
+                else LocalCluster(args.nodes, capacity="1GiB", metrics=True)
             )
             for side in ("off", "on")
         }
         on = clusters["on"]
         assert on.router is not None
-        targets = [on.router.metrics_address, *(n.metrics_address for n in on.nodes.values())]
+        scraped = list(clusters.values()) if args.control else [on]
+        targets = [
+            a
+            for c in scraped
+            if c.router is not None
+            for a in (c.router.metrics_address, *(n.metrics_address for n in c.nodes.values()))
+        ]
         clients = {
             side: stack.enter_context(
-                tensorcache.connect(c.router_address, local_fastpath=False, metrics=(side == "on"))
+                tensorcache.connect(
+                    c.router_address, local_fastpath=False, metrics=args.control or side == "on"
+                )
             )
             for side, c in clusters.items()
         }
@@ -200,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, unit, make in cases(args.quick):
             measure = {side: make(clients[side], side) for side in ("off", "on")}
             got: dict[str, list[float]] = {"off": [], "on": []}
-            for _ in range(rounds):
-                for side in ("off", "on"):  # interleaved: drift hits both alike
+            for r in range(rounds):
+                # Interleaved, and in alternating order (off-on, on-off, ...):
+                # drift and whatever the second of a pair inherits from the
+                # first hit both sides alike.
+                for side in ("off", "on") if r % 2 == 0 else ("on", "off"):
                     got[side].append(measure[side]())
             off, on_ = statistics.median(got["off"]), statistics.median(got["on"])
             # Each round's on/off pair ran back to back: their ratio is the
