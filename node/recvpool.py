@@ -20,7 +20,10 @@ nobody uses it.
 The pool holds at most ``limit`` bytes of blocks (in use or free). A request
 it cannot serve from a free block of the same size gets a new block while
 the limit allows, else plain ``np.empty`` memory (freed as before). Free
-blocks of other sizes are dropped to make room, oldest first. Sizes: stripes
+blocks of other sizes are dropped to make room, oldest first. Free blocks
+count against the node's byte budget: the store gives them back
+(``release_free``) when a reservation needs their room, before it evicts
+anything (``Store.keep_spare_within_budget``). Sizes: stripes
 are the cluster stripe size, so a node mostly sees one size.
 """
 
@@ -88,6 +91,15 @@ class RecvPool:
         with self._lock:
             refs = _refcounts(self._blocks)
             return sum(b.nbytes for b, r in zip(self._blocks, refs, strict=True) if r <= _FREE_REFS)
+
+    def release_free(self, nbytes: int) -> None:
+        """Give back at least ``nbytes`` of free blocks (or all of them) to the OS.
+
+        The store calls this when its byte budget needs the room: idle
+        buffers count against ``--capacity`` (Store.keep_spare_within_budget).
+        """
+        with self._lock:
+            self._drop_free(nbytes)
 
     def _drop_free(self, need: int) -> None:
         """Release free blocks, oldest first, until ``need`` bytes are released."""

@@ -247,6 +247,12 @@ class NodeServer:
                 self._server.add_generic_rpc_handlers(
                     (tickets.TicketService(book, tokens).handler(),)
                 )
+            pool = RecvPool(
+                min(config.capacity // 2, 4 * 1024**3)
+                if config.recv_pool is None
+                else config.recv_pool
+            )
+            self.store.keep_spare_within_budget(pool)
             self._data = DataServer(
                 self.ops,
                 config.host,
@@ -255,11 +261,7 @@ class NodeServer:
                 metrics=self.metrics,
                 tls=ReloadingContext(config.tls) if config.tls and not ticketed else None,
                 tickets=book,
-                pool=RecvPool(
-                    min(config.capacity // 2, 4 * 1024**3)
-                    if config.recv_pool is None
-                    else config.recv_pool
-                ),
+                pool=pool,
             )
             self.data_address = _join(host, self._data.port)
         if local:
@@ -370,7 +372,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--recv-pool",
         default=None,
         help="bytes of put receive buffers kept for reuse instead of faulting in fresh memory "
-        "(default: min(--capacity / 2, 4GiB); 0: off)",
+        "(default: min(--capacity / 2, 4GiB); 0: off). Idle buffers count against --capacity "
+        "and are given back before any entry is evicted",
     )
     p.add_argument("--advertise", default=None, help="host clients should use (default --host)")
     p.add_argument(

@@ -41,6 +41,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tensorcache.errors import CapacityExceeded, VersionConflict
 from tensorcache.node.entry import (
@@ -94,6 +95,16 @@ class _Counters:
     by_kind: dict[int, int] = field(default_factory=dict)  # visible entries only
 
 
+class Spare(Protocol):
+    """Memory held for reuse outside the entries (node/recvpool.py's RecvPool)."""
+
+    def pooled_bytes(self) -> int: ...
+
+    def free_bytes(self) -> int: ...
+
+    def release_free(self, nbytes: int) -> None: ...
+
+
 class Store:
     """Thread-safe byte-budgeted map of entries with pluggable eviction.
 
@@ -139,10 +150,25 @@ class Store:
         self._floors_lost = False
         self._c = _Counters()
         self._lock = threading.Lock()
+        # Memory the node keeps outside its entries (node/recvpool.py: free
+        # receive buffers): inside the budget too, given back before evicting.
+        self._spare: Spare | None = None
 
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    def keep_spare_within_budget(self, spare: Spare) -> None:
+        """Count ``spare``'s idle memory against the byte budget from now on.
+
+        Idle receive buffers are real RSS outside every entry: left alone, a
+        node whose large entries were deleted and whose store then filled with
+        other entries would hold up to ``capacity`` plus the whole pool. So a
+        reservation that would not fit beside them gives them back first,
+        before anything is evicted (docs/capacity: RSS stays within the
+        capacity bound).
+        """
+        self._spare = spare
 
     # -- puts -----------------------------------------------------------------
     def reserve(self, nbytes: int) -> Reservation:
@@ -162,6 +188,7 @@ class Store:
                     f"no room for {nbytes} bytes: {self._reserved} bytes are reserved by "
                     f"puts in flight on a node of capacity {self._capacity}; retry later"
                 )
+            self._trim_spare_locked(nbytes)  # idle buffers go before any entry
             while self._used + self._reserved + nbytes > self._capacity:
                 if not self._evict_one_locked():
                     raise CapacityExceeded(
@@ -170,7 +197,23 @@ class Store:
                         f"capacity {self._capacity}; retry later"
                     )
             self._reserved += nbytes
+            # Evicted entries' buffers may have joined the spare memory.
+            self._trim_spare_locked(0)
         return Reservation(nbytes)
+
+    def _trim_spare_locked(self, extra: int) -> None:
+        """Give back idle spare memory that does not fit in the budget beside
+        the entries, the reservations and ``extra`` more bytes."""
+        spare = self._spare
+        if spare is None:
+            return
+        base = self._used + self._reserved + extra
+        # Cheap first: buffers in use are entries too, so this overcounts.
+        if base + spare.pooled_bytes() <= self._capacity:
+            return
+        over = base + spare.free_bytes() - self._capacity
+        if over > 0:
+            spare.release_free(over)
 
     def release(self, reservation: Reservation) -> None:
         """Give back an uncommitted reservation (aborted put). Idempotent."""

@@ -79,3 +79,56 @@ def test_small_buffers_and_an_off_pool_bypass_it() -> None:
     assert pool.pooled_bytes() == 0 and off.pooled_bytes() == 0
     with pytest.raises(ValueError, match="limit"):
         RecvPool(-1)
+
+
+# -- idle buffers count against the node's byte budget ---------------------------
+
+
+def _budgeted(capacity_mib: int, pool_mib: int):
+    from tensorcache.node.store import Store
+
+    store = Store(capacity_mib * MIB)
+    pool = RecvPool(pool_mib * MIB)
+    store.keep_spare_within_budget(pool)
+    return store, pool
+
+
+def _idle_blocks(pool: RecvPool, n: int) -> None:
+    """``n`` 1 MiB blocks made and then dropped: free, held by the pool."""
+    blocks = [pool.take(MIB) for _ in range(n)]
+    del blocks
+
+
+def test_idle_buffers_are_given_back_when_the_store_needs_their_room():
+    # Without the rule a node holds its whole capacity in entries plus every
+    # idle buffer: RSS up to capacity + pool (issue #17's bound broken).
+    store, pool = _budgeted(10, 8)
+    _idle_blocks(pool, 6)
+    assert pool.free_bytes() == 6 * MIB
+    res = store.reserve(8 * MIB)
+    s = store.stats()
+    assert s.bytes_used + s.bytes_reserved + pool.free_bytes() <= s.capacity
+    assert pool.free_bytes() == 2 * MIB  # only what did not fit went back
+    store.release(res)
+
+
+def test_idle_buffers_go_before_any_entry_is_evicted():
+    from tensorcache.node.store import NewEntry
+
+    store, pool = _budgeted(10, 8)
+    res = store.reserve(5 * MIB)
+    store.commit(res, [NewEntry((0, "kept"), None, (b"x",), 5 * MIB)])
+    _idle_blocks(pool, 5)
+    res = store.reserve(5 * MIB)  # fits once the idle buffers are gone
+    assert store.stats().evictions == 0
+    assert store.contains((0, "kept"))
+    assert pool.free_bytes() == 0
+    store.release(res)
+
+
+def test_buffers_in_use_are_never_given_back():
+    store, pool = _budgeted(10, 8)
+    held = [pool.take(MIB) for _ in range(4)]  # e.g. stored stripes
+    store.release(store.reserve(9 * MIB))  # over the cheap bound: looks, finds none idle
+    assert pool.pooled_bytes() == 4 * MIB  # nothing in use was dropped
+    assert all(b.nbytes == MIB for b in held)
