@@ -9,6 +9,7 @@ the entry it is about really is on disk only (``on_disk``).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +200,15 @@ def test_keep_newer_and_conditional_writes_see_the_version_on_disk(tmp_path):
 
 def test_a_full_write_queue_drops_and_counts(tmp_path):
     store = make(tmp_path, entries_in_ram=1, queue_bytes=VALUE + 1)
-    for i in range(30):  # far faster than one writer thread: the queue fills
+    # The writer is held on its first file while the puts run, so the queue
+    # fills whatever the scheduler does (left to race, a writer that kept up
+    # on a busy host made this test fail with no drop at all).
+    gate = threading.Event()
+    write = store._writer._write
+    store._writer._write = lambda item: (gate.wait(10), write(item))[1]
+    for i in range(30):
         put(store, f"k{i}", i)
+    gate.set()
     store.flush(10)
     d, s = store.disk_stats(), store.stats()
     assert d.write_drops > 0
