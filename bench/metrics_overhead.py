@@ -179,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         help="A/A control: metrics on in both clusters and clients (the 'off' column is the "
         "first cluster): how far two identical clusters differ on this host",
     )
+    p.add_argument(
+        "--on-first",
+        action="store_true",
+        help="start the metrics-on cluster first (by default it is the second): shows whether "
+        "a difference follows the metrics or the order the clusters started in",
+    )
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 7)
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.control
                 else LocalCluster(args.nodes, capacity="1GiB", metrics=True)
             )
-            for side in ("off", "on")
+            for side in (("on", "off") if args.on_first else ("off", "on"))
         }
         on = clusters["on"]
         assert on.router is not None
