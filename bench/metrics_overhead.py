@@ -220,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         scrapes = stack.enter_context(scraping(targets, args.scrape_interval))
         for name, unit, make in cases(args.quick):
-            measure = {side: make(clients[side], side) for side in ("off", "on")}
+            # The same key names on both sides (the clusters are separate):
+            # a striped tensor's stripes then fall on the nodes alike. With
+            # "off/..." and "on/..." keys a 64 MiB get split its 8 stripes
+            # differently over the 2 nodes and read ~9 % slower on one side,
+            # in every round, whichever side had metrics (or with metrics on
+            # both: --control).
+            measure = {side: make(clients[side], "bench") for side in ("off", "on")}
             got: dict[str, list[float]] = {"off": [], "on": []}
             for r in range(rounds):
                 # Interleaved, and in alternating order (off-on, on-off, ...):
