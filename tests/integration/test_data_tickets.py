@@ -27,7 +27,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-import trustme
 
 import tensorcache
 from tensorcache import localread
@@ -41,7 +40,7 @@ from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import OP_TICKET
 
 from .helpers import TRANSPORTS, assert_same
-from .test_tls import issue, tls_args
+from .test_tls import cluster_pki, issue, tls_args
 
 pytestmark = pytest.mark.integration
 
@@ -51,14 +50,7 @@ OFF = ["--data-channel-encryption", "off"]
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pki")
-    ca, foreign_ca = trustme.CA(), trustme.CA()
-    return {
-        "ca": ca,
-        "server": issue(ca, root / "cluster", "server"),
-        "client": issue(ca, root / "client", "client"),
-        "foreign": issue(foreign_ca, root / "foreign", "foreign"),
-    }
+    return cluster_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

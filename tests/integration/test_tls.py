@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -47,9 +48,8 @@ def issue(ca: trustme.CA, directory: Path, name: str) -> TLSFiles:
     return TLSFiles(str(cert), str(key), str(ca_path))
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pki")
+def cluster_pki(root: Path) -> dict[str, Any]:
+    """A CA, a server and a client certificate it signed, and a foreign CA's one."""
     ca, foreign_ca = trustme.CA(), trustme.CA()
     return {
         "ca": ca,
@@ -58,6 +58,11 @@ def pki(tmp_path_factory):
         "foreign": issue(foreign_ca, root / "foreign", "foreign"),
         "root": root,
     }
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return cluster_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_args(files: TLSFiles) -> list[str]:
