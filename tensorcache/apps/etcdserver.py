@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import signal
 import socket
@@ -28,12 +29,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (bound, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port that was free a moment ago (bound, then closed).
+
+    It is drawn at random from *below* the kernel's ephemeral range. A port
+    from ``bind(0)`` lies inside that range, so between the probe and the real
+    bind any outgoing connection on the host (a client, a gRPC channel, another
+    test) may take it as its local port: the pick-then-bind race that once
+    failed a CI run with "Address already in use". Below the range only another
+    listener picking the same random port can collide, and callers retry a
+    start that fails on bind.
+    """
+    lo, _hi = _ephemeral_range()
+    top = max(lo, 2048)
+    bottom = max(1024, top - 16384)
+    for _ in range(64):
+        port = random.randrange(bottom, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded host
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 def find_etcd() -> str | None:

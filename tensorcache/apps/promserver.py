@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,16 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tensorcache.apps.etcdserver import free_port
+
 
 def find_prometheus() -> str | None:
     return shutil.which("prometheus")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @dataclass
