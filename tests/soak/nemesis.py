@@ -17,7 +17,9 @@ paused, draining or not-yet-restarted node counts as down, and so does a
 black-holed one. After each fault the nemesis waits (bounded) until the ring
 lists exactly the live nodes where they live, then idles a random gap
 before the next. Kinds are drawn as shuffled rounds, every kind once per
-round, so a short run still sees most of them.
+round, so a short run still sees most of them. ``SOAK_KINDS`` (a comma list)
+narrows the draw to some kinds, to hammer one interleaving (a pause then a
+kill of the other holder, say) many times in a short run.
 """
 
 from __future__ import annotations
@@ -49,7 +51,18 @@ GAP_S = (2.0, 5.0)  # idle between faults (the schedule's pace, not a synchronis
 
 
 class Nemesis:
-    def __init__(self, cluster: SoakCluster, rng: random.Random, base_nodes: list[str]) -> None:
+    def __init__(
+        self,
+        cluster: SoakCluster,
+        rng: random.Random,
+        base_nodes: list[str],
+        kinds: tuple[str, ...] = KINDS,
+    ) -> None:
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown or not kinds:
+            known = ", ".join(KINDS)
+            raise ValueError(f"SOAK_KINDS: unknown fault kinds {unknown}; known: {known}")
+        self.kinds = kinds
         self.c = cluster
         self.rng = rng
         self.base = base_nodes
@@ -68,7 +81,7 @@ class Nemesis:
                 return
             time.sleep(gap)
             if not self._round:
-                self._round = list(KINDS)
+                self._round = list(self.kinds)
                 self.rng.shuffle(self._round)
             self.one(self._round.pop())
 

@@ -20,7 +20,8 @@ ring, reads every key once more, stops every process with SIGTERM and checks:
 
 The seed is printed and settable (``SOAK_SEED``); the run's directory
 (``SOAK_DIR``, default a new one under /tmp) keeps histories, logs, samples
-and ``soak-summary.json``. Exit status 1 on any violation.
+and ``soak-summary.json``. ``SOAK_KINDS`` (comma list) narrows the faults to
+some kinds (tests/soak/nemesis.py). Exit status 1 on any violation, 2 on bad settings.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from tests.integration import checker_worker as cw
 
 from . import checks, workload
 from .cluster import SoakCluster
-from .nemesis import Nemesis
+from .nemesis import KINDS, Nemesis
 
 NODES = 4
 REPLICAS = 2
@@ -244,13 +245,18 @@ def append_findings(
 def main() -> int:
     seconds = float(os.environ.get("SOAK_SECONDS", "120"))
     seed = int(os.environ.get("SOAK_SEED") or random.SystemRandom().getrandbits(32))
+    kinds = tuple(k for k in os.environ.get("SOAK_KINDS", ",".join(KINDS)).split(",") if k)
+    if (unknown := sorted(set(kinds) - set(KINDS))) or not kinds:
+        print(f"soak: SOAK_KINDS: unknown kinds {unknown}; known: {', '.join(KINDS)}")
+        return 2
     work = Path(os.environ.get("SOAK_DIR") or tempfile.mkdtemp(prefix=f"tensorcache-soak-{seed}-"))
     work.mkdir(parents=True, exist_ok=True)
     hist = work / "histories"
     hist.mkdir(exist_ok=True)
     random.seed(seed)
     print(
-        f"soak: seed {seed} (SOAK_SEED={seed} repeats the schedule), {seconds:.0f} s, dir {work}",
+        f"soak: seed {seed} (SOAK_SEED={seed} repeats the schedule), {seconds:.0f} s, dir {work}"
+        + ("" if kinds == KINDS else f", faults {','.join(kinds)} only"),
         flush=True,
     )
     capacity = parse_size(CAPACITY_PER_10_MIN) * max(1, math.ceil(seconds / 600))
@@ -265,7 +271,7 @@ def main() -> int:
             for role, wid, extra in WORKERS
         ]
         monitor.start()
-        nemesis = Nemesis(cluster, random.Random(seed), base)
+        nemesis = Nemesis(cluster, random.Random(seed), base, kinds)
         nemesis.run(time.monotonic() + seconds)
 
         worker_codes: dict[str, int | None] = {}
