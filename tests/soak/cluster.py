@@ -282,6 +282,50 @@ class SoakCluster:
             lambda m: m == self.live_nodes(), timeout, f"want {sorted(self.live_nodes())}"
         )
 
+    def repair_state(self) -> tuple[int, dict[str, tuple[int, int, int]]]:
+        """The ring's epoch, and each member's (epoch seen, pending, demoted) from its Stat."""
+        with grpc.insecure_channel(self.router_address, options=CHANNEL_OPTIONS) as ch:
+            snap = pb_grpc.RouterStub(ch).GetRing(pb.GetRingRequest(), timeout=5)
+        out: dict[str, tuple[int, int, int]] = {}
+        for m in snap.members:
+            with grpc.insecure_channel(m.address, options=CHANNEL_OPTIONS) as ch:
+                s = pb_grpc.NodeStub(ch).Stat(pb.StatRequest(), timeout=5)
+            out[m.name] = (s.epoch, s.pending, s.demoted)
+        return snap.epoch, out
+
+    def wait_repaired(self, timeout: float) -> float:
+        """Until every member has re-replicated what the last fault cost; seconds waited.
+
+        Repaired: each member runs the ring's current epoch, its rebalance has
+        nothing pending (every entry it holds is at every member of its
+        replica set) and it holds nothing demoted (moved copies dropped,
+        hidden copies decided). The guarantee's "one crash at a time" means
+        this much: a second crash before the first one's copies are made
+        again can take a value's last copy on any R = 2 store, so the nemesis
+        waits here, as an operator's rolling procedure waits for ``pending``
+        0 in ``tensorcache stat`` (docs/operations.md).
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        last: object = None
+        while True:
+            try:
+                epoch, state = self.repair_state()
+                last = (epoch, state)
+                if state and all(
+                    e == epoch and pending == 0 and demoted == 0
+                    for e, pending, demoted in state.values()
+                ):
+                    return time.monotonic() - start
+            except grpc.RpcError as exc:
+                last = f"{exc.code()}"  # a member restarting: ask again
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"after {timeout:.0f}s not re-replicated: ring epoch and "
+                    f"{{node: (epoch, pending, demoted)}} {last}"
+                )
+            time.sleep(0.2)
+
     def children(self) -> list[Child]:
         return [*self.routers.values(), *self.nodes.values()]
 
