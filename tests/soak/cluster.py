@@ -260,6 +260,12 @@ class SoakCluster:
             snap = pb_grpc.RouterStub(ch).GetRing(pb.GetRingRequest(), timeout=5)
         return {m.name: m.address for m in snap.members}
 
+    def incarnations(self) -> dict[str, int]:
+        """{name: incarnation} of the ring's members (a number per process start)."""
+        with grpc.insecure_channel(self.router_address, options=CHANNEL_OPTIONS) as ch:
+            snap = pb_grpc.RouterStub(ch).GetRing(pb.GetRingRequest(), timeout=5)
+        return {m.name: m.incarnation for m in snap.members}
+
     def wait_ring(self, ok: object, timeout: float, what: str) -> None:
         """Poll the ring until ``ok(members)``; TimeoutError after ``timeout``."""
         assert callable(ok)

@@ -36,6 +36,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import grpc
+
 from .cluster import SoakCluster
 from .proxy import Faults
 
@@ -141,19 +143,40 @@ class Nemesis:
     def _node(self) -> str:
         return self.rng.choice(self.base)
 
-    def _restart(self, name: str) -> None:
+    def _incarnation(self, name: str) -> int | None:
+        try:
+            return self.c.incarnations().get(name)
+        except grpc.RpcError:
+            return None  # a router restarting: the restart then waits for the address only
+
+    def _restart(self, name: str, old: int | None) -> None:
+        """Start ``name`` again; back once the ring lists *this* process.
+
+        The ring lists a node killed and restarted at once under its old
+        lease until the new process registers: waiting for the address alone
+        ended the wait (and the wait for re-replication after it) before the
+        peers knew they had an empty node to refill.
+        """
         child = self.c.nodes[name]
         self.c.start_child(child)
         self.c.wait_ring(lambda m: m.get(name) == child.address, RECOVER_S, f"{name} back")
+        if old is None:
+            return
+        deadline = time.monotonic() + RECOVER_S
+        while self._incarnation(name) in (old, None):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"after {RECOVER_S:.0f}s {name}'s new process not in the ring")
+            time.sleep(0.1)
 
     # ------------------------------------------------------------------ process faults
     def _kill9(self) -> str:
         name = self._node()
         wait = self.rng.random() < 0.5
+        old = self._incarnation(name)
         self.c.stop_child(self.c.nodes[name], signal.SIGKILL)
         if wait:
             self.c.wait_ring(lambda m: name not in m, RECOVER_S, f"{name}'s lease to expire")
-        self._restart(name)
+        self._restart(name, old)
         return f"{name}, restarted {'after its lease expired' if wait else 'at once'}"
 
     def _pause(self) -> str:
@@ -173,8 +196,9 @@ class Nemesis:
 
     def _drain(self) -> str:
         name = self._node()
+        old = self._incarnation(name)
         code = self.c.stop_child(self.c.nodes[name], signal.SIGTERM)
-        self._restart(name)
+        self._restart(name, old)
         return f"{name} drained (exit {code}), restarted"
 
     def _join_leave(self) -> str:
