@@ -30,6 +30,16 @@ log = logging.getLogger("tensorcache.node")
 # bench/staleness.py: 5 ms gave a 6 ms median push delay; sending at once
 # lets batches form by themselves while a Publish call is in flight.
 FLUSH_INTERVAL_S = 0.0
+# At most one Publish per this many seconds while events keep coming (the
+# first event after a quiet spell still goes at once). Why: one writer's
+# back-to-back 4 KiB puts otherwise cost one Publish each, and a Publish is
+# the most expensive thing a small put does: measured (bench/smallops.py,
+# /proc CPU per thread) ~120 us of node CPU (its publisher thread, holding
+# the GIL the data path needs) plus ~160 us in the router, against ~140 us
+# for the put itself on the node. With the gap the publish cost is bounded
+# (~280 us of CPU per MIN_GAP_S per node, whatever the put rate), and a
+# watch-mode copy can outlive a put in a burst by at most this much longer.
+MIN_GAP_S = 0.002
 MAX_QUEUED = 100_000
 MAX_BATCH = 10_000
 PUBLISH_TIMEOUT_S = 2.0
@@ -62,15 +72,20 @@ class EventPublisher:
         node: str,
         *,
         interval_s: float = FLUSH_INTERVAL_S,
+        min_gap_s: float = MIN_GAP_S,
         max_queued: int = MAX_QUEUED,
         creds: Credentials = NO_CREDENTIALS,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        if min_gap_s < 0:
+            raise ValueError(f"min_gap_s must be >= 0, got {min_gap_s}")
         self._node = node
         self._max_queued = max_queued
         self._router = router
         self._interval_s = interval_s
+        self._min_gap_s = min_gap_s
+        self._last_try = 0.0  # when the last Publish with events started (monotonic)
         self._queue: deque[pb.KeyEvent] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -80,6 +95,7 @@ class EventPublisher:
         self._off_until = 0.0
         self._logged: dict[str, float] = {}
         self.published = 0
+        self.calls = 0  # Publish calls with events (keepalives not counted)
         self.dropped = 0
         self._lost = False  # events dropped since the last successful publish
         self._last_sent = 0.0
@@ -115,9 +131,15 @@ class EventPublisher:
                 break
             sent = False
             while True:
+                # A burst: the previous Publish went out less than min_gap_s
+                # ago. Let this one gather what comes meanwhile (bounded delay).
+                gap = self._last_try + self._min_gap_s - time.monotonic()
+                if gap > 0 and self._queue and self._stop.wait(gap):
+                    break
                 batch = self._take()
                 if not batch:
                     break
+                self._last_try = time.monotonic()
                 self._send(batch)
                 sent = True
             if not sent and time.monotonic() - self._last_sent >= KEEPALIVE_S:
@@ -134,6 +156,7 @@ class EventPublisher:
                 timeout=PUBLISH_TIMEOUT_S,
             )
             self.published += len(batch)
+            self.calls += 1 if batch else 0
             self._last_sent = time.monotonic()
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
@@ -157,3 +180,4 @@ class EventPublisher:
         if batch:
             self._send(batch)
         self._channel.close()
+        log.info("key events: %d published in %d calls", self.published, self.calls)

@@ -23,7 +23,7 @@ from tensorcache.metrics import Exporter
 from tensorcache.node import authz, tickets
 from tensorcache.node.agent import MembershipAgent
 from tensorcache.node.dataserver import DataServer
-from tensorcache.node.events import EventPublisher, NoEvents
+from tensorcache.node.events import MIN_GAP_S, EventPublisher, NoEvents
 from tensorcache.node.metrics import NodeCollector, NodeMetrics
 from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.pace import PaceConfig
@@ -116,6 +116,9 @@ class NodeConfig:
     data_channel_encryption: bool | None = None
     #: How long a data-channel ticket admits a connection after it is issued.
     data_ticket_ttl_s: float = 30.0
+    #: At most one key-event Publish to the router per this many seconds
+    #: while commits keep coming (node/events.py: what it saves, what it costs).
+    events_min_gap_s: float = MIN_GAP_S
 
     def __post_init__(self) -> None:
         if self.data_channel_encryption is not None and self.tls is None:
@@ -126,6 +129,8 @@ class NodeConfig:
                 "(--tls-cert/--tls-key/--tls-ca): without it the data channel is "
                 "plaintext and unauthenticated by tickets"
             )
+        if not 0 <= self.events_min_gap_s <= 1:
+            raise ValueError(f"events_min_gap_s must be in [0, 1], got {self.events_min_gap_s}")
         if not 0 < self.data_ticket_ttl_s <= 300:
             raise ValueError(f"data_ticket_ttl_s must be in (0, 300], got {self.data_ticket_ttl_s}")
         if not self.name or len(self.name) > 253:
@@ -205,7 +210,11 @@ class NodeServer:
         host = config.advertise or config.host
         self.address = _join(host, self.port)
         events = (
-            EventPublisher(config.router, config.name, creds=creds) if config.router else NoEvents()
+            EventPublisher(
+                config.router, config.name, creds=creds, min_gap_s=config.events_min_gap_s
+            )
+            if config.router
+            else NoEvents()
         )
         self._agent: MembershipAgent | None = None
         self.ops = NodeOps(
@@ -444,6 +453,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {PaceConfig.share}: at most 2x slower than unpaced; 1: never pause)",
     )
     p.add_argument(
+        "--events-min-gap-ms",
+        type=float,
+        default=MIN_GAP_S * 1000,
+        help="at most one key-event publish to the router per this many ms while commits "
+        f"keep coming (default {MIN_GAP_S * 1000:g}; 0: one per commit, as before #18)",
+    )
+    p.add_argument(
         "--no-local-readers",
         action="store_true",
         help="do not let same-host clients read entries with process_vm_readv",
@@ -475,6 +491,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls.from_args(args),
         data_channel_encryption=tickets.from_args(args),
+        events_min_gap_s=args.events_min_gap_ms / 1000,
     )
     # Handlers first: a SIGTERM that arrives while the node starts (a restart
     # followed at once by a scale-down) still gets a graceful leave and exit 0.

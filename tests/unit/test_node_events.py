@@ -100,3 +100,23 @@ def test_an_unreachable_router_is_never_fatal():
     pub.close()
     assert pub.published == 0
     assert pub.dropped == 1
+
+
+def test_a_burst_waits_out_the_gap_and_goes_in_one_publish(router):
+    servicer, address = router
+    pub = EventPublisher(address, "n", min_gap_s=1.0)
+    try:
+        pub.publish("first", 1)  # after a quiet spell: sent at once
+        assert servicer.wait_for(1) == [(b"first", 1)]
+        for i in range(50):  # within the gap: gathered into one Publish
+            pub.publish(f"k{i}", i + 1)
+        events = servicer.wait_for(51)
+    finally:
+        pub.close()
+    assert events == [(b"first", 1)] + [(f"k{i}".encode(), i + 1) for i in range(50)]
+    assert [len(b) for _, b in servicer.batches if b] == [1, 50]
+
+
+def test_the_gap_must_not_be_negative():
+    with pytest.raises(ValueError, match="min_gap_s"):
+        EventPublisher("127.0.0.1:1", "n", min_gap_s=-1)
