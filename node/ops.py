@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -148,6 +148,9 @@ class PutPlan:
     costs: list[int]
     reservation: Reservation
     ring: Ring | None  # the node's ring when the put was admitted
+    # Each entry's metadata, serialized once here: it sizes the entry's cost
+    # and is what the store keeps (a 4 KiB put re-serialized it; #18 profile).
+    metas: list[bytes] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -310,19 +313,24 @@ class NodeOps:
         keys: list[StoreKey] = []
         sizes: list[int] = []
         costs: list[int] = []
+        metas: list[bytes] = []
         for i, e in enumerate(req.entries):
             where = f"entries[{i}]"
             key = _store_key(e.key, e.kind, where)
-            size = _check_meta(e.meta, e.kind, where)
-            if e.version > MAX_VERSION:
+            meta = e.meta
+            size = _check_meta(meta, e.kind, where)
+            version = e.version
+            if version > MAX_VERSION:
                 raise InvalidArgument(
-                    f"{where}.version {e.version} exceeds the limit of {MAX_VERSION}"
+                    f"{where}.version {version} exceeds the limit of {MAX_VERSION}"
                 )
-            if e.version and e.HasField("if_version"):
+            if version and e.HasField("if_version"):
                 raise InvalidArgument(f"{where}: a versioned write cannot be conditional")
+            raw = meta.SerializeToString()  # bytes: a parsed message costs ~4x the RAM
             keys.append(key)
             sizes.append(size)
-            costs.append(entry_cost(key[1], size, e.meta.ByteSize()))
+            costs.append(entry_cost(key[1], size, len(raw)))
+            metas.append(raw)
         self._check_stamps(req)
         # After validation, so a stale-epoch refusal implies a header whose
         # sizes can be trusted (the data channel then skips its payload).
@@ -342,7 +350,7 @@ class NodeOps:
                 "put",
             )
         reservation = self.store.reserve(sum(costs))
-        return PutPlan(req, keys, sizes, costs, reservation, ring)
+        return PutPlan(req, keys, sizes, costs, reservation, ring, metas)
 
     def finish_put(
         self,
@@ -354,10 +362,11 @@ class NodeOps:
         if plan.req.epoch:  # a client's put (a push is background work)
             self.activity.touch()
         for i, e in enumerate(plan.req.entries):
-            if not e.meta.stripes and crcs[i] != e.meta.crc32c:  # manifests carry no bytes
+            meta = e.meta
+            if crcs[i] != meta.crc32c and not meta.stripes:  # manifests carry no bytes
                 raise DataCorruption(
                     f"put: checksum mismatch for entries[{i}] ({e.key[:64]!r}): "
-                    f"received crc32c {crcs[i]:#010x}, header says {e.meta.crc32c:#010x}"
+                    f"received crc32c {crcs[i]:#010x}, header says {meta.crc32c:#010x}"
                 )
         entries = plan.req.entries
         assigned = [k for k, e in zip(plan.keys, entries, strict=True) if not e.version]
@@ -376,7 +385,7 @@ class NodeOps:
         items = [
             NewEntry(
                 k,
-                e.meta.SerializeToString(),  # bytes: a parsed message costs ~4x the RAM
+                raw,  # serialized in plan_put
                 c,
                 cost,
                 e.if_version if e.HasField("if_version") else None,
@@ -391,7 +400,9 @@ class NodeOps:
                 pinned=e.meta.pinned,
                 pin_strict=bool(plan.req.epoch),  # a client's write, not a moved copy
             )
-            for k, e, c, cost in zip(plan.keys, entries, chunks, plan.costs, strict=True)
+            for k, e, c, cost, raw in zip(
+                plan.keys, entries, chunks, plan.costs, plan.metas, strict=True
+            )
         ]
         # A pushed copy (explicit version) older than what was written or
         # deleted here since the ring changed is refused there (store floors).
