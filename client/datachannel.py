@@ -182,24 +182,34 @@ class DataPool:
         self._lock = threading.Lock()
         self._closed = False
 
-    @contextlib.contextmanager
-    def connection(self, address: str) -> Iterator[DataConn]:
-        conn = None
-        while conn is None:
+    def _take(self, address: str) -> DataConn:
+        """An idle connection to ``address`` still open at the node's end, or a new one."""
+        while True:
             with self._lock:
                 idle = self._idle.get(address)
                 conn = idle.pop() if idle else None
             if conn is None:
                 source = self._tickets(address)
                 tls = None if source is not None else self._tls()
-                conn = DataConn(address, self._timeout_s, self._token, tls, source)
-            elif not conn.alive():  # closed by the node while idle (idle timeout, restart)
-                conn.close()
-                conn = None
-        ok = False
+                return DataConn(address, self._timeout_s, self._token, tls, source)
+            if conn.alive():
+                return conn
+            conn.close()  # closed by the node while idle (idle timeout, restart)
+
+    def _give(self, address: str, conn: DataConn) -> None:
+        """Back to the idle list after a request that left the stream in step."""
+        with self._lock:
+            idle = self._idle.setdefault(address, [])
+            if not self._closed and len(idle) < self._max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    @contextlib.contextmanager
+    def connection(self, address: str) -> Iterator[DataConn]:
+        conn = self._take(address)
         try:
             yield conn
-            ok = True
         except TensorCacheError:
             # After some error frames (a GET error) the stream is still in
             # step and the connection could be reused; closing is simpler
@@ -209,15 +219,31 @@ class DataPool:
         except (OSError, PeerClosed) as exc:
             conn.close()
             raise Unavailable(f"data channel {address}: {exc}") from exc
-        finally:
-            if ok:
-                with self._lock:
-                    idle = self._idle.setdefault(address, [])
-                    if not self._closed and len(idle) < self._max_idle:
-                        idle.append(conn)
-                        conn = None
-                if conn is not None:
-                    conn.close()
+        except BaseException:
+            conn.close()
+            raise
+        self._give(address, conn)
+
+    def control(self, address: str, op: int, header: bytes) -> bytes:
+        """One control-size request (``DataConn.control``) on a pooled connection.
+
+        ``connection()`` without its generator: a version check is mostly
+        per-call overhead, and this is on its path (#18).
+        """
+        conn = self._take(address)
+        try:
+            raw = conn.control(op, header)
+        except TensorCacheError:
+            conn.close()
+            raise
+        except (OSError, PeerClosed) as exc:
+            conn.close()
+            raise Unavailable(f"data channel {address}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._give(address, conn)
+        return raw
 
     def close(self) -> None:
         with self._lock:

@@ -243,8 +243,7 @@ class NetworkTransport:
         if not self._data_channel(member) or member.data_address in self._no_control:
             return None
         try:
-            with self._data.connection(member.data_address) as dc:
-                return dc.control(op, request)
+            return self._data.control(member.data_address, op, request)
         except Unavailable as exc:
             self._data_fallback(member, exc)
         except InvalidArgument as exc:
