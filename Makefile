@@ -52,7 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.metrics_overhead $(if $(QUICK),--quick)  # get/put with metrics on vs off
 	$(BIN)/python -m bench.torchget $(if $(QUICK),--quick)  # torch get vs numpy get; CUDA get vs host get (CUDA hosts)
 	$(BIN)/python -m bench.kv $(if $(QUICK),--quick)  # prefix KV reuse: TTFT cached vs recompute; KV GB/s
-	$(BIN)/python -m bench.smallops $(if $(QUICK),--quick)  # version, near-cache hits, delete: p50/p99 vs a 4 KiB get and Redis
+	$(BIN)/python -m bench.smallops $(if $(QUICK),--quick)  # 4 KiB get/put, version, near hits, delete, put_many/get_many: vs Redis
 
 ## A local cluster in the foreground (Ctrl-C stops it).
 up: $(STAMP)

@@ -1,26 +1,30 @@
-"""``python -m bench.smallops``: control-size operations, p50/p99 per call, against Redis.
+"""``python -m bench.smallops``: small operations, p50/p99 per call and batches, against Redis.
 
 What a worker pays for the small calls around its tensors: a version check
 (``version``, ``versions`` of many keys), a near-cache hit in both modes
 (strict: revalidated with the owner every time; watch: served from process
 memory while the router's event stream is live), a plain 4 KiB ``get`` and
-``put``, a conditional put, a ``delete``. One at a time, so each figure is
-the per-request cost, not a throughput.
+``put``, a conditional put, a ``delete``, one at a time (each figure is the
+per-request cost); and ``put_many``/``get_many`` of 64 and 256 4 KiB values
+(items/s at the p50 call), against redis-py's MSET/MGET of the same.
 
 Everything runs in one process against a 3-node ``LocalCluster`` and a
-``redis-server`` (bench/peers.py) on loopback, in the same run: the
-``xget`` column is the row's p50 over tensorcache's own 4 KiB get p50 (the
-issue #18 targets: a version check <= 1x, a strict near hit <= 0.5x); the
-``xredis`` column is redis-py's p50 on the comparable command (GET for reads,
-SET for writes, DEL for deletes, EXISTS for version checks) over the row's,
-so above 1 means tensorcache is faster. The ``(grpc)`` rows are the same
-calls with ``transport="grpc"``: the path every control call took before
-they moved to the data channel. The ``wire`` row is a head-only GET frame on
-a bare data connection (no client library around it): the floor under
-``version``.
+``redis-server`` (bench/peers.py) on loopback, in the same run, and the rows
+of each group (single calls; batches) are **interleaved**: they take turns
+in chunks of 50 calls, so the host's load moves them together. ``xget``: the
+row's p50 over tensorcache's own 4 KiB get p50 (issue #18: a version check
+<= 1x, a strict near hit <= 0.5x); ``xredis``: redis-py's p50 on the
+comparable command (GET for reads, SET for writes, DEL for deletes, EXISTS
+for version checks, MSET/MGET for batches) over the row's, so above 1 means
+tensorcache is faster. The ``(grpc)`` rows are the same calls with
+``transport="grpc"``. The ``(events gap 0)`` rows run against a second
+cluster whose nodes publish one key event per commit, as before #18
+(``--events-min-gap-ms 0``; ``--no-before`` skips it). The ``wire`` rows are
+a GET frame and a head-only GET frame on a bare data connection (no client
+library around them): the floors under ``get`` and ``version``.
 
-Each row: ``--calls`` timed calls after a warm-up, bounded by
-``--max-row-seconds``. Prints a table; writes
+Each row: ``--calls`` timed calls after a warm-up (batches: a tenth),
+bounded by ``--max-row-seconds`` per row. Prints a table; writes
 ``bench/results/smallops-<UTC>.json``. ``--quick``: a few hundred calls (CI
 smoke). The load average is printed with every row: the figures move with
 whatever else the host runs.
@@ -54,7 +58,9 @@ from tensorcache.wire import ring_from_snapshot
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SIZE = 4096
 BATCH = 64  # keys per versions()/get_many() row
+BATCHES = (64, 256)  # keys per put_many/get_many and MSET/MGET row
 WARMUP = 50
+CHUNK = 50  # calls per turn when rows are interleaved
 
 
 @dataclass
@@ -69,43 +75,70 @@ class Row:
     peer: str = ""  # the redis row it is compared with
     xget: float | None = None
     xredis: float | None = None
+    items: int = 1  # keys per call (batch rows)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.p50_us * 1e6
 
 
-def measure(
-    name: str,
-    system: str,
-    fn: Callable[[], object],
-    calls: int,
-    max_seconds: float,
-    setup: Callable[[], object] | None = None,
-    peer: str = "",
-) -> Row:
-    """Time ``calls`` single calls of ``fn`` (``setup`` before each, untimed)."""
-    for _ in range(min(WARMUP, calls)):
-        if setup is not None:
-            setup()
-        fn()
-    times: list[float] = []
-    deadline = time.monotonic() + max_seconds
-    while len(times) < calls and time.monotonic() < deadline:
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    us = [t * 1e6 for t in times]
-    row = Row(
-        name,
-        system,
-        len(us),
-        percentile(us, 50),
-        percentile(us, 99),
-        statistics.fmean(us),
-        loadavg(),
-        peer,
-    )
-    progress(f"{system:11s} {name:28s} p50 {row.p50_us:8.1f} us  p99 {row.p99_us:8.1f} us")
-    return row
+@dataclass
+class Spec:
+    """One row to measure: ``fn`` timed per call, ``setup`` untimed before each."""
+
+    name: str
+    system: str
+    fn: Callable[[], object]
+    setup: Callable[[], object] | None = None
+    peer: str = ""
+    items: int = 1
+
+
+def measure(specs: list[Spec], calls: int, max_seconds: float, chunk: int = CHUNK) -> list[Row]:
+    """Time ``calls`` single calls of every spec, interleaved in chunks.
+
+    The rows of one group take turns (``chunk`` calls each, round-robin), so
+    a change in the host's load (other sessions' test suites, a soak) falls
+    on all of them alike and their ratios hold even when the absolute
+    figures move. ``max_seconds`` bounds the group per row.
+    """
+    for spec in specs:
+        for _ in range(min(WARMUP, calls)):
+            if spec.setup is not None:
+                spec.setup()
+            spec.fn()
+    times: list[list[float]] = [[] for _ in specs]
+    deadline = time.monotonic() + max_seconds * len(specs)
+    while time.monotonic() < deadline and any(len(t) < calls for t in times):
+        for spec, ts in zip(specs, times, strict=True):
+            for _ in range(min(chunk, calls - len(ts))):
+                if spec.setup is not None:
+                    spec.setup()
+                t0 = time.perf_counter()
+                spec.fn()
+                ts.append(time.perf_counter() - t0)
+    rows = []
+    load = loadavg()
+    for spec, ts in zip(specs, times, strict=True):
+        us = [t * 1e6 for t in ts]
+        row = Row(
+            spec.name,
+            spec.system,
+            len(us),
+            percentile(us, 50),
+            percentile(us, 99),
+            statistics.fmean(us),
+            load,
+            spec.peer,
+            items=spec.items,
+        )
+        per = f"  {row.items_per_s:10,.0f} items/s" if spec.items > 1 else ""
+        progress(
+            f"{spec.system:11s} {spec.name:30s} p50 {row.p50_us:8.1f} us  "
+            f"p99 {row.p99_us:8.1f} us{per}"
+        )
+        rows.append(row)
+    return rows
 
 
 @contextlib.contextmanager
@@ -135,110 +168,139 @@ def _wait_live(c: tensorcache.Client, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def tensorcache_rows(router: str, snapshot: pb.RingSnapshot, calls: int, max_s: float) -> list[Row]:
-    value = np.random.default_rng(0).integers(0, 255, SIZE, dtype=np.uint8)
-    keys = [f"bench/small/{i}" for i in range(BATCH)]
-    rows: list[Row] = []
-    tc = "tensorcache"
-    with (
-        tensorcache.connect(router) as c,
-        tensorcache.connect(router, transport="grpc") as g,
-        tensorcache.connect(router, near_cache="64MiB") as strict,
-        tensorcache.connect(router, near_cache="64MiB", near_cache_mode="watch") as watch,
-    ):
-        c.put_many({k: value for k in keys})
-        key = keys[0]
-        rows.append(measure("get 4KiB", tc, lambda: c.get(key), calls, max_s, peer="GET"))
-        rows.append(measure("put 4KiB", tc, lambda: c.put(key, value), calls, max_s, peer="SET"))
-        state = {"v": c.version(key) or 0}
-
-        def cond_put() -> None:
-            state["v"] = c.put(key, value, if_version=state["v"])
-
-        rows.append(measure("put if_version 4KiB", tc, cond_put, calls, max_s, peer="SET"))
-        rows.append(measure("version", tc, lambda: c.version(key), calls, max_s, peer="EXISTS"))
-        rows.append(measure(f"versions x{BATCH}", tc, lambda: c.versions(keys), calls, max_s))
-        # The wire alone: the same head-only GET frame on one data connection,
-        # no client library around it (what version() costs beyond this is Python).
-        ring = ring_from_snapshot(snapshot)
-        conn = DataConn(ring.owner(key).data_address, 10.0)
-        head = pb.GetRequest(
-            epoch=ring.epoch, keys=[pb.EntryKey(key=key.encode())], head_only=True
-        ).SerializeToString()
-        try:
-            rows.append(
-                measure(
-                    "head frame, bare socket",
-                    "wire",
-                    lambda: conn.control(OP_GET, head),
-                    calls,
-                    max_s,
-                )
-            )
-        finally:
-            conn.close()
-        strict.get(key)
-        strict.get_many(keys)
-        rows.append(
-            measure("near hit, strict", tc, lambda: strict.get(key), calls, max_s, peer="GET")
-        )
-        rows.append(
-            measure(f"near hits x{BATCH}, strict", tc, lambda: strict.get_many(keys), calls, max_s)
-        )
-        _wait_live(watch)
-        watch.get(key)
-        rows.append(
-            measure("near hit, watch", tc, lambda: watch.get(key), calls, max_s, peer="GET")
-        )
-        dkey = "bench/small/del"
-        rows.append(
-            measure(
-                "delete",
-                tc,
-                lambda: c.delete(dkey),
-                calls,
-                max_s,
-                setup=lambda: c.put(dkey, value),
-                peer="DEL",
-            )
-        )
-        # Before: the same control calls over gRPC (transport="grpc").
-        rows.append(measure("get 4KiB (grpc)", tc, lambda: g.get(key), calls, max_s, peer="GET"))
-        rows.append(
-            measure("version (grpc)", tc, lambda: g.version(key), calls, max_s, peer="EXISTS")
-        )
-        rows.append(
-            measure(
-                "delete (grpc)",
-                tc,
-                lambda: g.delete(dkey),
-                calls,
-                max_s,
-                setup=lambda: c.put(dkey, value),
-                peer="DEL",
-            )
-        )
-        if c.metrics().get("data_fallbacks", 0):
-            print("note: the client fell back to gRPC during the run", file=sys.stderr)
-    return rows
-
-
-def redis_rows(r: Any, calls: int, max_s: float) -> list[Row]:
-    payload = np.random.default_rng(0).integers(0, 255, SIZE, dtype=np.uint8).tobytes()
+def redis_specs(r: Any, payload: bytes) -> tuple[list[Spec], list[Spec]]:
+    """(single-command rows, batch rows) of redis-py, on the same 4 KiB values."""
     r.set("bench/small/0", payload)
-    rows = [
-        measure("GET", "redis-py", lambda: r.get("bench/small/0"), calls, max_s),
-        measure("SET", "redis-py", lambda: r.set("bench/small/0", payload), calls, max_s),
-        measure("EXISTS", "redis-py", lambda: r.exists("bench/small/0"), calls, max_s),
-        measure(
+    single = [
+        Spec("GET", "redis-py", lambda: r.get("bench/small/0")),
+        Spec("SET", "redis-py", lambda: r.set("bench/small/w", payload)),
+        Spec("EXISTS", "redis-py", lambda: r.exists("bench/small/0")),
+        Spec(
             "DEL",
             "redis-py",
             lambda: r.delete("bench/small/del"),
-            calls,
-            max_s,
             setup=lambda: r.set("bench/small/del", payload),
         ),
     ]
+    batch = []
+    for n in BATCHES:
+        keys = [f"bench/many/{i}" for i in range(n)]
+        mapping = dict.fromkeys(keys, payload)
+        r.mset(mapping)
+        batch += [
+            Spec(f"MSET x{n}", "redis-py", lambda m=mapping: r.mset(m), items=n),
+            Spec(f"MGET x{n}", "redis-py", lambda k=keys: r.mget(k), items=n),
+        ]
+    return single, batch
+
+
+def run_all(
+    router: str,
+    before_router: str | None,
+    snapshot: pb.RingSnapshot,
+    r: Any,
+    calls: int,
+    max_s: float,
+) -> list[Row]:
+    """Every row, in two interleaved groups: single calls, then batches."""
+    value = np.random.default_rng(0).integers(0, 255, SIZE, dtype=np.uint8)
+    keys = [f"bench/small/{i}" for i in range(BATCH)]
+    tc = "tensorcache"
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(tensorcache.connect(router))
+        g = stack.enter_context(tensorcache.connect(router, transport="grpc"))
+        # The near-cache clients are closed before the batch group: a
+        # watch-mode client's event thread would take every put_many's 64-256
+        # events in this process, competing with the timed loop for its GIL.
+        near = stack.enter_context(contextlib.ExitStack())
+        strict = near.enter_context(tensorcache.connect(router, near_cache="64MiB"))
+        watch = near.enter_context(
+            tensorcache.connect(router, near_cache="64MiB", near_cache_mode="watch")
+        )
+        c.put_many({k: value for k in keys})
+        # Interleaved rows must not write what others read: the reads (and
+        # the near-caches' copies) use ``key``, each writing row a key of its own.
+        key, dkey, wkey, ckey = keys[0], "bench/small/del", "bench/small/w", "bench/small/cond"
+        state = {"v": c.put(ckey, value)}
+
+        def cond_put() -> None:
+            state["v"] = c.put(ckey, value, if_version=state["v"])
+
+        # The wire alone: the same frames on one data connection, no client
+        # library around them (what the calls cost beyond this is Python).
+        ring = ring_from_snapshot(snapshot)
+        conn = DataConn(ring.owner(key).data_address, 10.0)
+        stack.callback(conn.close)
+        entry = [pb.EntryKey(key=key.encode())]
+        head = pb.GetRequest(epoch=ring.epoch, keys=entry, head_only=True).SerializeToString()
+        full = pb.GetRequest(epoch=ring.epoch, keys=entry).SerializeToString()
+
+        def wire_get() -> None:
+            conn.control(OP_GET, full)
+            conn.reader.read_exact(SIZE)
+
+        strict.get(key)
+        strict.get_many(keys)
+        _wait_live(watch)
+        watch.get(key)
+        single = [
+            Spec("get 4KiB", tc, lambda: c.get(key), peer="GET"),
+            Spec("put 4KiB", tc, lambda: c.put(wkey, value), peer="SET"),
+            Spec("put if_version 4KiB", tc, cond_put, peer="SET"),
+            Spec("version", tc, lambda: c.version(key), peer="EXISTS"),
+            Spec(f"versions x{BATCH}", tc, lambda: c.versions(keys), items=BATCH),
+            Spec("get frame, bare socket", "wire", wire_get),
+            Spec("head frame, bare socket", "wire", lambda: conn.control(OP_GET, head)),
+            Spec("near hit, strict", tc, lambda: strict.get(key), peer="GET"),
+            Spec(f"near hits x{BATCH}, strict", tc, lambda: strict.get_many(keys), items=BATCH),
+            Spec("near hit, watch", tc, lambda: watch.get(key), peer="GET"),
+            Spec(
+                "delete", tc, lambda: c.delete(dkey), setup=lambda: c.put(dkey, value), peer="DEL"
+            ),
+            # The same calls over gRPC (transport="grpc"): the path every
+            # control call took before they moved to the data channel.
+            Spec("get 4KiB (grpc)", tc, lambda: g.get(key), peer="GET"),
+            Spec("version (grpc)", tc, lambda: g.version(key), peer="EXISTS"),
+        ]
+        if before_router is not None:
+            # Before #18: nodes publishing one key event per commit.
+            b = stack.enter_context(tensorcache.connect(before_router))
+            single += [
+                Spec("put 4KiB (events gap 0)", tc, lambda: b.put(wkey, value), peer="SET"),
+                Spec(
+                    "delete (events gap 0)",
+                    tc,
+                    lambda: b.delete(dkey),
+                    setup=lambda: b.put(dkey, value),
+                    peer="DEL",
+                ),
+            ]
+        batch: list[Spec] = []
+        for n in BATCHES:
+            many = [f"bench/many/{i}" for i in range(n)]
+            mapping = dict.fromkeys(many, value)
+            c.put_many(mapping)
+            batch += [
+                Spec(
+                    f"put_many x{n}",
+                    tc,
+                    lambda m=mapping: c.put_many(m),
+                    peer=f"MSET x{n}",
+                    items=n,
+                ),
+                Spec(
+                    f"get_many x{n}", tc, lambda k=many: c.get_many(k), peer=f"MGET x{n}", items=n
+                ),
+            ]
+        if r is not None:
+            rsingle, rbatch = redis_specs(r, value.tobytes())
+            single += rsingle
+            batch += rbatch
+        rows = measure(single, calls, max_s)
+        near.close()
+        rows += measure(batch, max(1, calls // 10), max_s)
+        if c.metrics().get("data_fallbacks", 0):
+            print("note: the client fell back to gRPC during the run", file=sys.stderr)
     return rows
 
 
@@ -248,27 +310,29 @@ def ratios(rows: list[Row]) -> None:
     for r in rows:
         if r.system != "tensorcache":
             continue
-        r.xget = r.p50_us / get.p50_us
+        r.xget = r.p50_us / get.p50_us if r.items == 1 else None
         if r.peer in redis:
             r.xredis = redis[r.peer].p50_us / r.p50_us
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        f"{'system':11s} {'operation':28s} {'p50 us':>8s} {'p99 us':>8s} {'calls':>6s} "
-        f"{'xget':>6s} {'xredis':>10s} {'load':>5s}"
+        f"{'system':11s} {'operation':30s} {'p50 us':>9s} {'p99 us':>9s} {'calls':>6s} "
+        f"{'xget':>6s} {'xredis':>14s} {'items/s':>10s} {'load':>5s}"
     ]
     for r in rows:
         xget = f"{r.xget:6.2f}" if r.xget is not None else f"{'':6s}"
-        xredis = f"{r.xredis:5.2f} {r.peer:4s}" if r.xredis is not None else f"{'':10s}"
+        xredis = f"{r.xredis:5.2f} {r.peer:8s}" if r.xredis is not None else f"{'':14s}"
+        per = f"{r.items_per_s:10,.0f}" if r.items > 1 else f"{'':10s}"
         lines.append(
-            f"{r.system:11s} {r.name:28s} {r.p50_us:8.1f} {r.p99_us:8.1f} {r.calls:6d} "
-            f"{xget} {xredis} {r.load:5.1f}"
+            f"{r.system:11s} {r.name:30s} {r.p50_us:9.1f} {r.p99_us:9.1f} {r.calls:6d} "
+            f"{xget} {xredis} {per} {r.load:5.1f}"
         )
     return "\n".join(lines)
 
 
 def targets(rows: list[Row]) -> list[str]:
+    """Issue #18's targets, each marked met or not."""
     by = {r.name: r for r in rows if r.system == "tensorcache"}
     out = []
     for name, limit in (("version", 1.0), ("near hit, strict", 0.5)):
@@ -276,6 +340,21 @@ def targets(rows: list[Row]) -> list[str]:
         if r is not None and r.xget is not None:
             mark = "✓" if r.xget <= limit else "✗"
             out.append(f"{mark} {name}: {r.xget:.2f}x a 4 KiB get (target <= {limit}x)")
+    for name in (
+        "get 4KiB",
+        "put 4KiB",
+        *(f"{op} x{n}" for n in BATCHES for op in ("put_many", "get_many")),
+    ):
+        r = by.get(name)
+        if r is not None and r.xredis is not None:
+            mark = "✓" if r.xredis >= 1 else "✗"
+            out.append(f"{mark} {name}: {r.xredis:.2f}x redis-py {r.peer} (target >= 1x)")
+    for n in BATCHES:
+        for op in ("put_many", "get_many"):
+            r = by.get(f"{op} x{n}")
+            if r is not None:
+                mark = "✓" if r.items_per_s >= 100_000 else "✗"
+                out.append(f"{mark} {op} x{n}: {r.items_per_s:,.0f} items/s (target >= 100,000)")
     return out
 
 
@@ -286,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-row-seconds", type=float, default=20.0)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--no-redis", action="store_true")
+    p.add_argument(
+        "--no-before",
+        action="store_true",
+        help="skip the second cluster whose nodes publish one key event per commit",
+    )
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     calls = args.calls or (300 if args.quick else 3000)
@@ -293,14 +377,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--calls and --max-row-seconds must be > 0")
     started = datetime.now(UTC)
     progress(f"smallops: {calls} calls per row, {args.nodes} nodes, load {loadavg():.1f}")
-    with peers.log_dir() as logs:
-        with LocalCluster(args.nodes, capacity="256MiB", log_dir=logs / "cluster") as cluster:
-            rows = tensorcache_rows(
-                cluster.router_address, cluster.ring(), calls, args.max_row_seconds
+    with peers.log_dir() as logs, contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(
+            LocalCluster(args.nodes, capacity="256MiB", log_dir=logs / "cluster")
+        )
+        before = None
+        if not args.no_before:
+            before = stack.enter_context(
+                LocalCluster(
+                    args.nodes,
+                    capacity="256MiB",
+                    log_dir=logs / "before",
+                    node_args=["--events-min-gap-ms", "0"],
+                )
             )
-        with _maybe_redis(logs, not args.no_redis) as r:
-            if r is not None:
-                rows += redis_rows(r, calls, args.max_row_seconds)
+        r = stack.enter_context(_maybe_redis(logs, not args.no_redis))
+        rows = run_all(
+            cluster.router_address,
+            before.router_address if before is not None else None,
+            cluster.ring(),
+            r,
+            calls,
+            args.max_row_seconds,
+        )
     ratios(rows)
     print(
         f"\nsmall operations, {SIZE} B values, one call at a time "
