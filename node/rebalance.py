@@ -109,10 +109,17 @@ class Rebalancer:
         self._thread: threading.Thread | None = None
         self.pushed = 0  # copies confirmed by background pushes
         self.drained = 0  # copies confirmed by drains
-        #: Work left: keys the running scan has not reached plus copies it
-        #: found missing and could not push yet (0: every entry held here is
-        #: at every member of its replica set, as far as this node knows).
+        #: Work left: keys the running scan has not reached, plus copies the
+        #: scans found missing and could not push yet, plus hidden copies of
+        #: this node's keys not yet decided (0: every entry held here is at
+        #: every member of its replica set, as far as this node knows).
         self.pending = 0
+        # What the last full scan left undone, and what partial (dirty-key)
+        # scans left since: a partial scan that went well says nothing about
+        # the copies a full scan could not push, so it neither clears their
+        # retry nor lowers ``pending`` below them.
+        self._left_full = 0
+        self._left_partial = 0
 
     # -- triggers -------------------------------------------------------------------
     def ring_changed(self) -> None:
@@ -175,26 +182,36 @@ class Rebalancer:
                 continue
             try:
                 keys: Sequence[StoreKey] = self._store.keys() if full else list(dirty)
-                done = self._scan(keys, generation)
+                done = self._scan(keys, generation, full=full)
             except Exception:  # background work: log, never kill the node
                 log.exception("rebalance scan failed")
                 done = None
             if done is None or done.failed or done.unresolved:
-                retry_at = self._clock() + retry_s
+                retry_at = self._clock() + retry_s  # the retry is a full scan
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
-            else:
+            elif full:
                 retry_at, retry_s = None, RETRY_MIN_S
+            # A partial scan that went well keeps a full scan's retry: clearing
+            # it abandoned the copies a full scan could not push to a member
+            # that was down (restarted empty) until the next ring change, and
+            # ``pending`` read 0 meanwhile (the soak caught 1,182 copies held
+            # that way, demoted on one node, for minutes).
 
     def _superseded(self, generation: int) -> bool:
         return self._generation != generation or self._closed
 
-    def _scan(self, keys: Sequence[StoreKey], generation: int) -> _Round | None:
+    def _scan(
+        self, keys: Sequence[StoreKey], generation: int, *, full: bool = True
+    ) -> _Round | None:
+        """One pass over ``keys`` (``full``: every key held; else the dirty ones)."""
         ring = self._rings.current
         if ring is None or self._me not in ring:
             return _Round(ring, self._me) if ring is not None else None
         start = self._clock()
         paused = self._pacer.paused_s
         rnd = _Round(ring, self._me)
+        # Work a partial scan does not cover: what earlier scans left undone.
+        base = 0 if full else self._left_full + self._left_partial
         for i in range(0, len(keys), self._chunk):
             if self._superseded(generation):
                 return rnd  # a newer ring: its scan covers everything
@@ -205,21 +222,27 @@ class Rebalancer:
             else:
                 rnd.unresolved += len(suspects)
             self._flush(rnd, final=False)
-            self.pending = len(keys) - i + rnd.missing - rnd.pushed
+            self.pending = base + len(keys) - i + rnd.missing - rnd.pushed + rnd.unresolved
             self._pacer.after(time.thread_time() - began)  # the data path goes first
         self._flush(rnd, final=True)
+        left = max(0, rnd.missing - rnd.pushed) + rnd.unresolved
         with self._lock:
             self.pushed += rnd.pushed
-            self.pending = max(0, rnd.missing - rnd.pushed)
-        if rnd.missing or rnd.moved:
+            if full:
+                self._left_full, self._left_partial = left, 0
+            else:
+                self._left_partial += left
+            self.pending = self._left_full + self._left_partial
+        if rnd.missing or rnd.moved or rnd.unresolved:
             log.info(
-                "epoch %d: %d keys checked, %d copies pushed of %d missing, %d moved away "
-                "in %.2fs%s",
+                "epoch %d: %d keys checked, %d copies pushed of %d missing, %d moved away, "
+                "%d hidden copies undecided in %.2fs (%.2fs paused)%s",
                 ring.epoch,
                 len(keys),
                 rnd.pushed,
                 rnd.missing,
                 rnd.moved,
+                rnd.unresolved,
                 self._clock() - start,
                 self._pacer.paused_s - paused,
                 f"; unreachable: {sorted(rnd.failed)}" if rnd.failed else "",
