@@ -235,7 +235,9 @@ def test_routers_use_etcd_and_advertise_their_pod_ip(path: str) -> None:
             continue
         args = container_args(pod, c, pod_ip="10.9.8.7")
         assert flag(args, "advertise") == "10.9.8.7"
-        m = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", flag(args, "etcd"))
+        # https, with the routers' etcd client certificate, where etcd has TLS.
+        scheme = "https" if path == CERT_MANAGER else "http"
+        m = re.fullmatch(rf"{scheme}://([a-z0-9-]+):(\d+)", flag(args, "etcd"))
         assert m, flag(args, "etcd")
         service = named(objects, "Service", m.group(1))
         assert int(m.group(2)) in [p["port"] for p in service["spec"]["ports"]]
@@ -578,6 +580,8 @@ CERT_SECRETS = {
     "router": "tensorcache-router-tls",
     "worker": "tensorcache-worker-tls",
 }
+# etcd's: its members' (server, and client towards peers) and the routers' client one.
+ETCD_SECRETS = {"member": "tensorcache-etcd-tls", "client": "tensorcache-etcd-client-tls"}
 
 
 def _dns_matches(pattern: str, name: str) -> bool:
@@ -592,26 +596,40 @@ def _certificates() -> dict[str, Obj]:
     return {c["spec"]["secretName"]: c for c in by_kind(render(CERT_MANAGER), "Certificate")}
 
 
-def test_cert_manager_issues_from_one_ca() -> None:
-    """Self-signed bootstrap Issuer -> CA Certificate -> CA Issuer -> every leaf."""
+def _ca_issuers() -> dict[str, str]:
+    """CA Issuer name -> the Secret of the CA Certificate it signs with."""
+    issuers = {i["metadata"]["name"]: i["spec"] for i in by_kind(render(CERT_MANAGER), "Issuer")}
+    return {n: i["ca"]["secretName"] for n, i in issuers.items() if "ca" in i}
+
+
+def test_cert_manager_issues_from_two_cas() -> None:
+    """Self-signed bootstrap Issuer -> two CA Certificates -> their CA Issuers:
+    the cluster's CA signs the nodes', routers' and workers' leaves, etcd's
+    own CA only etcd's members' and the routers' etcd client certificate
+    (etcd admits whatever its CA signed: etcd-certificates.yaml)."""
     objects = render(CERT_MANAGER)
     issuers = {i["metadata"]["name"]: i["spec"] for i in by_kind(objects, "Issuer")}
     certs = _certificates()
-    (ca,) = [c for c in certs.values() if c["spec"].get("isCA")]
-    assert "selfSigned" in issuers[ca["spec"]["issuerRef"]["name"]]
-    (ca_issuer,) = [n for n, i in issuers.items() if "ca" in i]
-    assert issuers[ca_issuer]["ca"]["secretName"] == ca["spec"]["secretName"]
+    cas = {name: c for name, c in certs.items() if c["spec"].get("isCA")}
+    assert set(cas) == {"tensorcache-ca", "tensorcache-etcd-ca"}
+    for ca in cas.values():
+        assert "selfSigned" in issuers[ca["spec"]["issuerRef"]["name"]]
+    ca_issuers = _ca_issuers()
+    assert sorted(ca_issuers.values()) == sorted(cas)
+    # The etcd CA keeps its key on renewal: etcd loads --trusted-ca-file once.
+    assert cas["tensorcache-etcd-ca"]["spec"]["privateKey"]["rotationPolicy"] == "Never"
     leaves = {name: c for name, c in certs.items() if not c["spec"].get("isCA")}
-    assert set(leaves) == set(CERT_SECRETS.values())
+    assert set(leaves) == {*CERT_SECRETS.values(), *ETCD_SECRETS.values()}
     for name, cert in leaves.items():
         spec = cert["spec"]
-        assert spec["issuerRef"] == {
-            "name": ca_issuer,
-            "kind": "Issuer",
-            "group": "cert-manager.io",
-        }
-        # Nodes and routers serve and call; workers only call.
-        need = {"client auth"} | ({"server auth"} if "worker" not in name else set())
+        signer = "tensorcache-etcd-ca" if name in ETCD_SECRETS.values() else "tensorcache-ca"
+        assert spec["issuerRef"]["kind"] == "Issuer"
+        assert spec["issuerRef"]["group"] == "cert-manager.io"
+        assert ca_issuers[spec["issuerRef"]["name"]] == signer, name
+        # Nodes, routers and etcd members serve and call; workers and the
+        # routers' etcd client certificate only call.
+        only_calls = "worker" in name or name == ETCD_SECRETS["client"]
+        need = {"client auth"} | ({"server auth"} if not only_calls else set())
         assert need <= set(spec["usages"]), name
         assert spec["privateKey"]["rotationPolicy"] == "Always"
         assert spec["renewBefore"] and spec["duration"]
@@ -622,8 +640,8 @@ def test_cert_manager_every_grpc_container_mounts_cert_key_and_ca(path: str) -> 
     """Every container that speaks tensorcache's gRPC (nodes, routers, workers)
     names its certificate, key and CA in TENSORCACHE_TLS_*, and they are the
     files of its component's Secret, mounted whole (renewals reach them) and
-    readable by the pod's user. etcd is not tensorcache's gRPC: its own TLS is
-    the routers' --etcd-* flags (not in this overlay)."""
+    readable by the pod's user. etcd is not tensorcache's gRPC: its TLS is
+    test_cert_manager_etcd_* below."""
     checked = set()
     for pod in pods(render(path)):
         if pod.component == "etcd":
@@ -691,6 +709,128 @@ def test_cert_manager_leaves_data_channel_encryption_on() -> None:
             assert parsed.data_channel_encryption is None
     text = (K8S / CERT_MANAGER / "tls.yaml").read_text()
     assert "# - name: TENSORCACHE_DATA_CHANNEL_ENCRYPTION" in text
+
+
+def _secret_file(pod: Pod, container: Obj, path: str) -> tuple[str, str]:
+    """(Secret name, key) of a file the container reads, checking the mount:
+    read-only, the whole Secret (renewals reach it), readable by the pod's group."""
+    (mount,) = [
+        m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert mount.get("readOnly") is True and "subPath" not in mount, (pod.name, mount)
+    (volume,) = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    mode = secret.get("defaultMode", 0o644)
+    group = pod.spec["securityContext"].get("fsGroup")
+    assert mode & 0o004 or (mode & 0o040 and group is not None), (pod.name, oct(mode))
+    return secret["secretName"], path.removeprefix(mount["mountPath"].rstrip("/") + "/")
+
+
+def _etcd_args(objects: list[Obj]) -> Iterator[tuple[Pod, Obj, list[str], dict[str, str]]]:
+    for pod in pods(objects):
+        if pod.component == "etcd":
+            (c,) = pod.containers()
+            yield pod, c, container_args(pod, c), container_env(pod, c, pod_ip="10.4.4.4")
+
+
+def test_cert_manager_etcd_serves_clients_and_peers_over_mutual_tls() -> None:
+    """Every etcd member: https client and peer URLs (listened, advertised, in
+    the initial cluster), client certificates required on both, its
+    certificate, key and CA from etcd's Secret; peers only with the members'
+    common name. Probes stay off the TLS ports: the metrics listener is
+    plaintext (/health, /metrics) and every probe uses it."""
+    objects = render(CERT_MANAGER)
+    certs = _certificates()
+    member_cn = certs[ETCD_SECRETS["member"]]["spec"]["commonName"]
+    checked = 0
+    for pod, c, args, env in _etcd_args(objects):
+        for name in ("listen-client-urls", "advertise-client-urls"):
+            assert flag(args, name).startswith("https://"), (pod.name, name)
+        for name in ("listen-peer-urls", "initial-advertise-peer-urls"):
+            assert flag(args, name).startswith("https://"), (pod.name, name)
+        initial = dict(m.split("=", 1) for m in env["ETCD_INITIAL_CLUSTER"].split(","))
+        assert initial[pod.name] == flag(args, "initial-advertise-peer-urls")
+        assert all(u.startswith("https://") for u in initial.values()), initial
+        assert "--client-cert-auth" in args and "--peer-client-cert-auth" in args
+        assert flag(args, "peer-cert-allowed-cn") == member_cn
+        files = {
+            name: _secret_file(pod, c, flag(args, name))
+            for name in (
+                "cert-file",
+                "key-file",
+                "trusted-ca-file",
+                "peer-cert-file",
+                "peer-key-file",
+                "peer-trusted-ca-file",
+            )
+        }
+        assert {secret for secret, _ in files.values()} == {ETCD_SECRETS["member"]}
+        assert files["cert-file"][1] == files["peer-cert-file"][1] == "tls.crt"
+        assert files["key-file"][1] == files["peer-key-file"][1] == "tls.key"
+        assert files["trusted-ca-file"][1] == files["peer-trusted-ca-file"][1] == "ca.crt"
+        metrics = flag(args, "listen-metrics-urls")
+        assert metrics.startswith("http://"), metrics
+        metrics_port = int(metrics.rsplit(":", 1)[1])
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            (kind,) = [k for k in ("tcpSocket", "httpGet", "grpc", "exec") if k in c[probe]]
+            port = c[probe][kind]["port"]
+            assert pod.container_ports()[port] == metrics_port, (pod.name, probe)
+            assert c[probe][kind].get("scheme", "HTTP") == "HTTP", (pod.name, probe)
+        checked += 1
+    assert checked == 3
+
+
+def test_cert_manager_routers_dial_etcd_with_its_client_certificate() -> None:
+    """Routers: an https --etcd URL whose host etcd's certificate names, and
+    --etcd-cert/-key/-ca from the routers' etcd client Secret, which etcd's
+    CA signs (the CA etcd trusts, the CA routers check etcd against)."""
+    objects = render(CERT_MANAGER)
+    certs = _certificates()
+    member_names = certs[ETCD_SECRETS["member"]]["spec"]["dnsNames"]
+    client = certs[ETCD_SECRETS["client"]]["spec"]
+    assert client["issuerRef"]["name"] == certs[ETCD_SECRETS["member"]]["spec"]["issuerRef"]["name"]
+    checked = 0
+    for pod, c in tensorcache_containers(objects):
+        if pod.component != "router":
+            continue
+        args = container_args(pod, c)
+        parsed = build_parser().parse_args(args)
+        host = re.fullmatch(r"https://([a-z0-9.-]+):\d+", parsed.etcd)
+        assert host, parsed.etcd
+        assert any(_dns_matches(n, host.group(1)) for n in member_names), host.group(1)
+        files = {
+            "cert": _secret_file(pod, c, parsed.etcd_cert),
+            "key": _secret_file(pod, c, parsed.etcd_key),
+            "ca": _secret_file(pod, c, parsed.etcd_ca),
+        }
+        assert files == {
+            "cert": (ETCD_SECRETS["client"], "tls.crt"),
+            "key": (ETCD_SECRETS["client"], "tls.key"),
+            "ca": (ETCD_SECRETS["client"], "ca.crt"),
+        }
+        assert parsed.etcd_user is None  # client certificates, no etcd users
+        checked += 1
+    assert checked == 2
+
+
+def test_cert_manager_etcd_certificate_names_every_member_address() -> None:
+    """A member dials its peers at their advertised peer URLs and checks their
+    certificates against those names; etcd checks an incoming peer's client
+    certificate against the peer's address by resolving the certificate's
+    names, so each member's full name is listed, not only a wildcard."""
+    objects = render(CERT_MANAGER)
+    names = _certificates()[ETCD_SECRETS["member"]]["spec"]["dnsNames"]
+    sts = named(objects, "StatefulSet", "tensorcache-etcd")
+    checked = 0
+    for pod, _c, args, _env in _etcd_args(objects):
+        for url in (flag(args, "advertise-client-urls"), flag(args, "initial-advertise-peer-urls")):
+            host = re.fullmatch(r"https://([a-z0-9.-]+):\d+", url)
+            assert host, url
+            assert any(_dns_matches(n, host.group(1)) for n in names), host.group(1)
+        full = f"{pod.name}.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local"
+        assert full in names, full
+        checked += 1
+    assert checked == sts["spec"]["replicas"] == 3
 
 
 # ------------------------------------------------------------------ the image

@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +94,18 @@ class LocalPod:
 
 
 class World:
-    """The dev overlay's pods and Services on one loopback interface."""
+    """An overlay's pods and Services on one loopback interface (test_k8s_smoke_tls.py
+    runs the cert-manager overlay with it)."""
 
-    def __init__(self, objects: list[Obj], tmp: Path, etcd_binary: str) -> None:
+    def __init__(
+        self,
+        objects: list[Obj],
+        tmp: Path,
+        etcd_binary: str,
+        secrets: Mapping[str, Mapping[str, bytes]] | None = None,
+    ) -> None:
+        """``secrets``: Secret name -> its files, written into every volume of
+        that Secret as the kubelet would (a Secret not given fails the test)."""
         self.tmp = tmp
         self.etcd_binary = etcd_binary
         self.services = by_kind(objects, "Service")
@@ -104,10 +113,20 @@ class World:
         for pod in pods(objects):
             (container,) = pod.containers()
             ports = {p["containerPort"]: free_port() for p in container.get("ports", [])}
+            volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
             mounts = {}
             for m in container.get("volumeMounts", []):
                 mounts[m["mountPath"]] = tmp / pod.name / m["name"]
                 mounts[m["mountPath"]].mkdir(parents=True)
+                secret = volumes.get(m["name"], {}).get("secret")
+                if secret is not None:
+                    name = secret["secretName"]
+                    if secrets is None or name not in secrets:
+                        pytest.fail(
+                            f"{pod.name} mounts Secret {name}, which the test does not give"
+                        )
+                    for file, data in secrets[name].items():
+                        (mounts[m["mountPath"]] / file).write_bytes(data)
             self.pods[pod.name] = LocalPod(pod, container, ports, mounts)
         self.headless = {p.pod.workload["spec"].get("serviceName") for p in self.pods.values()} - {
             None
@@ -140,6 +159,17 @@ class World:
                 return self.pods[labels[0]].ports[port]  # <pod>.<headless service>
         pytest.fail(f"{me.name}: cannot resolve {host}:{port} like cluster DNS would")
 
+    def _pod_dns_name(self, host: str) -> bool:
+        """``<pod>.<headless service>[.<namespace>[.svc[.cluster.local]]]``."""
+        labels = host.split(".")
+        suffixes = ([], [NAMESPACE], [NAMESPACE, "svc"], [NAMESPACE, "svc", "cluster", "local"])
+        return (
+            len(labels) >= 2
+            and labels[0] in self.pods
+            and labels[1] in self.headless
+            and labels[2:] in suffixes
+        )
+
     def localize(self, me: LocalPod, text: str) -> str:
         """An argument or env value with cluster addresses, ports and paths made local."""
 
@@ -154,6 +184,9 @@ class World:
             return f"{flag_port.group(1)}={me.ports[int(flag_port.group(2))]}"
         if text.endswith("=0.0.0.0"):  # bind loopback only
             return text.removesuffix("0.0.0.0") + LOOPBACK
+        bare = re.fullmatch(r"(--[a-z-]+=)?([A-Za-z0-9.-]+)", text)
+        if bare and self._pod_dns_name(bare.group(2)):  # a pod's own name, e.g. --advertise
+            return f"{bare.group(1) or ''}{LOOPBACK}"
         for mount in sorted(me.mounts, key=len, reverse=True):  # one mount, the deepest
             m = re.match(rf"^((?:--[a-z-]+=)?){re.escape(mount)}(/.*)?$", text)
             if m:
