@@ -263,8 +263,15 @@ def run_all(
             Spec("version (grpc)", tc, lambda: g.version(key), peer="EXISTS"),
         ]
         if before_router is not None:
-            # Before #18: nodes publishing one key event per commit.
+            # Before #18: nodes publishing one key event per commit. With a
+            # watch-mode client of its own, like the cluster above: its
+            # thread in this process takes the events of that cluster's puts.
             b = stack.enter_context(tensorcache.connect(before_router))
+            _wait_live(
+                near.enter_context(
+                    tensorcache.connect(before_router, near_cache="64MiB", near_cache_mode="watch")
+                )
+            )
             single += [
                 Spec("put 4KiB (events gap 0)", tc, lambda: b.put(wkey, value), peer="SET"),
                 Spec(
