@@ -99,11 +99,36 @@ def parse_header(message_type: type[M], raw: bytes | None, what: str) -> M:
         ) from exc
 
 
+_KEY_LIMITS = {pb.TENSOR: MAX_KEY_BYTES, pb.SHARD: MAX_SHARD_KEY_BYTES}
+
+
 def _store_key(raw: bytes, kind: int, where: str) -> StoreKey:
     if kind not in (pb.TENSOR, pb.SHARD):
         raise InvalidArgument(f"{where}.kind {kind} is not a known EntryKind")
     limit = MAX_KEY_BYTES if kind == pb.TENSOR else MAX_SHARD_KEY_BYTES
     return (kind, check_key_bytes(raw, limit=limit, field=f"{where}.key"))
+
+
+def _store_keys(keys: Sequence[pb.EntryKey], what: str) -> list[StoreKey]:
+    """``_store_key`` of every key of a request, naming the field only when one is bad.
+
+    The common case (a TENSOR or SHARD key of valid length and UTF-8) is
+    checked inline, exactly as ``check_key_bytes`` does; anything else goes
+    through ``_store_key`` for its precise error. Why: building two field
+    names per key was ~10 % of a one-key get's node time (py-spy, #18).
+    """
+    out: list[StoreKey] = []
+    for i, k in enumerate(keys):
+        raw, kind = k.key, k.kind
+        limit = _KEY_LIMITS.get(kind, 0)
+        if 0 < len(raw) <= limit:
+            try:
+                out.append((kind, raw.decode("utf-8")))
+                continue
+            except UnicodeDecodeError:
+                pass
+        out.append(_store_key(raw, kind, f"{what}[{i}]"))
+    return out
 
 
 def _check_meta(meta: pb.TensorMeta, kind: int, where: str) -> int:
@@ -454,7 +479,7 @@ class NodeOps:
             raise InvalidArgument(f"get: {len(req.keys)} keys, more than {MAX_BATCH_ENTRIES}")
         if not req.handoff:  # a handoff is asked by a node at any epoch
             self.check_epoch(req.epoch)
-        keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
+        keys = _store_keys(req.keys, "keys")
         found = [self.store.get(key, demoted_ok=req.handoff) for key in keys]
         if not req.handoff and not all(found):
             handed = self.handoff.fetch(k for k, e in zip(keys, found, strict=True) if e is None)
@@ -519,7 +544,7 @@ class NodeOps:
 
     def delete(self, req: pb.DeleteRequest) -> pb.DeleteReply:
         self.check_epoch(req.epoch)
-        keys = [_store_key(k.key, k.kind, f"keys[{i}]") for i, k in enumerate(req.keys)]
+        keys = _store_keys(req.keys, "keys")
         reply = pb.DeleteReply(epoch=self.epochs.epoch)
         # No handoff or push of a copy older than this delete may bring them
         # back: the tombstone is their floor (node/store.py).

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import pytest
 
 from tensorcache import codec
-from tensorcache.errors import StaleEpoch, Unavailable, VersionConflict
+from tensorcache.errors import InvalidArgument, StaleEpoch, Unavailable, VersionConflict
 from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.payload import split_payload
 from tensorcache.node.rings import RingView
@@ -663,3 +663,29 @@ def test_fill_is_not_granted_for_a_key_committed_between_its_look_and_its_grant(
     node.fills.acquire = real_acquire
     assert reply.found and not reply.granted
     assert node.fills.holder(key) is None  # h2 holds nothing it would have to release
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "message"),
+    [
+        (b"", pb.TENSOR, r"^keys\[2\]\.key is empty"),
+        (b"\xff", pb.TENSOR, r"^keys\[2\]\.key is not valid UTF-8"),
+        (b"x" * 1025, pb.TENSOR, r"^keys\[2\]\.key is 1025 bytes, more than the limit"),
+        (b"k", 7, r"^keys\[2\]\.kind 7 is not a known EntryKind"),
+    ],
+)
+def test_a_bad_key_among_good_ones_is_named_by_its_index(raw, kind, message):
+    """The batch key check (good keys checked inline, #18) names the bad one exactly."""
+    c = Cluster("a")
+    c.install(c.ring("a"))
+    ops = c["a"]
+    put(ops, "good", b"abc")
+    keys = [pb.EntryKey(key=b"good"), pb.EntryKey(key=b"\0\x01", kind=pb.SHARD)]
+    keys.append(pb.EntryKey(key=raw, kind=kind))  # type: ignore[arg-type]  # an unknown kind on purpose
+    with pytest.raises(InvalidArgument, match=message):
+        ops.get(pb.GetRequest(epoch=ops.epochs.epoch, keys=keys))
+    with pytest.raises(InvalidArgument, match=message):
+        ops.delete(pb.DeleteRequest(epoch=ops.epochs.epoch, keys=keys))
+    reply, payload, _ = ops.get(pb.GetRequest(epoch=ops.epochs.epoch, keys=keys[:2]))
+    assert [e.found for e in reply.entries] == [True, False]
+    assert [bytes(c) for e in payload for c in e.chunks] == [b"abc"]
