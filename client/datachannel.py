@@ -39,6 +39,7 @@ from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import OP_TICKET
 
 M = TypeVar("M", bound=Message)
+SMALL_PUT = 64 * 1024  # payload up to this is joined with its header and sent at once
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -124,8 +125,14 @@ class DataConn:
 
     def put(self, header: pb.PutRequest, views: Sequence[np.ndarray]) -> pb.PutReply:
         head = header.SerializeToString()
+        buffers: list[bytes | np.ndarray] = [frame(OP_PUT, head), *views]
         try:
-            send_buffers(self.sock, [frame(OP_PUT, head), *views])
+            if sum(v.nbytes for v in views) <= SMALL_PUT:
+                # One joined copy and sendall: less than a scatter list of
+                # casted views for a 4 KiB put (#18).
+                self.sock.sendall(b"".join(buffers))
+            else:
+                send_buffers(self.sock, buffers)
         except OSError:
             # The node may have refused the put and closed the connection
             # before reading the payload: its reason waits in our receive
