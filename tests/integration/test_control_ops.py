@@ -75,13 +75,29 @@ def _requests(cluster: LocalCluster) -> dict[tuple[str, str], float]:
     return out
 
 
+def _stable_requests(cluster: LocalCluster) -> dict[tuple[str, str], float]:
+    """``_requests`` once two scrapes 20 ms apart agree (bounded: 50 tries).
+
+    A node records a request after sending its reply, so right after a call
+    returns its count may not be in yet (seen under a loaded full suite).
+    """
+    last = _requests(cluster)
+    for _ in range(50):
+        time.sleep(0.02)
+        now = _requests(cluster)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 @contextlib.contextmanager
 def counted(cluster: LocalCluster) -> Iterator[dict[tuple[str, str], float]]:
     """The requests served while the block ran (filled in at its end)."""
-    before = _requests(cluster)
+    before = _stable_requests(cluster)
     delta: dict[tuple[str, str], float] = {}
     yield delta
-    after = _requests(cluster)
+    after = _stable_requests(cluster)
     for key in set(before) | set(after):
         n = after.get(key, 0) - before.get(key, 0)
         if n:
