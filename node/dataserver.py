@@ -61,7 +61,7 @@ from tensorcache.errors import (
     status_code,
 )
 from tensorcache.node.authz import check_delete, check_fill, check_get, check_put
-from tensorcache.node.metrics import NoMetrics, Transfers
+from tensorcache.node.metrics import NoMetrics, Transfers, request_op
 from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
 from tensorcache.node.recvpool import RecvPool
 from tensorcache.node.store import Entry
@@ -304,15 +304,17 @@ class DataServer:
 
     def _get(self, conn: socket.socket, header: bytes, grant: Grant | None) -> list[Entry]:
         start = time.perf_counter()
+        op = "get"
         try:
             req: pb.GetRequest = parse_header(pb.GetRequest, header, "get")
+            op = request_op(req)
             if grant is not None:
                 check_get(grant, req)
             reply, entries, pinned = self._ops.get(req, local_ok=True)
         except TensorCacheError as exc:
             conn.sendall(_error_frame(exc))  # the stream is still in step: keep it
             self._metrics.done(
-                "get", "data", status_code(exc).name, time.perf_counter() - start, 0, 0, 0
+                op, "data", status_code(exc).name, time.perf_counter() - start, 0, 0, 0
             )
             return []
         head = reply.SerializeToString()
@@ -329,7 +331,7 @@ class DataServer:
         else:
             send_buffers(conn, buffers)
         local = sum(len(c) for e in pinned for c in e.chunks) if pinned else 0
-        self._metrics.done("get", "data", "OK", time.perf_counter() - start, 0, sent, local)
+        self._metrics.done(op, "data", "OK", time.perf_counter() - start, 0, sent, local)
         return pinned
 
     def _control(self, conn: socket.socket, op: int, header: bytes, grant: Grant | None) -> None:

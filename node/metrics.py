@@ -25,9 +25,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from tensorcache.metrics import Key, Recorder, counter_family, histogram_family
 from tensorcache.proto import tensorcache_pb2 as pb
 
-#: Request operations (label ``op``) and bulk paths (label ``path``).
-OPS = ("get", "put", "delete", "fill")
+#: Request operations (label ``op``) and bulk paths (label ``path``). A
+#: ``head`` is a get of versions only (``version()``, strict near-cache
+#: revalidation, handoff questions): counted apart, so get latency and
+#: bytes describe gets that move values.
+OPS = ("get", "head", "put", "delete", "fill")
 PATHS = ("data", "grpc")
+
+
+def request_op(req: pb.GetRequest) -> str:
+    """The ``op`` label of a Get request: "head" when it asks for versions only."""
+    return "head" if req.head_only else "get"
 
 
 class Transfers(Protocol):

@@ -28,7 +28,7 @@ from tensorcache.errors import (
 )
 from tensorcache.grpcutil import NODE_SERVICE
 from tensorcache.node.hot import hot_keys
-from tensorcache.node.metrics import NoMetrics, Transfers
+from tensorcache.node.metrics import NoMetrics, Transfers, request_op
 from tensorcache.node.ops import NodeOps, PutPlan, parse_header
 from tensorcache.node.payload import payload_chunks, split_payload
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -81,12 +81,14 @@ class NodeService:
 
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         start = time.perf_counter()
+        op = "get"
         try:
             req: pb.GetRequest = parse_header(pb.GetRequest, raw, "get")
+            op = request_op(req)
             reply, entries, _ = self._ops.get(req)  # no pinning on gRPC: never local
         except TensorCacheError as exc:
             self._metrics.done(
-                "get", "grpc", status_code(exc).name, time.perf_counter() - start, 0, 0, 0
+                op, "grpc", status_code(exc).name, time.perf_counter() - start, 0, 0, 0
             )
             self._abort(context, exc)
         status, sent = "CANCELLED", 0  # unless the stream ends: the client went away
@@ -98,7 +100,7 @@ class NodeService:
                     yield chunk if isinstance(chunk, bytes) else bytes(chunk)
             status = "OK"
         finally:
-            self._metrics.done("get", "grpc", status, time.perf_counter() - start, 0, sent, 0)
+            self._metrics.done(op, "grpc", status, time.perf_counter() - start, 0, sent, 0)
 
     def delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         start = time.perf_counter()

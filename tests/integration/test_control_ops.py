@@ -130,9 +130,9 @@ def test_version_and_versions_are_served_by_the_data_channel(cluster, prefix):
             f"{prefix}absent": None,
         }
         assert c.metrics().get("data_fallbacks", 0) == 0
-    assert one == {("get", "data"): 2}
+    assert one == {("head", "data"): 2}
     # One head-only request per node that owns any of the keys, whatever their number.
-    assert many == {("get", "data"): _owners(cluster, keys)}
+    assert many == {("head", "data"): _owners(cluster, keys)}
 
 
 def test_delete_and_fill_are_served_by_the_data_channel(cluster, prefix):
@@ -173,8 +173,8 @@ def test_strict_near_cache_revalidates_many_hits_in_one_request_per_node(cluster
             other.put(keys[3], np.zeros(64, dtype=np.float32))
         assert_same(c.get_many(keys)[keys[3]], np.zeros(64, dtype=np.float32))
         m = c.metrics()
-    assert single == {("get", "data"): 1}  # a version check; no bytes moved
-    assert batch == {("get", "data"): _owners(cluster, keys)}
+    assert single == {("head", "data"): 1}  # a version check; no bytes moved
+    assert batch == {("head", "data"): _owners(cluster, keys)}
     assert m["near_hits"] >= 1 + 2 * len(keys) - 1
     assert m["near_stale"] == 1
     assert m.get("data_fallbacks", 0) == 0
@@ -236,7 +236,7 @@ def test_unreachable_data_channel_falls_back_to_grpc(cluster, prefix):
     assert gone[0].found
     assert counts["data_fallbacks"] == 4
     assert seen[("fill", "grpc")] == 2 and seen[("delete", "grpc")] == 1
-    assert seen[("get", "grpc")] >= 1  # the head (and any node-to-node look for the miss)
+    assert seen[("head", "grpc")] >= 1  # the version check (and any node-to-node look)
     assert not any(path == "data" for _, path in seen), seen
     with tensorcache.connect(cluster.router_address) as c:
         assert c.get(key) is None

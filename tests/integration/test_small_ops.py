@@ -79,10 +79,10 @@ def test_each_call_on_one_key_is_one_data_channel_request(cluster, prefix):
         m, nm = c.metrics(), near.metrics()
     assert data(put) == {("put", "data"): 1}
     assert data(got) == {("get", "data"): 1}
-    assert data(version) == {("get", "data"): 1}
-    assert data(hit) == {("get", "data"): 1}  # a head-only check, no payload
+    assert data(version) == {("head", "data"): 1}
+    assert data(hit) == {("head", "data"): 1}  # a head-only check, no payload
     assert data(overwrite) == {("put", "data"): 1}
-    assert data(stale_hit) == {("get", "data"): 2}  # the check, then the value
+    assert data(stale_hit) == {("head", "data"): 1, ("get", "data"): 1}  # check, then value
     assert data(deleted) == {("delete", "data"): 1}
     assert nm["near_hits"] == 1 and nm["near_stale"] == 1
     assert m.get("data_fallbacks", 0) == 0 and nm.get("data_fallbacks", 0) == 0
