@@ -34,7 +34,7 @@ from tensorcache.dataproto import (
     kernel_timeouts,
     send_buffers,
 )
-from tensorcache.errors import ProtocolError, TensorCacheError, Unavailable, from_status
+from tensorcache.errors import ProtocolError, Unavailable, from_status
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import OP_TICKET
 
@@ -217,16 +217,13 @@ class DataPool:
         conn = self._take(address)
         try:
             yield conn
-        except TensorCacheError:
-            # After some error frames (a GET error) the stream is still in
-            # step and the connection could be reused; closing is simpler
-            # and always safe.
-            conn.close()
-            raise
         except (OSError, PeerClosed) as exc:
             conn.close()
             raise Unavailable(f"data channel {address}: {exc}") from exc
         except BaseException:
+            # Any other failure, a TensorCacheError included: after some error
+            # frames (a GET error) the stream is still in step and could be
+            # reused, but closing is simpler and always safe.
             conn.close()
             raise
         self._give(address, conn)
@@ -240,9 +237,6 @@ class DataPool:
         conn = self._take(address)
         try:
             raw = conn.control(op, header)
-        except TensorCacheError:
-            conn.close()
-            raise
         except (OSError, PeerClosed) as exc:
             conn.close()
             raise Unavailable(f"data channel {address}: {exc}") from exc
