@@ -24,10 +24,11 @@ import grpc
 from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.grpcutil import CHANNEL_OPTIONS
 from tensorcache.node.ops import EpochView
+from tensorcache.node.rings import Earlier
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import Ring
-from tensorcache.wire import ring_from_snapshot
+from tensorcache.wire import earlier_from_snapshot, ring_from_snapshot
 
 log = logging.getLogger("tensorcache.node")
 
@@ -38,7 +39,7 @@ class MembershipAgent:
         router: str,
         member: pb.Member,
         epochs: EpochView,
-        on_ring: Callable[[Ring], None] | None = None,
+        on_ring: Callable[[Ring, Earlier], None] | None = None,
         on_forgotten: Callable[[], None] | None = None,
         creds: Credentials = NO_CREDENTIALS,
     ) -> None:
@@ -72,16 +73,17 @@ class MembershipAgent:
         if self._on_ring is None:
             self._epochs.update(epoch)
             return
-        self._install(self._fetch_ring())
+        self._install(*self._fetch_ring())
 
-    def _fetch_ring(self) -> Ring:
-        snap = self._stub.GetRing(pb.GetRingRequest(), timeout=5)
-        return ring_from_snapshot(snap)
+    def _fetch_ring(self) -> tuple[Ring, Earlier]:
+        """The router's ring, and the placements it remembers before it."""
+        snap = self._stub.GetRing(pb.GetRingRequest(earlier=True), timeout=5)
+        return ring_from_snapshot(snap), earlier_from_snapshot(snap)
 
-    def _install(self, ring: Ring) -> None:
+    def _install(self, ring: Ring, earlier: Earlier = ()) -> None:
         with self._ring_lock:
             if self._on_ring is not None:
-                self._on_ring(ring)
+                self._on_ring(ring, earlier)
             self._epochs.update(ring.epoch)
 
     def sync(self, epoch: int, timeout: float = 2.0) -> None:
@@ -89,9 +91,9 @@ class MembershipAgent:
         deadline = time.monotonic() + timeout
         while self._epochs.epoch < epoch:
             try:
-                ring = self._fetch_ring()
+                ring, earlier = self._fetch_ring()
                 if ring.epoch > self._epochs.epoch:
-                    self._install(ring)
+                    self._install(ring, earlier)
             except grpc.RpcError as exc:
                 log.warning(
                     "fence to epoch %d: router %s unreachable: %s", epoch, self._router, exc
@@ -118,7 +120,7 @@ class MembershipAgent:
         while not self._stop.is_set():
             try:
                 if joining:  # the ring before us: who held our keys until now
-                    self._install(self._fetch_ring())
+                    self._install(*self._fetch_ring())
                     joining = False
                 if not self._registered.is_set():
                     self._register()
@@ -190,12 +192,12 @@ class MembershipAgent:
     def latest(self) -> Ring | None:
         """The router's ring now, installed (a draining node follows others leaving)."""
         try:
-            ring = self._fetch_ring()
+            ring, earlier = self._fetch_ring()
         except (grpc.RpcError, ValueError) as exc:
             log.warning("could not fetch the ring from %s: %s", self._router, exc)
             return None
         if ring.epoch > self._epochs.epoch:
-            self._install(ring)
+            self._install(ring, earlier)
         return ring
 
     def close(self) -> None:

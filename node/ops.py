@@ -41,7 +41,7 @@ from tensorcache.node.handoff import Handoff
 from tensorcache.node.pace import Activity, PaceConfig, Pacer
 from tensorcache.node.peers import GrpcPeers, Peers
 from tensorcache.node.rebalance import Rebalancer
-from tensorcache.node.rings import RingView
+from tensorcache.node.rings import Earlier, RingView
 from tensorcache.node.store import (
     Entry,
     Holder,
@@ -293,7 +293,7 @@ class NodeOps:
             )
 
     # -- ring changes -------------------------------------------------------------
-    def install_ring(self, ring: Ring) -> bool:
+    def install_ring(self, ring: Ring, earlier: Earlier = ()) -> bool:
         """Adopt ``ring`` (before its epoch is published); O(1) in the entries held.
 
         Entries are judged against it lazily (node/store.py: demoted when met
@@ -303,7 +303,7 @@ class NodeOps:
         epoch starts no scan at all: invalidation is checked at read time.
         """
         before = self.rings.placement_epoch
-        if not self.rings.install(ring):
+        if not self.rings.install(ring, earlier):
             return False
         if self.rings.placement_epoch != before:
             self.rebalancer.ring_changed()

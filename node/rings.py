@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tensorcache.node.store import Entry
@@ -67,6 +67,26 @@ def same_placement(a: Ring, b: Ring) -> bool:
         b.weight_unit,
         b.members,
     )
+
+
+#: Placements before a ring, newest first: (placement, seconds since it ended).
+Earlier = Sequence[tuple[Ring, float]]
+
+
+def _missed(
+    earlier: Earlier, last: int, epoch: int, now: float
+) -> tuple[tuple[Ring, ...], tuple[float, ...]]:
+    """The placements of ``earlier`` between epochs ``last`` and ``epoch``, oldest
+    first, each with the (monotonic) time it became current: when the one
+    before it ended, or its own end for the oldest the router remembers."""
+    known = [(r, now - ago) for r, ago in earlier if r.members]
+    rings: list[Ring] = []
+    starts: list[float] = []
+    for i, (r, _ended) in enumerate(known):
+        if last < r.epoch < epoch:
+            rings.append(r)
+            starts.append(known[i + 1][1] if i + 1 < len(known) else known[i][1])
+    return tuple(reversed(rings)), tuple(reversed(starts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +149,15 @@ class RingView:
     def current(self) -> Ring | None:
         return self._rings.current
 
-    def install(self, ring: Ring) -> bool:
+    def install(self, ring: Ring, earlier: Earlier = ()) -> bool:
         """Make ``ring`` current unless it is not newer; returns whether it was installed.
+
+        ``earlier``: the placements the router had before ``ring``, newest
+        first, each with the seconds since it ended (RingSnapshot.earlier).
+        Those newer than the last placement this node knows go into its
+        history before ``ring``: a joining node, or one that skipped epochs
+        between two fetches, then asks every holder of the chain on a miss
+        (``previous_owners``), not only the placements it saw itself.
 
         O(1) in the number of entries (``placement_epoch`` tells whether
         placement changed). Callers serialize installs (the
@@ -153,7 +180,11 @@ class RingView:
         added: tuple[Ring, ...] = (ring,)
         at: tuple[float, ...] = (now,)
         last = old.history[-1].epoch if old.history else 0
-        if force and self.name in ring and ring.epoch - 1 > last:
+        missed, missed_at = _missed(earlier, last, ring.epoch, now)
+        if missed:
+            floor = old.installed_at[-1] if old.installed_at else 0.0
+            added, at = (*missed, ring), (*(max(t, floor) for t in missed_at), now)
+        elif force and self.name in ring and ring.epoch - 1 > last:
             # Back from a gap: the ring went on without us meanwhile (that is
             # what a lease running out does). Stand in for those unseen rings
             # with this one less us, so a miss asks who held our keys then.

@@ -30,7 +30,7 @@ from tensorcache.node.pace import PaceConfig
 from tensorcache.node.peers import GrpcPeers
 from tensorcache.node.policy import POLICIES
 from tensorcache.node.recvpool import RecvPool
-from tensorcache.node.rings import RingView
+from tensorcache.node.rings import Earlier, RingView
 from tensorcache.node.service import SERVICE, NodeService
 from tensorcache.node.store import Store
 from tensorcache.node.tiered import TieredStore
@@ -291,9 +291,9 @@ class NodeServer:
                 config.router, member, self.epochs, self._on_ring, self.rings.mark_gap, creds
             )
 
-    def _on_ring(self, ring: Ring) -> None:
+    def _on_ring(self, ring: Ring, earlier: Earlier = ()) -> None:
         """A new ring: demote what moved away (the agent publishes its epoch after)."""
-        self.ops.install_ring(ring)
+        self.ops.install_ring(ring, earlier)
         self._set_ready(self.config.name in ring)
 
     def _set_ready(self, ready: bool) -> None:

@@ -429,7 +429,7 @@ class Member(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ..., data_address: _Optional[str] = ..., local_pid: _Optional[int] = ..., local_token_addr: _Optional[int] = ..., local_token: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., data_ticket: _Optional[bool] = ...) -> None: ...
 
 class RingSnapshot(_message.Message):
-    __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit", "replicas", "invalidations")
+    __slots__ = ("epoch", "members", "stripe_size", "vnodes", "weight_unit", "replicas", "invalidations", "earlier")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     STRIPE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +437,7 @@ class RingSnapshot(_message.Message):
     WEIGHT_UNIT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     INVALIDATIONS_FIELD_NUMBER: _ClassVar[int]
+    EARLIER_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
     stripe_size: int
@@ -444,7 +445,18 @@ class RingSnapshot(_message.Message):
     weight_unit: int
     replicas: int
     invalidations: _containers.RepeatedCompositeFieldContainer[Invalidation]
-    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stripe_size: _Optional[int] = ..., vnodes: _Optional[int] = ..., weight_unit: _Optional[int] = ..., replicas: _Optional[int] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ...) -> None: ...
+    earlier: _containers.RepeatedCompositeFieldContainer[PastPlacement]
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stripe_size: _Optional[int] = ..., vnodes: _Optional[int] = ..., weight_unit: _Optional[int] = ..., replicas: _Optional[int] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ..., earlier: _Optional[_Iterable[_Union[PastPlacement, _Mapping]]] = ...) -> None: ...
+
+class PastPlacement(_message.Message):
+    __slots__ = ("epoch", "members", "ended_ms_ago")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_MS_AGO_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    ended_ms_ago: int
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., ended_ms_ago: _Optional[int] = ...) -> None: ...
 
 class Invalidation(_message.Message):
     __slots__ = ("prefix", "epoch")
@@ -529,8 +541,10 @@ class RouterStatus(_message.Message):
     def __init__(self, state: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[int] = ..., membership: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class GetRingRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("earlier",)
+    EARLIER_FIELD_NUMBER: _ClassVar[int]
+    earlier: bool
+    def __init__(self, earlier: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("member",)

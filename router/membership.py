@@ -14,13 +14,23 @@ node look behind). Its invalidations live in memory and die with it: a
 restarted embedded router has an empty table, and every value stamped
 before the restart carries a smaller epoch than anything it will record, so
 forgetting old records loses nothing that a new invalidation needs.
+
+A view also carries the placements just before it (``earlier``): the member
+lists of the last few epochs whose members differ, each with when it ended.
+A node that joins, or that skipped epochs between two of its ring fetches,
+learns from them who held keys before it was told (node/rings.py): a
+handoff then follows the whole chain of holders, not only the rings that
+node happened to see (issue #8: a key still on its owner of two rings ago,
+not yet pushed on, was a miss at a joiner that knew only the last ring).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -30,12 +40,28 @@ from tensorcache.ring import RingMember
 log = logging.getLogger("tensorcache.router")
 
 
+# Placements a view remembers before its own: enough for a few joins in a
+# row (a StatefulSet scaling up), small enough for every node's ring fetch.
+EARLIER_PLACEMENTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PastPlacement:
+    """The members of an earlier epoch, and when (``time.monotonic``) it ended."""
+
+    epoch: int
+    members: tuple[RingMember, ...]
+    ended: float
+
+
 @dataclass(frozen=True, slots=True)
 class MembershipView:
     epoch: int
     members: tuple[RingMember, ...]
     #: (prefix, epoch) of every namespace invalidation in force, by prefix.
     invalidations: tuple[tuple[str, int], ...] = ()
+    #: The placements before this one, newest first (filled by ``ViewCell``).
+    earlier: tuple[PastPlacement, ...] = ()
 
     def invalidation_table(self) -> dict[str, int]:
         return dict(self.invalidations)
@@ -74,18 +100,29 @@ class Membership(Protocol):
 
 
 class ViewCell:
-    """The one published view, and a condition to wait for a newer one."""
+    """The one published view, and a condition to wait for a newer one.
 
-    def __init__(self, view: MembershipView) -> None:
+    It also remembers the last ``EARLIER_PLACEMENTS`` placements (member
+    lists) that a newer one replaced, and hands them out with each view.
+    """
+
+    def __init__(
+        self, view: MembershipView, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._view = view
         self._cond = threading.Condition()
+        self._clock = clock
+        self._earlier: deque[PastPlacement] = deque(maxlen=EARLIER_PLACEMENTS)
 
     def get(self) -> MembershipView:
         return self._view
 
     def set(self, view: MembershipView) -> None:
         with self._cond:
-            self._view = view
+            old = self._view
+            if old.members and old.members != view.members and view.epoch > old.epoch:
+                self._earlier.appendleft(PastPlacement(old.epoch, old.members, self._clock()))
+            self._view = dataclasses.replace(view, earlier=tuple(self._earlier))
             self._cond.notify_all()
 
     def wait(self, newer_than: int, timeout: float) -> MembershipView:

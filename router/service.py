@@ -8,6 +8,7 @@ event hub (router/events.py).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -108,7 +109,7 @@ class RouterService(pb_grpc.RouterServicer):
 
     def GetRing(self, request: pb.GetRingRequest, context: grpc.ServicerContext) -> pb.RingSnapshot:
         view = self._membership.view()
-        return pb.RingSnapshot(
+        snap = pb.RingSnapshot(
             epoch=view.epoch,
             members=[wire.to_pb(m) for m in view.members],
             stripe_size=self._stripe_size,
@@ -117,6 +118,17 @@ class RouterService(pb_grpc.RouterServicer):
             replicas=self._replicas,
             invalidations=_invalidations(view.invalidations),
         )
+        if request.earlier:
+            now = time.monotonic()
+            snap.earlier.extend(
+                pb.PastPlacement(
+                    epoch=p.epoch,
+                    members=[wire.to_pb(m) for m in p.members],
+                    ended_ms_ago=max(0, round((now - p.ended) * 1000)),
+                )
+                for p in view.earlier
+            )
+        return snap
 
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext

@@ -55,6 +55,23 @@ def ring_from_snapshot(snap: pb.RingSnapshot) -> Ring:
     )
 
 
+def earlier_from_snapshot(snap: pb.RingSnapshot) -> list[tuple[Ring, float]]:
+    """The placements before ``snap`` (newest first), each with seconds since it ended."""
+    return [
+        (
+            Ring(
+                p.epoch,
+                [from_pb(m) for m in p.members],
+                vnodes=snap.vnodes or 40,
+                weight_unit=snap.weight_unit or 1,
+                replicas=snap.replicas or 1,
+            ),
+            p.ended_ms_ago / 1000,
+        )
+        for p in snap.earlier
+    ]
+
+
 @dataclass(frozen=True)
 class NodeStats:
     """One node's record from ``Client.stats()``."""

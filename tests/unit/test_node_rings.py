@@ -138,3 +138,60 @@ def test_no_handoff_for_a_key_whose_replicas_did_not_change():
         else:
             assert {m.name for m in asked} == before - {"a"}
     assert any(view.previous_owners(k) for k in keys)
+
+
+def test_a_joiner_learns_the_holders_before_it_from_earlier_placements():
+    """Issue #8: two joins in a row (3 -> 4 -> 5 members). A key's copy can
+    still sit on its owner of two placements ago (not yet pushed on); the
+    joiner fetched only the ring just before it, so without the router's
+    earlier placements a miss asked the one owner who never had the key."""
+    clock = Clock()
+    three, four, five = ring(1, "a", "b", "c"), ring(2, "a", "b", "c", "d"), ring(3, *"abcde")
+    key = next(
+        f"k{i}"
+        for i in range(5000)
+        if five.owner(f"k{i}").name == "e"
+        and four.owner(f"k{i}").name == "d"
+        and three.owner(f"k{i}").name != "d"
+    )
+    alone = RingView("e", clock=clock)
+    alone.install(four)
+    alone.install(five)
+    assert [m.name for m in alone.previous_owners(key)] == ["d"]  # the old blind spot
+
+    view = RingView("e", clock=clock)
+    view.install(four, [(three, 0.5)])  # the ring before us, and the one before that
+    view.install(five, [(four, 0.0), (three, 0.5)])
+    assert [r.epoch for r in view.rings.history] == [1, 2, 3]
+    assert [m.name for m in view.previous_owners(key)] == ["d", three.owner(key).name]
+
+
+def test_earlier_placements_fill_epochs_a_node_skipped():
+    clock = Clock()
+    view = RingView("a", window_s=10, clock=clock)
+    view.install(ring(1, "a"))
+    clock.now += 100  # long after: ring 1 was replaced 7 s ago, ring 2 3 s ago
+    view.install(ring(3, "a", "c"), [(ring(2, "a", "b"), 3.0), (ring(1, "a"), 7.0)])
+    assert [r.epoch for r in view.rings.history] == [1, 2, 3]
+    assert view.rings.installed_at == (50.0, clock.now - 7.0, clock.now)
+    key = next(
+        f"k{i}"
+        for i in range(5000)
+        if view.current.owner(f"k{i}").name == "a" and ring(2, "a", "b").owner(f"k{i}").name == "b"
+    )
+    assert [m.name for m in view.previous_owners(key)] == ["b"]
+    # The window runs from when this node installed ring 3 (it served ring
+    # 1's placement until then), not from the router's change.
+    clock.now += 9.9
+    assert [m.name for m in view.previous_owners(key)] == ["b"]
+    clock.now += 0.1
+    assert view.previous_owners(key) == []
+
+
+def test_earlier_placements_this_node_knows_are_not_added_again():
+    view = RingView("a")
+    view.install(ring(1, "a"))
+    view.install(ring(2, "a", "b"))
+    view.install(ring(4, "a", "b", "c"), [(ring(3, "a", "c"), 0.1), (ring(2, "a", "b"), 0.2)])
+    assert [r.epoch for r in view.rings.history] == [1, 2, 3, 4]
+    assert not view.install(ring(4, "a"), [(ring(3, "a"), 0.0)])  # not newer: nothing at all

@@ -100,3 +100,44 @@ def test_router_config_replicas() -> None:
     assert RouterConfig(replicas=3).replicas == 3
     with pytest.raises(ValueError, match="replicas must be >= 1"):
         RouterConfig(replicas=0)
+
+
+def _member(name: str) -> RingMember:
+    return RingMember(name, f"127.0.0.1:{len(name)}", 1 << 30)
+
+
+def test_a_view_carries_the_placements_before_it_newest_first() -> None:
+    """Joins in a row: each view lists the member sets it replaced (issue #8)."""
+    clock = Clock()
+    cell = ViewCell(MembershipView(1, (_member("a"),)), clock=clock)
+    clock.now = 10.0
+    cell.set(MembershipView(2, (_member("a"), _member("b"))))
+    clock.now = 12.0
+    cell.set(MembershipView(3, (_member("a"), _member("b")), (("p/", 3),)))  # invalidation only
+    cell.set(MembershipView(4, (_member("a"), _member("b"), _member("c"))))
+    earlier = cell.get().earlier
+    assert [(p.epoch, [m.name for m in p.members], p.ended) for p in earlier] == [
+        (3, ["a", "b"], 12.0),
+        (1, ["a"], 10.0),
+    ]
+    assert cell.get().invalidations == ()  # the view itself is what was set
+
+
+def test_earlier_placements_are_bounded() -> None:
+    from tensorcache.router.membership import EARLIER_PLACEMENTS
+
+    cell = ViewCell(MembershipView(1, (_member("n0"),)))
+    for i in range(1, EARLIER_PLACEMENTS + 5):
+        cell.set(MembershipView(i + 1, tuple(_member(f"n{j}") for j in range(i + 1))))
+    earlier = cell.get().earlier
+    assert len(earlier) == EARLIER_PLACEMENTS
+    assert earlier[0].epoch == EARLIER_PLACEMENTS + 4  # the one just replaced
+
+
+def test_embedded_membership_views_remember_joins() -> None:
+    m = EmbeddedMembership(3.0, clock=Clock())
+    m.register(_member("a"))
+    first = m.view().epoch
+    m.register(_member("b"))
+    m.register(_member("c"))
+    assert [p.epoch for p in m.view().earlier] == [first + 1, first]
