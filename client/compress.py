@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from tensorcache import codec
-from tensorcache.client.items import PutItem
+from tensorcache.client.items import GetItem, PutItem
 from tensorcache.errors import DataCorruption, InvalidArgument
 from tensorcache.proto import tensorcache_pb2 as pb
 
@@ -208,3 +208,9 @@ def restore(
     if array is None or meta is None or not meta.HasField("compression"):
         return array
     return unpack(meta.compression, array, out, meta.logical_dtype)
+
+
+def restored(it: GetItem) -> tuple[np.ndarray | None, int, str]:
+    """A found get item as a read returns it: (tensor, version, logical dtype)."""
+    logical = it.meta.logical_dtype if it.meta is not None else ""
+    return restore(it.meta, it.array, it.out), it.version, logical

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tensorcache import wire
+from tensorcache.auth import TOKEN_ENV
 from tensorcache.client.compress import check_defaults
+from tensorcache.errors import InvalidArgument
+from tensorcache.sizes import parse_size
 from tensorcache.tls import TLSFiles
 
 
@@ -80,3 +86,44 @@ class ClientConfig:
 
 # Node statistics are a wire record (tensorcache/wire.py); the client's name for it.
 NodeStats = wire.NodeStats
+
+
+def connect_config(
+    router: object,
+    *,
+    stripe_size: int | str | None,
+    near_cache: int | str | None,
+    near_cache_mode: str | None,
+    config: ClientConfig | None,
+    token: str | None,
+    tls: TLSFiles | None,
+    options: dict[str, Any],
+) -> ClientConfig:
+    """The ``ClientConfig`` that ``connect`` (client/api.py) builds from its arguments.
+
+    The options are checked first, then ``router``: a bad option is reported
+    before a bad address, as it always was. An explicit ``config`` takes the
+    token and TLS files (given or from the environment) only where it has none.
+    """
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    tls = tls if tls is not None else TLSFiles.from_env()
+    if config is None:
+        options["token"] = token
+        options["tls"] = tls
+        if stripe_size is not None:
+            options["stripe_size"] = parse_size(stripe_size)
+        if near_cache is not None:
+            options["near_cache_bytes"] = parse_size(near_cache)
+        if near_cache_mode is not None:
+            options["near_cache_mode"] = near_cache_mode
+        try:
+            config = ClientConfig(**options)
+        except TypeError as exc:
+            raise InvalidArgument(f"connect: {exc}") from exc
+    if not isinstance(router, str) or ":" not in router:
+        raise InvalidArgument(f"router must be 'host:port', got {router!r}")
+    if token is not None and config.token is None:
+        config = dataclasses.replace(config, token=token)
+    if tls is not None and config.tls is None:
+        config = dataclasses.replace(config, tls=tls)
+    return config

@@ -14,12 +14,16 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tensorcache.errors import TensorCacheError
 from tensorcache.metrics import Exporter, Key, Recorder, counter_family, histogram_family
+
+if TYPE_CHECKING:
+    from tensorcache.client.nearcache import NearCache
+    from tensorcache.client.watch import EventWatcher
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +58,26 @@ def timed(op: str) -> Callable[[Callable[Concatenate[S, P], R]], Callable[Concat
         return call
 
     return wrap
+
+
+def counters(
+    counts: dict[str, int], ring_refreshes: int, near: NearCache | None, watch: EventWatcher | None
+) -> dict[str, int]:
+    """What ``Client.metrics()`` returns: its counts, then the gauges of its parts."""
+    out = dict(counts)
+    out["ring_refreshes"] = ring_refreshes
+    if near is not None:
+        out["near_bytes"] = near.bytes_used
+        out["near_dropped_by_events"] = near.dropped_by_events
+    if watch is not None:
+        out["watch_events"] = watch.events
+        out["watch_reconnects"] = watch.reconnects
+        # 1/0: the stream is up; its last message said complete; hits
+        # are being served without asking the owner (docs/consistency.md).
+        out["watch_connected"] = int(watch.connected)
+        out["watch_complete"] = int(watch.complete)
+        out["watch_live"] = int(watch.live)
+    return out
 
 
 class _Client(Protocol):

@@ -113,6 +113,26 @@ def on_cuda(t: Any) -> bool:
     return bool(t.is_cuda)
 
 
+def to_device(w: Want) -> bool:
+    """Whether a get lands on a CUDA device (``device="cuda…"`` or a CUDA ``out``).
+
+    Such gets take the staging pipeline of client/torchio.py (pinned host
+    slots, copies on a side stream) instead of the host read path.
+    """
+    return w.cuda or (w.out is not None and on_cuda(w.out))
+
+
+def device_get(client: Any, key: str, w: Want, min_version: int | None) -> Any:
+    """``Client.get`` onto a CUDA device (``to_device(w)``): a torch tensor or None."""
+    return _torchio().get_cuda(client, key, w, min_version)
+
+
+def device_get_many(client: Any, keys: list[str], w: Want) -> dict[str, Any]:
+    """``Client.get_many`` onto a CUDA device: key -> torch tensor or None."""
+    got: dict[str, Any] = _torchio().get_many_cuda(client, keys, w)
+    return got
+
+
 def _torchio() -> Any:
     """client/torchio.py (imports torch): loaded on first use, then looked up cheaply.
 
