@@ -23,6 +23,7 @@ import grpc
 
 from tensorcache.authgrpc import NO_CREDENTIALS, Credentials
 from tensorcache.grpcutil import CHANNEL_OPTIONS
+from tensorcache.node.lease import LeaseGuard
 from tensorcache.node.ops import EpochView
 from tensorcache.node.rings import Earlier
 from tensorcache.proto import tensorcache_pb2 as pb
@@ -42,9 +43,13 @@ class MembershipAgent:
         on_ring: Callable[[Ring, Earlier], None] | None = None,
         on_forgotten: Callable[[], None] | None = None,
         creds: Credentials = NO_CREDENTIALS,
+        lease: LeaseGuard | None = None,
     ) -> None:
         """``on_forgotten``: called when the router no longer knows this node
-        (its lease expired: a pause, a partition), before it registers again."""
+        (its lease expired: a pause, a partition), before it registers again.
+        ``lease``: told when each heartbeat cycle starts and ends, so the data
+        path holds requests after a stall until a heartbeat has run (node/lease.py)."""
+        self.lease = lease if lease is not None else LeaseGuard(3.0)
         self._on_forgotten = on_forgotten
         self._member = member
         self._epochs = epochs
@@ -57,11 +62,14 @@ class MembershipAgent:
         self._ring_lock = threading.Lock()  # one ring install at a time
         self._interval = 1.0
         self._ttl = 3.0  # the router's lease (RegisterReply.ttl_s)
-        self._last_ok = time.monotonic()  # last call the router answered
         self._thread = threading.Thread(target=self._loop, name="membership-agent", daemon=True)
+        self._ticker = threading.Thread(
+            target=self.lease.run_ticker, args=(self._stop,), name="lease-ticker", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._ticker.start()
 
     def wait_registered(self, timeout: float) -> bool:
         return self._registered.wait(timeout)
@@ -106,9 +114,9 @@ class MembershipAgent:
 
     def _register(self) -> None:
         reply = self._stub.Register(pb.RegisterRequest(member=self._member), timeout=5)
-        self._last_ok = time.monotonic()
         self._interval = reply.heartbeat_interval_s or 1.0
         self._ttl = reply.ttl_s or self._ttl
+        self.lease.ttl_s = self._ttl
         self._set_epoch(reply.epoch)
         if not self._registered.is_set():
             log.info("registered with router %s at epoch %d", self._router, reply.epoch)
@@ -118,20 +126,26 @@ class MembershipAgent:
         backoff = 0.1
         joining = self._on_ring is not None
         while not self._stop.is_set():
+            started = self.lease.cycle_started()
+            renewed = False
             try:
                 if joining:  # the ring before us: who held our keys until now
                     self._install(*self._fetch_ring())
                     joining = False
                 if not self._registered.is_set():
                     self._register()
+                    renewed = True
                 else:
                     reply = self._stub.Heartbeat(
                         pb.HeartbeatRequest(name=self._member.name), timeout=5
                     )
-                    silent = time.monotonic() - self._last_ok
+                    # Since the start of the last call the router answered: a
+                    # call that began before a pause and was answered after
+                    # it says nothing about the pause.
+                    silent = self.lease.silent_s()
                     if reply.known:
-                        self._last_ok = time.monotonic()
                         self._set_epoch(reply.epoch)
+                        renewed = True
                     else:
                         log.warning("router %s forgot this node; registering again", self._router)
                         # Unheard of for a whole lease (paused, cut off): the
@@ -146,6 +160,8 @@ class MembershipAgent:
                             )
                             self._on_forgotten()
                         self._register()
+                        renewed = True
+                self.lease.cycle_done(started, renewed=renewed)
                 backoff = 0.1
                 self._stop.wait(self._interval)
             except grpc.RpcError as exc:
@@ -155,6 +171,8 @@ class MembershipAgent:
                     exc.code() if hasattr(exc, "code") else exc,
                     backoff,
                 )
+                # Unreachable is an answer too: the node keeps serving (node/lease.py).
+                self.lease.cycle_done(started, renewed=renewed)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._interval)
 

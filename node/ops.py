@@ -38,6 +38,7 @@ from tensorcache.node.events import EventSink, NoEvents
 from tensorcache.node.fence import Fencer
 from tensorcache.node.fill import FillLeases
 from tensorcache.node.handoff import Handoff
+from tensorcache.node.lease import LeaseGuard
 from tensorcache.node.pace import Activity, PaceConfig, Pacer
 from tensorcache.node.peers import GrpcPeers, Peers
 from tensorcache.node.rebalance import Rebalancer
@@ -242,6 +243,9 @@ class NodeOps:
         )
         self._sync = sync
         self._sync_lock = threading.Lock()
+        #: Holds requests after the process stalled past its lease, until a
+        #: heartbeat has run (node/lease.py); None: no router, nothing to hold.
+        self.lease: LeaseGuard | None = None
         #: Set when a SIGTERM drain begins: pushes from other nodes are refused
         #: from then on (a copy accepted after our last drain round would be lost).
         self.leaving = False
@@ -256,7 +260,13 @@ class NodeOps:
         hold, because it does not yet know it owns them), so we fetch the new
         ring first, once for all requests that wait on it (bounded by the
         agent's sync timeout; past it we answer with what we have).
+
+        First of all: a node resumed after a stall longer than its lease
+        serves nothing until it knows whether the ring went on without it
+        (node/lease.py).
         """
+        if self.lease is not None:
+            self.lease.check()
         current = self.epochs.epoch
         if epoch > current and self._sync is not None:
             with self._sync_lock:

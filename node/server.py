@@ -290,6 +290,7 @@ class NodeServer:
             self._agent = MembershipAgent(
                 config.router, member, self.epochs, self._on_ring, self.rings.mark_gap, creds
             )
+            self.ops.lease = self._agent.lease
 
     def _on_ring(self, ring: Ring, earlier: Earlier = ()) -> None:
         """A new ring: demote what moved away (the agent publishes its epoch after)."""

@@ -23,6 +23,7 @@ import pytest
 import tensorcache
 from tensorcache.apps.cluster import LocalCluster
 from tensorcache.errors import TensorCacheError
+from tensorcache.wire import ring_from_snapshot
 
 from .helpers import node_stat, poll
 
@@ -236,6 +237,56 @@ def test_copies_hidden_by_a_pause_are_decided_without_a_read(make_cluster, prefi
     lost = [k for k in vals if got[k] is None]
     assert not lost, f"{len(lost)} of {len(vals)} acknowledged puts lost, e.g. {lost[:3]}"
     assert all(np.array_equal(got[k], v) for k, v in vals.items())
+
+
+def _queued_bytes(port: int) -> int:
+    """Bytes waiting unread in the receive queues of connections to local ``port``."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, state, queues = fields[1], fields[3], fields[4]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    total += int(queues.split(":")[1], 16)
+    return total
+
+
+def test_a_node_resumed_past_its_lease_serves_no_stale_copy(make_cluster, prefix):
+    """A get queued at a paused node is not answered from its old copy on resume.
+
+    Found by the soak (issue #8): node-1 is stopped past its lease, the ring
+    drops it and a newer value of its key is written on node-0. A client that
+    still has the old ring sent a get to node-1 meanwhile; when node-1
+    resumes, that get was answered from its old copy before its membership
+    thread noticed the router had forgotten it. Now the node holds requests
+    until a heartbeat has run (node/lease.py): the get gets the newer value
+    (or a miss), never the old one.
+    """
+    cl = make_cluster(2, ttl=2.0)
+    ring = ring_from_snapshot(cl.ring())
+    key = next(f"{prefix}{i}" for i in range(1000) if ring.owner(f"{prefix}{i}").name == "node-1")
+    old, new = np.full(1024, 1, dtype=np.int64), np.full(1024, 2, dtype=np.int64)
+    paused = cl.nodes["node-1"]
+    port = int(ring.member("node-1").data_address.rsplit(":", 1)[1])
+    with tensorcache.connect(cl.router_address) as stale:
+        stale.put(key, old)
+        got: list[object] = []
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            cl.wait_members({"node-0"}, timeout=30)  # its lease ran out
+            with tensorcache.connect(cl.router_address) as fresh:
+                fresh.put(key, new)  # on node-0 now
+            reader = threading.Thread(target=lambda: got.append(stale.get(key)), daemon=True)
+            reader.start()  # the stale ring sends it to node-1, which is stopped
+            poll(lambda: _queued_bytes(port) > 0, timeout=30, what="the get queued at node-1")
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        reader.join(60)
+        assert not reader.is_alive()
+    assert got and (got[0] is None or np.array_equal(got[0], new)), f"stale read: {got}"
+    with tensorcache.connect(cl.router_address) as c:
+        assert np.array_equal(c.get(key), new)
 
 
 def test_a_512mib_put_the_moment_the_router_answers(tmp_path):
