@@ -28,7 +28,7 @@ from typing import Protocol, TypeVar
 from tensorcache.client.config import ClientConfig
 from tensorcache.client.placement import Placement
 from tensorcache.errors import StaleEpoch, TensorCacheError, Unavailable
-from tensorcache.ring import RingMember
+from tensorcache.ring import Ring, RingMember
 
 
 class Item(Protocol):
@@ -84,6 +84,40 @@ class FanOut:
         futs: list[Future[None]] = [self._pool.submit(fn) for fn in fns]
         return [f.exception() for f in futs]
 
+    def _place(
+        self, pending: list[T], ring: Ring, taken: dict[str, set[str]]
+    ) -> list[tuple[RingMember, list[T]]]:
+        """(member, batch) for every item that has a home in ``ring``."""
+        if len(pending) == 1 and not pending[0].skip and not taken:
+            # One key (a get, a put, a version check): its member, no grouping.
+            # The same answer as below, without its dicts (#18: per-call cost).
+            it = pending[0]
+            copies = ring.replica_set(it.key)
+            return [(copies[it.replica], [it])] if it.replica < len(copies) else []
+        groups: dict[str, list[T]] = defaultdict(list)
+        members: dict[str, RingMember] = {}
+        nth: dict[str, int] = defaultdict(int)
+        for it in pending:
+            copies = ring.replica_set(it.key)
+            if it.skip:
+                copies = tuple(m for m in copies if m.name != it.skip)
+            slot = it.replica
+            done = taken.get(it.key)
+            if done:
+                copies = tuple(m for m in copies if m.name not in done)
+                slot = nth[it.key]
+                nth[it.key] += 1
+            if slot >= len(copies):
+                continue  # fewer members than replicas: this copy has no home
+            member = copies[slot]
+            members[member.name] = member
+            groups[member.name].append(it)
+        return [
+            (members[name], batch)
+            for name, group in groups.items()
+            for batch in self.batches(group)
+        ]
+
     def scatter(self, items: Sequence[T], call: Call[T], *, failover: bool = False) -> None:
         """Run ``call`` on every item, grouped by node, in parallel (see the module doc)."""
         pending = list(items)
@@ -96,29 +130,7 @@ class FanOut:
         taken: dict[str, set[str]] = defaultdict(set)
         while True:
             ring = self._placement.current()
-            groups: dict[str, list[T]] = defaultdict(list)
-            members: dict[str, RingMember] = {}
-            nth: dict[str, int] = defaultdict(int)
-            for it in pending:
-                copies = ring.replica_set(it.key)
-                if it.skip:
-                    copies = tuple(m for m in copies if m.name != it.skip)
-                slot = it.replica
-                done = taken.get(it.key)
-                if done:
-                    copies = tuple(m for m in copies if m.name not in done)
-                    slot = nth[it.key]
-                    nth[it.key] += 1
-                if slot >= len(copies):
-                    continue  # fewer members than replicas: this copy has no home
-                member = copies[slot]
-                members[member.name] = member
-                groups[member.name].append(it)
-            tasks = [
-                (members[name], batch)
-                for name, group in groups.items()
-                for batch in self.batches(group)
-            ]
+            tasks = self._place(pending, ring, taken)
             results = self.run_all(
                 [functools.partial(call, member, ring.epoch, batch) for member, batch in tasks]
             )
