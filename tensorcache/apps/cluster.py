@@ -371,12 +371,13 @@ class LocalCluster:
         )
         return ["--metrics-port", str(self.metrics_base + 1 + index)]
 
-    def ring(self) -> pb.RingSnapshot:
+    def ring(self, *, earlier: bool = False) -> pb.RingSnapshot:
+        """The router's ring; ``earlier``: with the placements before it, as nodes ask."""
         # The cluster's own token and TLS files, if any.
         creds = Credentials(self.env.get(TOKEN_ENV) or None, TLSFiles.from_env(self.env))
         with creds.channel(self.router_address, CHANNEL_OPTIONS) as ch:
             snap: pb.RingSnapshot = pb_grpc.RouterStub(ch).GetRing(
-                pb.GetRingRequest(), timeout=5, wait_for_ready=True
+                pb.GetRingRequest(earlier=earlier), timeout=5, wait_for_ready=True
             )
         return snap
 

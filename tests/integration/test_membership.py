@@ -259,3 +259,22 @@ def test_no_stale_value_after_a_node_joins_and_leaves(make_cluster, prefix):
         stale = [k for k in new if got[k] is not None and np.array_equal(got[k], old[k])]
         assert not stale, f"{len(stale)} keys returned a value older than their last put"
         assert_miss_or_exact(got, new)
+
+
+def test_the_router_hands_nodes_the_placements_before_its_ring(make_cluster):
+    """GetRing(earlier=true): the member lists each join replaced, newest first
+    (what a joiner needs to ask every earlier holder of a key, issue #8)."""
+    cl = make_cluster(1)
+    first = cl.ring()
+    cl.add_node()
+    second = cl.ring()
+    cl.add_node()
+    snap = cl.ring(earlier=True)
+    names = [sorted(m.name for m in p.members) for p in snap.earlier]
+    assert names[:2] == [
+        sorted(m.name for m in second.members),
+        sorted(m.name for m in first.members),
+    ]
+    assert [p.epoch for p in snap.earlier[:2]] == [second.epoch, first.epoch]
+    assert snap.earlier[0].ended_ms_ago <= snap.earlier[1].ended_ms_ago
+    assert not cl.ring().earlier  # clients do not ask, and get none
