@@ -177,17 +177,21 @@ class RingView:
             self._rings = Rings(ring, old.history, old.installed_at, merged)
             return True
         now = self._clock()
-        added: tuple[Ring, ...] = (ring,)
-        at: tuple[float, ...] = (now,)
         last = old.history[-1].epoch if old.history else 0
         missed, missed_at = _missed(earlier, last, ring.epoch, now)
-        if missed:
-            floor = old.installed_at[-1] if old.installed_at else 0.0
-            added, at = (*missed, ring), (*(max(t, floor) for t in missed_at), now)
-        elif force and self.name in ring and ring.epoch - 1 > last:
+        floor = old.installed_at[-1] if old.installed_at else 0.0
+        starts = tuple(max(t, floor) for t in missed_at)
+        top = missed[-1].epoch if missed else last
+        if (
+            force
+            and self.name in ring
+            and ring.epoch - 1 > top
+            and all(self.name in r for r in missed)
+        ):
             # Back from a gap: the ring went on without us meanwhile (that is
-            # what a lease running out does). Stand in for those unseen rings
-            # with this one less us, so a miss asks who held our keys then.
+            # what a lease running out does). When the router's placements do
+            # not reach back to one without us, stand in for those unseen
+            # rings with this one less us, so a miss asks who held our keys then.
             without = Ring(
                 ring.epoch - 1,
                 [m for m in ring.members if m.name != self.name],
@@ -195,7 +199,8 @@ class RingView:
                 weight_unit=ring.weight_unit,
                 replicas=ring.replicas,
             )
-            added, at = (without, ring), (now, now)
+            missed, starts = (*missed, without), (*starts, now)
+        added, at = (*missed, ring), (*starts, now)
         history = (*old.history, *added)[-MAX_HISTORY:]
         installed_at = (*old.installed_at, *at)[-MAX_HISTORY:]
         self._rings = Rings(ring, history, installed_at, merged)

@@ -195,3 +195,28 @@ def test_earlier_placements_this_node_knows_are_not_added_again():
     view.install(ring(4, "a", "b", "c"), [(ring(3, "a", "c"), 0.1), (ring(2, "a", "b"), 0.2)])
     assert [r.epoch for r in view.rings.history] == [1, 2, 3, 4]
     assert not view.install(ring(4, "a"), [(ring(3, "a"), 0.0)])  # not newer: nothing at all
+
+
+def test_back_from_a_gap_the_router_placements_replace_the_stand_in():
+    """A paused node the ring dropped: the real placement without it comes from
+    the router; the stand-in ring (current less us) only when none reaches back."""
+    real = RingView("a")
+    real.install(ring(1, "a", "b"))
+    real.mark_gap()
+    real.install(ring(4, "a", "b"), [(ring(3, "b", "c"), 0.1), (ring(2, "b"), 0.2)])
+    assert [(r.epoch, sorted(m.name for m in r.members)) for r in real.rings.history] == [
+        (1, ["a", "b"]),
+        (2, ["b"]),
+        (3, ["b", "c"]),
+        (4, ["a", "b"]),
+    ]
+    short = RingView("a")
+    short.install(ring(1, "a", "b"))
+    short.mark_gap()
+    short.install(ring(9, "a", "b", "c"), [(ring(7, "a", "b", "c"), 0.1)])  # all with us
+    assert [(r.epoch, sorted(m.name for m in r.members)) for r in short.rings.history] == [
+        (1, ["a", "b"]),
+        (7, ["a", "b", "c"]),
+        (8, ["b", "c"]),  # the stand-in
+        (9, ["a", "b", "c"]),
+    ]
