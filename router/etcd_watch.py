@@ -202,18 +202,7 @@ class EtcdWatch:
             self._health.call_ok()  # etcd answers: an older failed call is history
 
     async def _bump(self, revision: int) -> None:
-        """Raise ring-epoch to ``revision`` unless it is already there (or past it)."""
-        key, value = self._keys.epoch, epoch_value(revision)
-        raise_it = tx.Txn(
-            compare=[tx.Value(key) < value],
-            success=[tx.Put(key, value)],
-            failure=[],
-        )
-        await self._conn.client.transaction(
-            compare=[tx.Version(key) > 0],
-            success=[raise_it],
-            failure=[tx.Put(key, value)],
-        )
+        await raise_epoch(self._conn.client, self._keys, revision)
 
     def _publish(self, state: WatchState) -> None:
         if not state.epoch_written():
@@ -234,3 +223,22 @@ class EtcdWatch:
         )
         self._cell.set(new)
         self._synced.set()
+
+
+async def raise_epoch(client: aetcd.Client, keys: EtcdKeys, revision: int) -> None:
+    """Raise ring-epoch to ``revision`` unless it is already there (or past it).
+
+    The one write of ring-epoch (router/etcd_membership.py argues why it is
+    safe for any revision already reached); router/etcd_restore.py uses it too.
+    """
+    key, value = keys.epoch, epoch_value(revision)
+    raise_it = tx.Txn(
+        compare=[tx.Value(key) < value],
+        success=[tx.Put(key, value)],
+        failure=[],
+    )
+    await client.transaction(
+        compare=[tx.Version(key) > 0],
+        success=[raise_it],
+        failure=[tx.Put(key, value)],
+    )

@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     warm.add_arguments(sub)
 
+    from tensorcache.apps import etcdrestore
+
+    etcdrestore.add_arguments(sub)
+
     demo = sub.add_parser("demo", help="share a model's weights between worker processes")
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     demo.add_argument("--model-mb", type=int, default=128, help="model size in MB (default 128)")

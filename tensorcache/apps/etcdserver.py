@@ -10,12 +10,17 @@ same URL and data directory (the control-plane fault tests): the revision,
 keys and leases survive, as they would for a restarted etcd in production.
 ``pause()`` and ``resume()`` freeze and thaw it (a hung etcd: connections
 stay open, nothing answers).
+
+``save_snapshot(path)`` is ``etcdctl snapshot save``; ``EtcdServer(snapshot=path)``
+starts a new etcd from one (``etcdctl snapshot restore`` into a fresh data
+directory, then etcd on it): the backup and restore of docs/operations.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -66,6 +71,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return found
 
 
+def find_etcdctl() -> str | None:
+    """The etcdctl binary (Debian: the etcd-client package), or None."""
+    found = shutil.which("etcdctl")
+    if found:
+        return found
+    return "/usr/bin/etcdctl" if Path("/usr/bin/etcdctl").is_file() else None
+
+
 def find_etcd() -> str | None:
     """The etcd binary: on PATH, or the distribution's /usr/bin/etcd."""
     found = shutil.which("etcd")
@@ -86,8 +99,14 @@ class EtcdServer:
         attempts: int = 3,
         data_root: str | Path | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        snapshot: str | Path | None = None,
+        etcdctl: str | None = None,
     ) -> None:
+        """``snapshot``: start from this ``etcdctl snapshot save`` file, restored
+        with ``etcdctl`` (default: found on PATH) into a fresh data directory."""
         self._data_root = data_root
+        self._snapshot = Path(snapshot) if snapshot is not None else None
+        self._etcdctl = etcdctl
         self._preexec_fn = preexec_fn
         binary = binary or find_etcd()
         if binary is None:
@@ -114,12 +133,52 @@ class EtcdServer:
         for attempt in range(self.attempts):
             try:
                 data_dir = Path(self._tmp.name) / f"data-{attempt}"
-                self._start_once(data_dir, free_port(self.host), free_port(self.host))
+                client, peer = free_port(self.host), free_port(self.host)
+                if self._snapshot is not None:
+                    self._restore(data_dir, peer)
+                self._start_once(data_dir, client, peer)
                 return self
             except RuntimeError as exc:
                 error = str(exc)
         self.stop()
         raise RuntimeError(f"etcd did not start after {self.attempts} attempts: {error}")
+
+    def _restore(self, data_dir: Path, peer: int) -> None:
+        """``etcdctl snapshot restore`` into ``data_dir``, as member "tc" on ``peer``."""
+        assert self._snapshot is not None
+        peer_url = f"http://{self.host}:{peer}"
+        self._run_etcdctl(
+            "snapshot",
+            "restore",
+            str(self._snapshot),
+            f"--data-dir={data_dir}",
+            "--name=tc",
+            f"--initial-cluster=tc={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+        )
+
+    def save_snapshot(self, path: str | Path) -> Path:
+        """``etcdctl snapshot save``: a consistent copy of the keyspace, taken live."""
+        if not self.running:
+            raise RuntimeError("etcd is not running")
+        self._run_etcdctl(f"--endpoints={self.url}", "snapshot", "save", str(path))
+        return Path(path)
+
+    def _run_etcdctl(self, *args: str) -> None:
+        etcdctl = self._etcdctl or find_etcdctl()
+        if etcdctl is None:
+            raise FileNotFoundError("no etcdctl on PATH or at /usr/bin/etcdctl (etcd-client)")
+        done = subprocess.run(
+            [etcdctl, *args],
+            env={**os.environ, "ETCDCTL_API": "3"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            out = (done.stdout + done.stderr).decode(errors="replace")[-1500:]
+            raise RuntimeError(f"etcdctl {' '.join(args[:3])} failed ({done.returncode}): {out}")
 
     @property
     def running(self) -> bool:
