@@ -14,8 +14,9 @@ restore from anything but the very last revision:
   returns as if it had worked (every node is "at or past" its epoch), and
   entries stamped at the higher epochs of before the restore stay visible.
 
-etcd 3.5.10+ can do this at restore time (``etcdutl snapshot restore
---bump-revision N --mark-compacted``); 3.4, Debian's etcd, cannot. This
+A newer etcdutl (3.6, late 3.5 releases) can do this at restore time
+(``etcdutl snapshot restore --bump-revision N --mark-compacted``); 3.4,
+Debian's etcd, cannot. This
 does it on a running etcd, before or after routers start: it writes a
 scratch key *beside* the watched prefix (``<prefix>-restore``, so no router
 sees a membership change) until etcd's revision is past ``past``, deletes
