@@ -250,6 +250,12 @@ def main() -> int:
         print(f"soak: SOAK_KINDS: unknown kinds {unknown}; known: {', '.join(KINDS)}")
         return 2
     work = Path(os.environ.get("SOAK_DIR") or tempfile.mkdtemp(prefix=f"tensorcache-soak-{seed}-"))
+    if work.is_dir() and any(work.iterdir()):
+        # Histories are appended to: an old run's records would be checked
+        # as this run's (its keys read as lost, its values as torn). Refuse
+        # rather than delete what someone may still want.
+        print(f"soak: SOAK_DIR {work} is not empty; give a new or empty directory")
+        return 2
     work.mkdir(parents=True, exist_ok=True)
     hist = work / "histories"
     hist.mkdir(exist_ok=True)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 # pytest puts tests/ on sys.path (tests/ has no __init__.py): these are the names it uses.
@@ -82,3 +87,32 @@ def test_evictions_must_be_zero():
     assert checks.check_evictions({"node-0": 0, "node-1": 3}) == [
         "evictions: node-1 evicted 3 entries (the soak is sized never to fill a node)"
     ]
+
+
+def _soak(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, "-m", "tests.soak.run"],
+        cwd=root,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_soak_refuses_a_directory_with_an_old_run_in_it(tmp_path):
+    """Histories are appended to: an old run's records were checked as the new
+    run's (its keys read as lost, its values as torn). Exit 2, start nothing."""
+    (tmp_path / "histories").mkdir()
+    (tmp_path / "histories" / "writer-0.jsonl").write_text("{}\n")
+    done = _soak({"SOAK_DIR": str(tmp_path), "SOAK_SECONDS": "1"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "is not empty" in done.stdout
+    assert (tmp_path / "histories" / "writer-0.jsonl").read_text() == "{}\n"  # left alone
+
+
+def test_the_soak_refuses_unknown_fault_kinds(tmp_path):
+    done = _soak({"SOAK_KINDS": "pause,meteor", "SOAK_DIR": str(tmp_path / "new")})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "meteor" in done.stdout and "pause" in done.stdout
