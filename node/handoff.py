@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 from tensorcache.errors import CapacityExceeded, TensorCacheError
 from tensorcache.keys import entry_kind
@@ -44,9 +43,6 @@ HANDOFF_TIMEOUT_S = 2.0
 PER_KEY_TIMEOUT_S = 0.002
 
 Found = tuple[pb.EntryGot, tuple[bytes, ...]]
-Answer = tuple[pb.GetReply, list["Found | None"]]
-# Owners asked at once (each ask is one gRPC call that mostly waits).
-ASK_THREADS = 8
 
 
 def split_entries(
@@ -85,7 +81,6 @@ class Handoff:
         self._peers = peers
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # asks several owners at once
         self.handoffs = 0
 
     # -- floors ------------------------------------------------------------------
@@ -165,26 +160,29 @@ class Handoff:
         while pending:
             by_owner: dict[str, list[StoreKey]] = {}
             members: dict[str, RingMember] = {}
-            # ``every``: all ranks in one round, each owner asked once and all
-            # owners at once (a first write or a miss waits for one round trip,
-            # not one per earlier placement); else rank by rank.
-            ranks = range(rank, max(map(len, pending.values()), default=0)) if every else (rank,)
-            asked: set[tuple[str, StoreKey]] = set()  # two incarnations at one address
-            for r in ranks:
-                for key, owners in pending.items():
-                    if r < len(owners) and (owners[r].address, key) not in asked:
-                        asked.add((owners[r].address, key))
-                        by_owner.setdefault(owners[r].address, []).append(key)
-                        members[owners[r].address] = owners[r]
+            for key, owners in pending.items():
+                if rank < len(owners):
+                    by_owner.setdefault(owners[rank].address, []).append(key)
+                    members[owners[rank].address] = owners[rank]
             if not by_owner:
                 break
-            for address, keys, result in self._round(by_owner, head_only=head_only):
-                if isinstance(result, TensorCacheError):
-                    log.info("handoff: previous owner %s did not answer: %s", address, result)
+            for address, keys in by_owner.items():
+                req = pb.GetRequest(
+                    epoch=0,
+                    handoff=True,
+                    head_only=head_only,
+                    keys=[pb.EntryKey(key=k[1].encode(), kind=entry_kind(k[0])) for k in keys],
+                )
+                # A batch of misses (a get_many) gets more time than one key.
+                timeout = self._timeout_s + PER_KEY_TIMEOUT_S * len(keys)
+                try:
+                    reply, messages = self._peers.get(address, req, timeout)
+                    answers = split_entries(reply, messages, head_only=head_only)
+                except TensorCacheError as exc:
+                    log.info("handoff: previous owner %s did not answer: %s", address, exc)
                     if unanswered is not None and must_answer is not None:
                         unanswered.update(k for k in keys if address in must_answer.get(k, ()))
                     continue
-                reply, answers = result
                 if len(answers) != len(keys):
                     log.warning(
                         "handoff: %s answered %d of %d keys", address, len(answers), len(keys)
@@ -210,40 +208,8 @@ class Handoff:
                         found.setdefault(key, []).append((members[address], answer))
                         if not every:
                             pending.pop(key, None)
-            if every:
-                break
             rank += 1
         return found
-
-    def _round(
-        self, by_owner: dict[str, list[StoreKey]], *, head_only: bool
-    ) -> list[tuple[str, list[StoreKey], Answer | TensorCacheError]]:
-        """One request per owner (concurrently when several): each one's answers or error."""
-
-        def call(address: str, keys: list[StoreKey]) -> Answer | TensorCacheError:
-            req = pb.GetRequest(
-                epoch=0,
-                handoff=True,
-                head_only=head_only,
-                keys=[pb.EntryKey(key=k[1].encode(), kind=entry_kind(k[0])) for k in keys],
-            )
-            # A batch of misses (a get_many) gets more time than one key.
-            timeout = self._timeout_s + PER_KEY_TIMEOUT_S * len(keys)
-            try:
-                reply, messages = self._peers.get(address, req, timeout)
-                return reply, split_entries(reply, messages, head_only=head_only)
-            except TensorCacheError as exc:
-                return exc
-
-        asks = list(by_owner.items())
-        if len(asks) == 1:
-            return [(asks[0][0], asks[0][1], call(*asks[0]))]
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(ASK_THREADS, thread_name_prefix="handoff-ask")
-            pool = self._pool
-        futures = [pool.submit(call, address, keys) for address, keys in asks]
-        return [(a, k, f.result()) for (a, k), f in zip(asks, futures, strict=True)]
 
     def fetch(self, keys: Iterable[StoreKey]) -> dict[StoreKey, Entry]:
         """Answer missed ``keys`` from earlier owners, or from a copy held here hidden.
