@@ -20,9 +20,9 @@ from tensorcache.grpcutil import SERVER_OPTIONS, add_health, bind, health_server
 from tensorcache.metrics import Exporter
 from tensorcache.proto import tensorcache_pb2_grpc as pb_grpc
 from tensorcache.ring import DEFAULT_VNODES, DEFAULT_WEIGHT_UNIT
-from tensorcache.router import authz
+from tensorcache.router import authz, etcd_auth
 from tensorcache.router.announce import Announcer, NoAnnouncer
-from tensorcache.router.etcd_auth import ETCD_PASSWORD_ENV, EtcdAuth
+from tensorcache.router.etcd_auth import EtcdAuth
 from tensorcache.router.events import DEFAULT_MAX_WATCHERS, EventHub
 from tensorcache.router.follower import ViewFollower
 from tensorcache.router.membership import EmbeddedMembership, Membership, MembershipStatus
@@ -272,18 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "relaying to their --advertise address (pod IPs behind a Service; default: the "
         "address itself)",
     )
-    p.add_argument("--etcd-cert", default=None, help="client certificate for etcd (PEM)")
-    p.add_argument("--etcd-key", default=None, help="its private key (PEM)")
-    p.add_argument(
-        "--etcd-ca",
-        default=None,
-        help="CA of etcd's certificate (PEM); needed with an https:// --etcd URL",
-    )
-    p.add_argument(
-        "--etcd-user",
-        default=None,
-        help="etcd user (role-based auth); its password from $TENSORCACHE_ETCD_PASSWORD",
-    )
+    etcd_auth.add_arguments(p)
     p.add_argument(
         "--auth-tokens",
         metavar="FILE",
@@ -298,21 +287,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
         "default -1: off)",
     )
-
-
-def _etcd_auth(args: argparse.Namespace) -> EtcdAuth | None:
-    files = None
-    named = [args.etcd_cert, args.etcd_key, args.etcd_ca]
-    if any(named):
-        if not all(named):
-            raise ValueError("--etcd-cert, --etcd-key and --etcd-ca go together")
-        files = TLSFiles(*named)
-    password = os.environ.get(ETCD_PASSWORD_ENV) if args.etcd_user else None
-    if args.etcd_user and not password:
-        raise ValueError(f"--etcd-user needs ${ETCD_PASSWORD_ENV}")
-    if files is None and not args.etcd_user:
-        return None
-    return EtcdAuth(files, args.etcd_user, password)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -333,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls=tls.from_args(args),
         tls_peer_name=args.tls_peer_name,
-        etcd_auth=_etcd_auth(args),
+        etcd_auth=etcd_auth.from_args(args),
     )
     router = create_server(config)
     stop = threading.Event()

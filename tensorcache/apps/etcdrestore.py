@@ -11,10 +11,8 @@ to). Procedure and reasons: docs/operations.md, "Backing up etcd".
 from __future__ import annotations
 
 import argparse
-import os
 
-from tensorcache.router.etcd_auth import ETCD_PASSWORD_ENV, EtcdAuth
-from tensorcache.tls import TLSFiles
+from tensorcache.router import etcd_auth
 
 #: Epochs added above the highest one a node reports (each ring change costs
 #: about two revisions; a client is at most a few changes ahead of a node).
@@ -38,10 +36,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--margin", type=int, default=MARGIN, help=f"added above (default {MARGIN})")
     p.add_argument("--prefix", default="/tensorcache/", help="the cluster's etcd key prefix")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    p.add_argument("--etcd-cert", default=None, help="client certificate for etcd (PEM)")
-    p.add_argument("--etcd-key", default=None, help="its private key (PEM)")
-    p.add_argument("--etcd-ca", default=None, help="CA of etcd's certificate (PEM)")
-    p.add_argument("--etcd-user", default=None, help=f"etcd user; password ${ETCD_PASSWORD_ENV}")
+    etcd_auth.add_arguments(p)
     p.set_defaults(fn=run)
 
 
@@ -71,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
             "nodes report their epochs) or --past EPOCH"
         )
     done = advance(
-        args.etcd, high + args.margin, prefix=args.prefix, timeout_s=args.timeout, auth=_auth(args)
+        args.etcd,
+        high + args.margin,
+        prefix=args.prefix,
+        timeout_s=args.timeout,
+        auth=etcd_auth.from_args(args),
     )
     print(
         f"etcd {args.etcd}: revision {done.revision_before} -> epoch {done.epoch} "
@@ -80,18 +79,3 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
-
-
-def _auth(args: argparse.Namespace) -> EtcdAuth | None:
-    named = [args.etcd_cert, args.etcd_key, args.etcd_ca]
-    files = None
-    if any(named):
-        if not all(named):
-            raise ValueError("--etcd-cert, --etcd-key and --etcd-ca go together")
-        files = TLSFiles(*named)
-    password = os.environ.get(ETCD_PASSWORD_ENV) if args.etcd_user else None
-    if args.etcd_user and not password:
-        raise ValueError(f"--etcd-user needs ${ETCD_PASSWORD_ENV}")
-    if files is None and not args.etcd_user:
-        return None
-    return EtcdAuth(files, args.etcd_user, password)
