@@ -20,6 +20,7 @@ import tensorcache
 from tensorcache.apps.cluster import LocalCluster
 from tensorcache.apps.etcdserver import find_etcd
 
+from .etcdprocs import Procs
 from .helpers import TRANSPORTS
 
 
@@ -84,3 +85,13 @@ def etcd_binary() -> str:
             pytest.fail("CI is set but no etcd binary was found: the etcd tests must run in CI")
         pytest.skip("no etcd binary (install etcd, or put it on PATH)")
     return binary
+
+
+@pytest.fixture
+def procs(etcd: Any, tmp_path: Path) -> Iterator[Procs]:
+    """Router and node processes over the requesting module's ``etcd`` fixture."""
+    p = Procs(etcd.url, tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()

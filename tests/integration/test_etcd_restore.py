@@ -24,8 +24,8 @@ import pytest
 import tensorcache
 from tensorcache.apps.etcdserver import EtcdServer, find_etcdctl, free_port
 
+from .etcdprocs import Procs, names, ring, table
 from .helpers import poll
-from .test_etcd import Procs, names, ring, table
 
 pytestmark = pytest.mark.integration
 
@@ -47,15 +47,6 @@ def etcdctl() -> str:
 def etcd(etcd_binary: str, etcdctl: str) -> Iterator[EtcdServer]:
     with EtcdServer(etcd_binary, etcdctl=etcdctl) as server:
         yield server
-
-
-@pytest.fixture
-def procs(etcd: EtcdServer, tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(etcd.url, tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def test_restored_etcd_keeps_invalidations_and_nodes_rejoin(
