@@ -13,17 +13,14 @@ to gRPC, counted in ``data_fallbacks``. Grants on these ops: test_auth.py.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import tensorcache
 from tensorcache.apps.cluster import LocalCluster
@@ -35,8 +32,8 @@ from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import Ring
 from tensorcache.wire import ring_from_snapshot
 
-from .helpers import assert_same, poll
-from .promtools import scrape
+from .helpers import assert_same
+from .nodecounts import counted, quiet_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -46,62 +43,8 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(
-        3, capacity="64MiB", log_dir=tmp_path_factory.mktemp("ctl"), metrics=True
-    ) as c:
-        # Nodes that joined one after another hand keys over between them
-        # (gRPC gets, node to node): wait until that traffic is over, so the
-        # counts below are this test's requests only.
-        poll(lambda: _settled(c), timeout=60, what="node-to-node traffic to stop")
+    with quiet_cluster(tmp_path_factory.mktemp("ctl")) as c:
         yield c
-
-
-def _settled(cluster: LocalCluster) -> bool:
-    first = _requests(cluster)
-    time.sleep(0.5)
-    return _requests(cluster) == first
-
-
-def _requests(cluster: LocalCluster) -> dict[tuple[str, str], float]:
-    """Requests served by all nodes together, by (op, path), every status."""
-    out: dict[tuple[str, str], float] = {}
-    for proc in cluster.nodes.values():
-        for family in text_string_to_metric_families(scrape(proc.metrics_address)):
-            if family.name != "tensorcache_node_requests":
-                continue
-            for s in family.samples:
-                key = (s.labels["op"], s.labels["path"])
-                out[key] = out.get(key, 0) + s.value
-    return out
-
-
-def _stable_requests(cluster: LocalCluster) -> dict[tuple[str, str], float]:
-    """``_requests`` once two scrapes 20 ms apart agree (bounded: 50 tries).
-
-    A node records a request after sending its reply, so right after a call
-    returns its count may not be in yet (seen under a loaded full suite).
-    """
-    last = _requests(cluster)
-    for _ in range(50):
-        time.sleep(0.02)
-        now = _requests(cluster)
-        if now == last:
-            return now
-        last = now
-    return last
-
-
-@contextlib.contextmanager
-def counted(cluster: LocalCluster) -> Iterator[dict[tuple[str, str], float]]:
-    """The requests served while the block ran (filled in at its end)."""
-    before = _stable_requests(cluster)
-    delta: dict[tuple[str, str], float] = {}
-    yield delta
-    after = _stable_requests(cluster)
-    for key in set(before) | set(after):
-        n = after.get(key, 0) - before.get(key, 0)
-        if n:
-            delta[key] = n
 
 
 def _ring(cluster: LocalCluster) -> Ring:

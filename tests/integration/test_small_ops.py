@@ -26,7 +26,7 @@ import tensorcache
 from tensorcache.apps.cluster import LocalCluster
 
 from .helpers import assert_same, poll
-from .test_control_ops import _settled, counted
+from .nodecounts import counted, quiet_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +35,7 @@ DATA = {"local_fastpath": False}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(
-        3, capacity="64MiB", log_dir=tmp_path_factory.mktemp("small"), metrics=True
-    ) as c:
-        poll(lambda: _settled(c), timeout=60, what="node-to-node traffic to stop")
+    with quiet_cluster(tmp_path_factory.mktemp("small")) as c:
         yield c
 
 
