@@ -109,7 +109,11 @@ class Writes:
             # Stripes of manifests that did not commit are unreachable: free them.
             self.free_stripes([r for it in tensors if not it.version for r in it.meta.stripes])
             raise
-        self.free_stripes([ref for it in tensors for ref in it.replaced])
+        # Never a stripe this put wrote: a resent write (its first reply was
+        # lost after the node committed) replaces its own first commit, and a
+        # node before the fix in node/ops.py reports those stripes as replaced.
+        own = {ref.key for it in tensors for ref in it.meta.stripes}
+        self.free_stripes([ref for it in tensors for ref in it.replaced if ref.key not in own])
         if self._near is not None:
             for it in tensors:
                 self._near.drop(it.key)

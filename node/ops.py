@@ -449,7 +449,13 @@ class NodeOps:
             kept = bool(e.version) and version != e.version
             r = reply.results.add(key=e.key, version=version, kept_newer=kept)
             if old is not None and not old.chunks:  # a manifest (or an empty tensor)
-                r.replaced_stripes.extend(tensor_meta(old).stripes)
+                # Stripes the new value names too are not replaced: a resent
+                # put (its first reply lost after the commit) replaces its own
+                # first commit, and the client frees what is reported here.
+                own = {ref.key for ref in e.meta.stripes}
+                r.replaced_stripes.extend(
+                    ref for ref in tensor_meta(old).stripes if ref.key not in own
+                )
             if key[0] == pb.TENSOR:
                 self.fills.committed(key[1])
                 if not kept:

@@ -142,3 +142,72 @@ def test_manifest_whose_stripe_was_evicted_reads_as_a_miss(make_cluster, prefix)
         assert striped.get(prefix + "t") is None  # a miss, never garbage or an error
         assert striped.get_many([prefix + "t"]) == {prefix + "t": None}
         assert_same(plain.get(prefix + "filler"), filler)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_manifest_written_twice_by_a_retry_keeps_its_stripes(
+    make_cluster, prefix, monkeypatch, replicas
+):
+    """A put whose reply was lost after the node committed it, then resent.
+
+    Found by the soak (issue #8): the node committed the manifest, the
+    connection died before its reply arrived (a reset, a black hole), and
+    the client resent the put, as a put is all-or-nothing. The second commit
+    replaced the first, whose stripes are the *same* ones, and its reply
+    named them as replaced: the client freed the stripes of the value it had
+    just written, and the acknowledged put read as a miss for good. Here the
+    first data-channel put of the manifest commits on the node and then
+    fails as a lost reply does; the client falls back to gRPC and resends.
+    """
+    from tensorcache.client import datachannel
+    from tensorcache.errors import Unavailable
+
+    cl = make_cluster(3, replicas=replicas)
+    real = datachannel.DataConn.put
+    lost: list[bytes] = []
+
+    def put_then_lose_the_reply(self, header, views):  # type: ignore[no-untyped-def]
+        reply = real(self, header, views)
+        manifest = [e.key for e in header.entries if e.meta.stripes and not e.version]
+        if manifest and not lost:
+            lost.extend(manifest)
+            raise Unavailable("the reply was lost (test)")  # committed on the node
+        return reply
+
+    monkeypatch.setattr(datachannel.DataConn, "put", put_then_lose_the_reply)
+    value = np.arange(64 * 1024, dtype=np.float32)  # 256 KiB: 4 stripes of 64 KiB
+    key = f"{prefix}retried"
+    with tensorcache.connect(cl.router_address, stripe_size="64KiB", local_fastpath=False) as c:
+        c.put(key, value)
+        assert lost == [key.encode()], "the manifest's first put did not go through the fault"
+        assert c.metrics()["data_fallbacks"] >= 1
+        assert_same(c.get(key), value)
+    with tensorcache.connect(cl.router_address, stripe_size="64KiB") as fresh:
+        assert_same(fresh.get(key), value)  # stripes still on the nodes, not only cached
+
+
+def test_the_client_never_frees_the_stripes_it_just_wrote(make_cluster, prefix, monkeypatch):
+    """Against a node that names a resent manifest's own stripes as replaced.
+
+    Nodes before the fix in node/ops.py did (a rolling upgrade mixes them):
+    the client keeps every stripe its own put names, whatever a reply says.
+    Every reply here reports the new manifest's stripes as replaced.
+    """
+    from tensorcache.client import nodes
+
+    real = nodes.apply_put_reply
+
+    def reports_own_stripes(batch, reply, where):  # type: ignore[no-untyped-def]
+        for it, res in zip(batch, reply.results, strict=True):
+            res.replaced_stripes.extend(it.meta.stripes)
+        real(batch, reply, where)
+
+    monkeypatch.setattr(nodes, "apply_put_reply", reports_own_stripes)
+    cl = make_cluster(3)
+    value = np.arange(64 * 1024, dtype=np.float32)
+    key = f"{prefix}own"
+    with tensorcache.connect(cl.router_address, stripe_size="64KiB", local_fastpath=False) as c:
+        c.put(key, value)
+        assert c.metrics().get("stripe_free_failures", 0) == 0
+    with tensorcache.connect(cl.router_address, stripe_size="64KiB") as fresh:
+        assert_same(fresh.get(key), value)

@@ -689,3 +689,40 @@ def test_a_bad_key_among_good_ones_is_named_by_its_index(raw, kind, message):
     reply, payload, _ = ops.get(pb.GetRequest(epoch=ops.epochs.epoch, keys=keys[:2]))
     assert [e.found for e in reply.entries] == [True, False]
     assert [bytes(c) for e in payload for c in e.chunks] == [b"abc"]
+
+
+def _manifest(ops: NodeOps, key: str, put_id: int, **entry: int) -> pb.PutResult:
+    """Commit a manifest of two 4-byte stripes of put ``put_id`` (no payload)."""
+    meta = pb.TensorMeta(dtype="|u1", shape=[8], order="C", nbytes=8, put_id=put_id)
+    for i in range(2):
+        meta.stripes.add(key=f"{key}\0{put_id:016x}\0{i}".encode(), offset=4 * i, nbytes=4)
+    req = pb.PutRequest(
+        epoch=ops.epochs.epoch, entries=[pb.EntryPut(key=key.encode(), meta=meta, **entry)]
+    )
+    plan = ops.plan_put(req)
+    try:
+        return ops.finish_put(plan, [()], [0]).results[0]
+    finally:
+        ops.abort_put(plan)
+
+
+def test_a_resent_manifest_reports_none_of_its_own_stripes_as_replaced():
+    """The client frees what a put reports as replaced (issue #8, found by the soak).
+
+    A put resent after its reply was lost replaces its own first commit:
+    the stripes are the same, and naming them made the client delete the
+    value it had just written. A manifest of another put names its old
+    stripes, as before; so does an exact-version copy (a replica write).
+    """
+    c = Cluster("a")
+    c.install(c.ring("a"))
+    first = _manifest(c["a"], "m", 7)
+    assert not first.replaced_stripes
+    again = _manifest(c["a"], "m", 7)  # the resend
+    assert again.version > first.version and not again.replaced_stripes
+    newer = _manifest(c["a"], "m", 9)  # another put of the key: its stripes are garbage
+    assert [r.key for r in newer.replaced_stripes] == [
+        b"m\0" + b"%016x" % 7 + b"\0%d" % i for i in range(2)
+    ]
+    copy = _manifest(c["a"], "m", 9, version=newer.version + 1)  # a replica write of it
+    assert not copy.replaced_stripes
