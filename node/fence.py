@@ -1,12 +1,19 @@
-"""Epoch fencing before a node's first write of a new epoch.
+"""Epoch fencing before a node's first write or read of a new epoch.
 
 A node that writes under epoch E while another node still serves reads under
 an older epoch could let that node return a value this write replaced (the
-key moved here; the old owner does not know yet). So before its first
-assigned-version commit under a new epoch, a node asks every other member
-of its previous and current rings to come up to E (``Node.Fence``; each asks
-the router). After that, a client on an older epoch is refused everywhere
-(FAILED_PRECONDITION) and refreshes. Once per epoch: the fenced epoch is
+key moved here; the old owner does not know yet). The other way round too: a
+node that serves reads under E (a key that moved here, fetched from its
+previous owner or pushed by it) while the key's old replicas still take
+writes under the older epoch would go on returning what it holds after a
+newer value was written there (the soak saw it: a restarted node, primary
+of a key again, served the copy it had fetched while a writer still on the
+old ring wrote the key twice more on the old replicas). So before its first
+assigned-version commit *and* its first client read under a new epoch, a
+node asks every other member of its previous and current rings to come up
+to E (``Node.Fence``; each asks the router). After that, a client on an
+older epoch is refused everywhere (FAILED_PRECONDITION) and refreshes, so
+its writes go to the new owners. Once per epoch: the fenced epoch is
 remembered. A member that does not answer is taken to be dead (a dead
 process serves nothing); partitions are outside the guarantee
 (docs/consistency.md, "Epoch fencing").
@@ -42,8 +49,11 @@ class Fencer:
         """The newest epoch this node has fenced its peers at."""
         return self._fenced
 
-    def before_write(self) -> None:
-        """Fence the peers if the current ring's epoch has not been fenced yet."""
+    def before_serving(self) -> None:
+        """Fence the peers if the current ring's epoch has not been fenced yet.
+
+        Before a write commits and before a client read is answered.
+        """
         ring = self._rings.current
         if ring is None or ring.epoch <= self._fenced:
             return

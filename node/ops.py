@@ -407,7 +407,7 @@ class NodeOps:
         assigned = [k for k, e in zip(plan.keys, entries, strict=True) if not e.version]
         known: dict[StoreKey, int] = {}
         if assigned:
-            self.fencer.before_write()
+            self.fencer.before_serving()
         if assigned and self.rings.in_window():
             # A key new here may have a version at its previous owners: the
             # version assigned must exceed it, and if_version must see it.
@@ -495,6 +495,10 @@ class NodeOps:
             raise InvalidArgument(f"get: {len(req.keys)} keys, more than {MAX_BATCH_ENTRIES}")
         if not req.handoff:  # a handoff is asked by a node at any epoch
             self.check_epoch(req.epoch)
+            # What this node serves under its epoch must not be outdated by a
+            # write that the key's old replicas still take under an older one
+            # (node/fence.py): once per epoch, fenced before the first read.
+            self.fencer.before_serving()
         keys = _store_keys(req.keys, "keys")
         found = [self.store.get(key, demoted_ok=req.handoff) for key in keys]
         if not req.handoff and not all(found):

@@ -82,6 +82,9 @@ class Cluster:
         self.clock = Clock()
         self.events: dict[str, Events] = {}
         self.synced: list[tuple[str, int]] = []
+        #: The router's ring: a node that syncs (a fence, a newer client
+        #: epoch) installs it, as the agent would (None: nothing to fetch).
+        self.router: Ring | None = None
         self.epoch = 100
         for name in names:
             self.node(name)
@@ -97,11 +100,16 @@ class Cluster:
             rings=rings,
             peers=self.peers,
             events=self.events[name],
-            sync=lambda epoch, n=name: self.synced.append((n, epoch)),
+            sync=lambda epoch, n=name: self._sync(n, epoch),
             rereplicate=False,  # background pushes: tested on their own below
         )
         self.peers.nodes[name] = ops
         return ops
+
+    def _sync(self, name: str, epoch: int) -> None:
+        self.synced.append((name, epoch))
+        if self.router is not None and self.router.epoch > self[name].epochs.epoch:
+            self.install(self.router, name)
 
     def ring(self, *names: str, invalidations: dict[str, int] | None = None) -> Ring:
         self.epoch += 1
@@ -726,3 +734,39 @@ def test_a_resent_manifest_reports_none_of_its_own_stripes_as_replaced():
     ]
     copy = _manifest(c["a"], "m", 9, version=newer.version + 1)  # a replica write of it
     assert not copy.replaced_stripes
+
+
+def test_first_read_of_an_epoch_fences_the_old_owners(joined):
+    """A new owner's reads and a stale writer's writes cannot interleave (found by the soak).
+
+    c joins and serves a key that moved to it, fetched from its previous
+    owner, while the previous owner has not heard of the new ring. Unfenced,
+    a writer still on the old ring wrote the key there again, and c went on
+    serving the copy it had fetched: a read after a completed write returned
+    the older value. Now c's first read of its epoch fences its peers: the
+    old owner refuses the stale writer, who refreshes and writes to c.
+    """
+    cl, r1, r2 = joined
+    key = moved_keys(r1, r2, "a", "c", 1)[0]
+    v1 = put(cl["a"], key, b"old").version
+    cl.router = r2
+    cl.install(r2, "c")  # only c knows the new ring yet
+    got, data = get(cl["c"], key)
+    assert got.found and got.version == v1 and data == b"old"  # from a, its previous owner
+    assert cl["a"].epochs.epoch == r2.epoch  # fenced by c's first read
+    with pytest.raises(StaleEpoch):  # the writer still on r1 must refresh
+        cl["a"].plan_put(
+            pb.PutRequest(
+                epoch=r1.epoch,
+                entries=[
+                    pb.EntryPut(
+                        key=key.encode(),
+                        meta=pb.TensorMeta(dtype="|u1", shape=[3], order="C", nbytes=3),
+                    )
+                ],
+            )
+        )
+    v2 = put(cl["c"], key, b"new").version  # where the refreshed writer's put lands
+    assert v2 > v1
+    got, data = get(cl["c"], key)
+    assert (got.version, data) == (v2, b"new")
