@@ -60,11 +60,13 @@ def plan(
             logical_dtype=layout.logical,
             pinned=pin,
         )
+        # Random per put: names a striped value's stripes, and lets a node
+        # recognize a put resent after its reply was lost (node/ops.py).
+        meta.put_id = secrets.randbits(63) | 1
         if layout.nbytes <= stripe:
             meta.crc32c = codec.crc32c(view)
             tensors.append(PutItem(key, pb.TENSOR, meta, view, cond=cond))
             continue
-        meta.put_id = secrets.randbits(63) | 1
         for i, off in enumerate(range(0, layout.nbytes, stripe)):
             part = view[off : off + stripe]
             skey = shard_key(key, meta.put_id, i)

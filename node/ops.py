@@ -439,13 +439,22 @@ class NodeOps:
                 plan.keys, entries, chunks, plan.costs, plan.metas, strict=True
             )
         ]
+        resent = self._resent(plan)
         # A pushed copy (explicit version) older than what was written or
         # deleted here since the ring changed is refused there (store floors).
-        results = self.store.commit(plan.reservation, items)
+        done = iter(
+            self.store.commit(
+                plan.reservation, [it for i, it in enumerate(items) if i not in resent]
+            )
+        )
+        results = [(resent[i], None) if i in resent else next(done) for i in range(len(items))]
         if checked < self.rings.placement_epoch:
             self.rebalancer.dirty(plan.keys)  # the ring moved while it streamed in
         reply = pb.PutReply(epoch=self.epochs.epoch)
-        for key, e, (version, old) in zip(plan.keys, entries, results, strict=True):
+        for i, (key, e, (version, old)) in enumerate(zip(plan.keys, entries, results, strict=True)):
+            if i in resent:
+                reply.results.add(key=e.key, version=version)  # stored by its first send
+                continue
             kept = bool(e.version) and version != e.version
             r = reply.results.add(key=e.key, version=version, kept_newer=kept)
             if old is not None and not old.chunks:  # a manifest (or an empty tensor)
@@ -461,6 +470,27 @@ class NodeOps:
                 if not kept:
                     self.events.publish(key[1], version)
         return reply
+
+    def _resent(self, plan: PutPlan) -> dict[int, int]:
+        """Conditional entries this very put already stored: index -> their version.
+
+        A client resends a put whose reply it did not get (the connection
+        died after the commit: a reset, a black hole); a put is
+        all-or-nothing, so that is safe, except that a conditional one would
+        now find its own write and be refused as a conflict although it was
+        stored. Its ``put_id`` (random per put) on the current value says it
+        was: the first send's version is the answer. Only conditional
+        entries are looked at (a peek and a parse each); an unconditional
+        resend just stores the same value again.
+        """
+        out: dict[int, int] = {}
+        for i, (key, e) in enumerate(zip(plan.keys, plan.req.entries, strict=True)):
+            if e.version or not e.HasField("if_version") or not e.meta.put_id:
+                continue
+            current = self.store.peek(key)
+            if current is not None and tensor_meta(current).put_id == e.meta.put_id:
+                out[i] = current.version
+        return out
 
     def abort_put(self, plan: PutPlan) -> None:
         self.store.release(plan.reservation)  # no-op after a commit

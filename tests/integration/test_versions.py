@@ -48,3 +48,41 @@ def test_versions_increase_and_min_version(cluster, prefix):
         assert c.get(key, min_version=versions[-1] + 1) is None  # nothing that new yet
         with pytest.raises(tensorcache.InvalidArgument, match="if_version"):
             c.put(key, SMALL, if_version=-1)
+
+
+@pytest.mark.parametrize("striped", [False, True])
+def test_a_conditional_put_resent_after_a_lost_reply_is_not_a_conflict(
+    make_cluster, prefix, monkeypatch, striped
+):
+    """The node stored the put, its reply was lost, the client resent it.
+
+    The resend found the put's own write and, as a conditional put, was
+    refused: ``put(..., if_version=0)`` raised VersionConflict for a value it
+    had stored (a `get_or_load` store, a KV block, a revision's manifest).
+    The put's id says it is the same put: the first send's version answers.
+    """
+    from tensorcache.client import datachannel
+    from tensorcache.errors import Unavailable
+
+    cl = make_cluster(3)
+    real = datachannel.DataConn.put
+    lost: list[bytes] = []
+
+    def put_then_lose_the_reply(self, header, views):  # type: ignore[no-untyped-def]
+        reply = real(self, header, views)
+        conditional = [e.key for e in header.entries if e.HasField("if_version")]
+        if conditional and not lost:
+            lost.extend(conditional)
+            raise Unavailable("the reply was lost (test)")  # stored on the node
+        return reply
+
+    monkeypatch.setattr(datachannel.DataConn, "put", put_then_lose_the_reply)
+    value = np.arange(64 * 1024 if striped else 512, dtype=np.float32)
+    key = f"{prefix}cas"
+    with tensorcache.connect(cl.router_address, stripe_size="64KiB", local_fastpath=False) as c:
+        version = c.put(key, value, if_version=0)
+        assert lost == [key.encode()], "the put did not go through the fault"
+        assert c.version(key) == version  # the first send's, not a second commit
+        assert np.array_equal(c.get(key), value)
+        with pytest.raises(tensorcache.VersionConflict):  # a new put still conflicts
+            c.put(key, value, if_version=0)

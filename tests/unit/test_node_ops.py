@@ -770,3 +770,31 @@ def test_first_read_of_an_epoch_fences_the_old_owners(joined):
     assert v2 > v1
     got, data = get(cl["c"], key)
     assert (got.version, data) == (v2, b"new")
+
+
+def test_a_conditional_put_resent_with_its_put_id_gets_its_first_version():
+    """A resend after a lost reply is answered, not refused as a conflict; another put is."""
+    c = Cluster("a")
+    c.install(c.ring("a"))
+    crc = codec.crc32c(b"v1")
+
+    def send(put_id: int) -> pb.PutResult:
+        meta = pb.TensorMeta(dtype="|u1", shape=[2], order="C", nbytes=2, crc32c=crc, put_id=put_id)
+        req = pb.PutRequest(
+            epoch=c["a"].epochs.epoch,
+            entries=[pb.EntryPut(key=b"cas", meta=meta, if_version=0)],
+        )
+        plan = c["a"].plan_put(req)
+        try:
+            return c["a"].finish_put(plan, [(b"v1",)], [crc]).results[0]
+        finally:
+            c["a"].abort_put(plan)
+
+    first = send(77)
+    events = len(c.events["a"].seen)
+    again = send(77)  # the same put, resent: its first version, nothing stored again
+    assert again.version == first.version and not again.kept_newer
+    assert len(c.events["a"].seen) == events  # no second key event
+    assert c["a"].store.stats().bytes_reserved == 0
+    with pytest.raises(VersionConflict):  # another put of the key still conflicts
+        send(78)
