@@ -22,7 +22,7 @@ from typing import Any
 from tensorcache.auth import ADMIN, READ, WRITE, Grant
 from tensorcache.authgrpc import AuthInterceptor, PolicyFile, Rule, any_token
 from tensorcache.grpcutil import NODE_SERVICE
-from tensorcache.node.ops import parse_header
+from tensorcache.node.validate import parse_header
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import ISSUE
 

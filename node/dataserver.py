@@ -62,9 +62,10 @@ from tensorcache.errors import (
 )
 from tensorcache.node.authz import check_delete, check_fill, check_get, check_put
 from tensorcache.node.metrics import NoMetrics, Transfers, request_op
-from tensorcache.node.ops import Buffer, NodeOps, PutPlan, parse_header
+from tensorcache.node.ops import Buffer, NodeOps, PutPlan
 from tensorcache.node.recvpool import RecvPool
 from tensorcache.node.store import Entry
+from tensorcache.node.validate import parse_header
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.tickets import MAX_TICKET, OP_TICKET, TicketBook
 from tensorcache.tls import ReloadingContext

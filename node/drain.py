@@ -59,7 +59,7 @@ def push_batch(peers: Peers, address: str, batch: list[Entry], timeout_s: float)
         put = req.entries.add(
             key=e.key[1].encode(), kind=e.key[0], version=e.version, stamp=e.stamp
         )
-        put.meta.MergeFromString(e.meta)  # stored serialized (node/ops.py tensor_meta)
+        put.meta.MergeFromString(e.meta)  # stored serialized (node/validate.py tensor_meta)
     payload = (c if isinstance(c, bytes) else bytes(c) for c in payload_chunks(batch))
     try:
         reply = peers.put(address, req, payload, timeout_s)

@@ -24,14 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
-from google.protobuf.message import DecodeError, Message
 
-from tensorcache import codec
 from tensorcache.errors import DataCorruption, InvalidArgument, StaleEpoch, Unavailable
-from tensorcache.keys import MAX_KEY_BYTES, MAX_SHARD_KEY_BYTES, check_key_bytes
 from tensorcache.localread import address_of
 from tensorcache.node.entry import MAX_VERSION  # the largest version a put may carry
 from tensorcache.node.events import EventSink, NoEvents
@@ -53,6 +49,7 @@ from tensorcache.node.store import (
     entry_cost,
 )
 from tensorcache.node.tiered import TieredStore, disk_stats
+from tensorcache.node.validate import check_meta, store_key, store_keys, tensor_meta
 from tensorcache.proto import tensorcache_pb2 as pb
 from tensorcache.ring import Ring
 
@@ -64,7 +61,6 @@ MAX_FILL_TTL_MS = 60_000  # a fill lease's longest period (it is renewed, so sho
 # process_vm_readv call per entry costs more than a share of one socket read.
 LOCAL_MIN = 256 * 1024
 Buffer = bytes | bytearray | memoryview | np.ndarray
-M = TypeVar("M", bound=Message)
 
 
 class EpochView:
@@ -88,82 +84,6 @@ class EpochView:
             self._epoch = max(self._epoch, epoch)
 
 
-def parse_header(message_type: type[M], raw: bytes | None, what: str) -> M:
-    """Parse a header we received as raw bytes; InvalidArgument if it is not one."""
-    if raw is None:
-        raise InvalidArgument(f"{what}: the stream carried no header")
-    try:
-        return message_type.FromString(raw)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"{what}: header of {len(raw)} bytes is not a valid {message_type.__name__}: {exc}"
-        ) from exc
-
-
-_KEY_LIMITS = {pb.TENSOR: MAX_KEY_BYTES, pb.SHARD: MAX_SHARD_KEY_BYTES}
-
-
-def _store_key(raw: bytes, kind: int, where: str) -> StoreKey:
-    if kind not in (pb.TENSOR, pb.SHARD):
-        raise InvalidArgument(f"{where}.kind {kind} is not a known EntryKind")
-    limit = MAX_KEY_BYTES if kind == pb.TENSOR else MAX_SHARD_KEY_BYTES
-    return (kind, check_key_bytes(raw, limit=limit, field=f"{where}.key"))
-
-
-def _store_keys(keys: Sequence[pb.EntryKey], what: str) -> list[StoreKey]:
-    """``_store_key`` of every key of a request, naming the field only when one is bad.
-
-    The common case (a TENSOR or SHARD key of valid length and UTF-8) is
-    checked inline, exactly as ``check_key_bytes`` does; anything else goes
-    through ``_store_key`` for its precise error. Why: building two field
-    names per key was ~10 % of a one-key get's node time (py-spy, #18).
-    """
-    out: list[StoreKey] = []
-    for i, k in enumerate(keys):
-        raw, kind = k.key, k.kind
-        limit = _KEY_LIMITS.get(kind, 0)
-        if 0 < len(raw) <= limit:
-            try:
-                out.append((kind, raw.decode("utf-8")))
-                continue
-            except UnicodeDecodeError:
-                pass
-        out.append(_store_key(raw, kind, f"{what}[{i}]"))
-    return out
-
-
-def _check_meta(meta: pb.TensorMeta, kind: int, where: str) -> int:
-    """Validate a put's metadata; return the payload bytes the entry carries."""
-    compressed = meta.HasField("compression")
-    codec.check_layout(
-        meta.dtype,
-        list(meta.shape),
-        meta.order,
-        meta.nbytes,
-        "" if compressed else meta.logical_dtype,
-    )
-    if compressed and meta.logical_dtype:  # it describes the uncompressed tensor
-        codec.check_logical(meta.logical_dtype, meta.compression.dtype)
-    if not meta.stripes:
-        return meta.nbytes
-    if kind != pb.TENSOR:
-        raise InvalidArgument(f"{where}: only a TENSOR entry may have stripes")
-    offset = 0
-    for i, ref in enumerate(meta.stripes):
-        check_key_bytes(ref.key, limit=MAX_SHARD_KEY_BYTES, field=f"{where}.stripes[{i}].key")
-        if ref.offset != offset or ref.nbytes == 0:
-            raise InvalidArgument(
-                f"{where}.stripes[{i}] covers [{ref.offset}, +{ref.nbytes}); "
-                f"expected a non-empty stripe at offset {offset}"
-            )
-        offset += ref.nbytes
-    if offset != meta.nbytes:
-        raise InvalidArgument(
-            f"{where}: stripes cover {offset} bytes, meta.nbytes is {meta.nbytes}"
-        )
-    return 0
-
-
 @dataclass
 class PutPlan:
     """A validated put with its bytes reserved; finish or abort it exactly once."""
@@ -181,16 +101,6 @@ class PutPlan:
     @property
     def total(self) -> int:
         return sum(self.sizes)
-
-
-def tensor_meta(entry: Entry) -> pb.TensorMeta:
-    """An entry's metadata as a message (the store keeps it serialized).
-
-    A parsed TensorMeta held per entry cost ~400 bytes of RAM (upb keeps the
-    whole request's arena alive through a sub-message), its bytes ~90: with
-    millions of small entries that is most of a node's memory (#17).
-    """
-    return pb.TensorMeta.FromString(entry.meta)
 
 
 class NodeOps:
@@ -351,9 +261,9 @@ class NodeOps:
         metas: list[bytes] = []
         for i, e in enumerate(req.entries):
             where = f"entries[{i}]"
-            key = _store_key(e.key, e.kind, where)
+            key = store_key(e.key, e.kind, where)
             meta = e.meta
-            size = _check_meta(meta, e.kind, where)
+            size = check_meta(meta, e.kind, where)
             version = e.version
             if version > MAX_VERSION:
                 raise InvalidArgument(
@@ -529,7 +439,7 @@ class NodeOps:
             # write that the key's old replicas still take under an older one
             # (node/fence.py): once per epoch, fenced before the first read.
             self.fencer.before_serving()
-        keys = _store_keys(req.keys, "keys")
+        keys = store_keys(req.keys, "keys")
         found = [self.store.get(key, demoted_ok=req.handoff) for key in keys]
         if not req.handoff and not all(found):
             handed = self.handoff.fetch(k for k, e in zip(keys, found, strict=True) if e is None)
@@ -564,7 +474,7 @@ class NodeOps:
     def fill(self, req: pb.FillRequest) -> pb.FillReply:
         """Grant, refuse or end the right to load a missing key (see node/fill.py)."""
         self.check_epoch(req.epoch)
-        kind, key = _store_key(req.key, pb.TENSOR, "fill")
+        kind, key = store_key(req.key, pb.TENSOR, "fill")
         if not req.holder or len(req.holder) > 128:
             raise InvalidArgument("fill.holder must be 1..128 characters")
         if len(req.filler) > 256:
@@ -594,7 +504,7 @@ class NodeOps:
 
     def delete(self, req: pb.DeleteRequest) -> pb.DeleteReply:
         self.check_epoch(req.epoch)
-        keys = _store_keys(req.keys, "keys")
+        keys = store_keys(req.keys, "keys")
         reply = pb.DeleteReply(epoch=self.epochs.epoch)
         # No handoff or push of a copy older than this delete may bring them
         # back: the tombstone is their floor (node/store.py).

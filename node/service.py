@@ -29,8 +29,9 @@ from tensorcache.errors import (
 from tensorcache.grpcutil import NODE_SERVICE
 from tensorcache.node.hot import hot_keys
 from tensorcache.node.metrics import NoMetrics, Transfers, request_op
-from tensorcache.node.ops import NodeOps, PutPlan, parse_header
+from tensorcache.node.ops import NodeOps, PutPlan
 from tensorcache.node.payload import payload_chunks, split_payload
+from tensorcache.node.validate import parse_header
 from tensorcache.proto import tensorcache_pb2 as pb
 
 log = logging.getLogger("tensorcache.node")

@@ -33,10 +33,11 @@ from tensorcache.dataproto import (
 )
 from tensorcache.errors import InvalidArgument, ProtocolError, TensorCacheError
 from tensorcache.keys import MAX_KEY_BYTES, check_key_bytes, encode_key
-from tensorcache.node.ops import EpochView, NodeOps, parse_header
+from tensorcache.node.ops import EpochView, NodeOps
 from tensorcache.node.payload import split_payload
 from tensorcache.node.rings import RingView
 from tensorcache.node.store import Store
+from tensorcache.node.validate import parse_header
 from tensorcache.proto import tensorcache_pb2 as pb
 
 pytestmark = pytest.mark.unit
