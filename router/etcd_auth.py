@@ -49,12 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> EtcdAuth | None:
     """The credentials ``add_arguments``' flags name (None: plain http, no user)."""
-    files = None
-    named = [args.etcd_cert, args.etcd_key, args.etcd_ca]
-    if any(named):
-        if not all(named):
-            raise ValueError("--etcd-cert, --etcd-key and --etcd-ca go together")
-        files = TLSFiles(*named)
+    files = TLSFiles.all_or_none(
+        [args.etcd_cert, args.etcd_key, args.etcd_ca],
+        "--etcd-cert, --etcd-key and --etcd-ca go together",
+    )
     password = os.environ.get(ETCD_PASSWORD_ENV) if args.etcd_user else None
     if args.etcd_user and not password:
         raise ValueError(f"--etcd-user needs ${ETCD_PASSWORD_ENV}")

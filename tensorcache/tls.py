@@ -24,7 +24,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -51,15 +51,24 @@ class TLSFiles:
             object.__setattr__(self, name, os.fspath(value))
 
     @staticmethod
-    def from_env(env: Mapping[str, str] | None = None) -> TLSFiles | None:
-        """From TENSORCACHE_TLS_CERT/_KEY/_CA (all three, or none: None)."""
-        env = os.environ if env is None else env
-        values = [env.get(k, "") for k in (ENV_CERT, ENV_KEY, ENV_CA)]
+    def all_or_none(values: Sequence[str | None], error: str) -> TLSFiles | None:
+        """Cert, key and CA given together (None: none given); ValueError(error) if some."""
         if not any(values):
             return None
         if not all(values):
-            raise ValueError(f"set all of {ENV_CERT}, {ENV_KEY} and {ENV_CA}, or none")
-        return TLSFiles(*values)
+            raise ValueError(error)
+        cert, key, ca = values
+        assert cert and key and ca
+        return TLSFiles(cert, key, ca)
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> TLSFiles | None:
+        """From TENSORCACHE_TLS_CERT/_KEY/_CA (all three, or none: None)."""
+        env = os.environ if env is None else env
+        return TLSFiles.all_or_none(
+            [env.get(k, "") for k in (ENV_CERT, ENV_KEY, ENV_CA)],
+            f"set all of {ENV_CERT}, {ENV_KEY} and {ENV_CA}, or none",
+        )
 
     def stamp(self) -> tuple[int, ...]:
         out: list[int] = []
@@ -168,9 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> TLSFiles | None:
     """The files named by the flags (all three, or none: then the environment's)."""
-    values = [args.tls_cert, args.tls_key, args.tls_ca]
-    if not any(values):
-        return TLSFiles.from_env()
-    if not all(values):
-        raise ValueError("--tls-cert, --tls-key and --tls-ca go together")
-    return TLSFiles(*values)
+    files = TLSFiles.all_or_none(
+        [args.tls_cert, args.tls_key, args.tls_ca], "--tls-cert, --tls-key and --tls-ca go together"
+    )
+    return files if files is not None else TLSFiles.from_env()
