@@ -214,3 +214,30 @@ def settled(client: object, timeout: float = 30.0) -> list:
 
 def total(stats: Iterable[object], field: str) -> int:
     return sum(getattr(s, field) for s in stats)
+
+
+def lose_first_reply(
+    monkeypatch: pytest.MonkeyPatch, which: Callable[[pb.EntryPut], bool]
+) -> list[bytes]:
+    """Make the first data-channel put with an entry ``which`` picks lose its reply.
+
+    The node stores the put; the client then sees ``Unavailable``, as when a
+    reset or a black hole cuts the connection after the commit, and resends
+    it (over gRPC). Returns the list the lost put's picked keys go into.
+    """
+    from tensorcache.client import datachannel
+    from tensorcache.errors import Unavailable
+
+    real = datachannel.DataConn.put
+    lost: list[bytes] = []
+
+    def put_then_lose_the_reply(self, header, views):  # type: ignore[no-untyped-def]
+        reply = real(self, header, views)
+        picked = [e.key for e in header.entries if which(e)]
+        if picked and not lost:
+            lost.extend(picked)
+            raise Unavailable("the reply was lost (test)")  # stored on the node
+        return reply
+
+    monkeypatch.setattr(datachannel.DataConn, "put", put_then_lose_the_reply)
+    return lost

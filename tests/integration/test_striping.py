@@ -9,7 +9,7 @@ import pytest
 
 import tensorcache
 
-from .helpers import assert_same, total
+from .helpers import assert_same, lose_first_reply, total
 
 pytestmark = pytest.mark.integration
 
@@ -159,22 +159,8 @@ def test_a_manifest_written_twice_by_a_retry_keeps_its_stripes(
     first data-channel put of the manifest commits on the node and then
     fails as a lost reply does; the client falls back to gRPC and resends.
     """
-    from tensorcache.client import datachannel
-    from tensorcache.errors import Unavailable
-
     cl = make_cluster(3, replicas=replicas)
-    real = datachannel.DataConn.put
-    lost: list[bytes] = []
-
-    def put_then_lose_the_reply(self, header, views):  # type: ignore[no-untyped-def]
-        reply = real(self, header, views)
-        manifest = [e.key for e in header.entries if e.meta.stripes and not e.version]
-        if manifest and not lost:
-            lost.extend(manifest)
-            raise Unavailable("the reply was lost (test)")  # committed on the node
-        return reply
-
-    monkeypatch.setattr(datachannel.DataConn, "put", put_then_lose_the_reply)
+    lost = lose_first_reply(monkeypatch, lambda e: bool(e.meta.stripes) and not e.version)
     value = np.arange(64 * 1024, dtype=np.float32)  # 256 KiB: 4 stripes of 64 KiB
     key = f"{prefix}retried"
     with tensorcache.connect(cl.router_address, stripe_size="64KiB", local_fastpath=False) as c:

@@ -7,7 +7,7 @@ import pytest
 
 import tensorcache
 
-from .helpers import TRANSPORTS
+from .helpers import TRANSPORTS, lose_first_reply
 
 pytestmark = pytest.mark.integration
 
@@ -61,22 +61,8 @@ def test_a_conditional_put_resent_after_a_lost_reply_is_not_a_conflict(
     had stored (a `get_or_load` store, a KV block, a revision's manifest).
     The put's id says it is the same put: the first send's version answers.
     """
-    from tensorcache.client import datachannel
-    from tensorcache.errors import Unavailable
-
     cl = make_cluster(3)
-    real = datachannel.DataConn.put
-    lost: list[bytes] = []
-
-    def put_then_lose_the_reply(self, header, views):  # type: ignore[no-untyped-def]
-        reply = real(self, header, views)
-        conditional = [e.key for e in header.entries if e.HasField("if_version")]
-        if conditional and not lost:
-            lost.extend(conditional)
-            raise Unavailable("the reply was lost (test)")  # stored on the node
-        return reply
-
-    monkeypatch.setattr(datachannel.DataConn, "put", put_then_lose_the_reply)
+    lost = lose_first_reply(monkeypatch, lambda e: e.HasField("if_version"))
     value = np.arange(64 * 1024 if striped else 512, dtype=np.float32)
     key = f"{prefix}cas"
     with tensorcache.connect(cl.router_address, stripe_size="64KiB", local_fastpath=False) as c:
